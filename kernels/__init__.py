@@ -1,0 +1,1 @@
+"""Triton kernels for the fused GRPO loss, importable as megatron_selfjudge.kernels."""
