@@ -1,0 +1,76 @@
+"""Per-step metrics: one JSON object per line in metrics.jsonl plus TensorBoard scalars.
+
+Only the writer rank (global rank 0) touches the files; other ranks get a writer whose
+calls do nothing, so the trainer never branches on the rank.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Mapping
+
+METRICS_FILE = "metrics.jsonl"
+# The keys every step line carries (DESIGN.md contract); more may follow.
+STEP_KEYS = ("step", "reward_mean", "adv_mean", "adv_std", "loss", "kl", "clip_frac", "entropy",
+             "response_len_mean", "judge_unparsed")
+
+
+def _plain(value: Any) -> Any:
+    """Convert tensors and numpy scalars to JSON numbers; non-finite floats to null."""
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class MetricsWriter:
+    """Appends step metrics to metrics.jsonl and TensorBoard (rank 0 only)."""
+
+    def __init__(self, run_dir: str | Path, enabled: bool = True, tensorboard: bool = True):
+        self.enabled = enabled
+        self.path = Path(run_dir) / METRICS_FILE
+        self._tb = None
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+
+    def truncate_after(self, step: int) -> None:
+        """Drop lines of steps > step (a resumed run rewrites what the killed run wrote after its checkpoint)."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = [ln for ln in self.path.read_text().splitlines()
+                if ln.strip() and json.loads(ln).get("step", -1) <= step]
+        self.path.write_text("".join(ln + "\n" for ln in kept))
+
+    def log(self, step: int, metrics: Mapping[str, Any], prefix: str = "train") -> None:
+        """Write one line for `step`; keys with None values are kept as null."""
+        if not self.enabled:
+            return
+        row = {"step": step, **{k: _plain(v) for k, v in metrics.items() if k != "step"}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(row, sort_keys=False) + "\n")
+        if self._tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self._tb.add_scalar(f"{prefix}/{k}", v, step)
+            self._tb.flush()
+
+    def close(self) -> None:
+        """Flush and close TensorBoard."""
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """All step rows of a run directory, in file order."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        return []
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
