@@ -1,0 +1,192 @@
+"""One entry point for every reward mode of ALGORITHM.md section 3, computed per prompt group.
+
+Rows are trajectories in any order; `group_ids` holds each row's prompt uid (any hashable);
+groups may have any size. Modes live in `REWARD_MODES` (name -> function), verl-style.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+
+from megatron_selfjudge.rewards.answers import (
+    SYMBOLIC_TIMEOUT_S, answer_classes, answers_equivalent, extract_boxed,
+)
+from megatron_selfjudge.rewards.consistency import DEFAULT_GATE, consistency_prior, majority_rewards
+from megatron_selfjudge.rewards.judge import calibrate, resolve_judge_scores
+
+DEFAULT_FORMAT_PENALTY = 0.5
+_THINK_OPEN, _THINK_CLOSE, _BOX = "<think>", "</think>", "\\boxed{"
+
+
+def format_ok(response: str) -> bool:
+    r"""Whether the whole response matches `<think>.*</think>.*\boxed\{.*\}.*` (DOTALL).
+
+    Equivalent to that regex but linear: each `.*` may match anything, so taking the
+    earliest occurrence of each literal is always a valid match when any match exists.
+    """
+    if not isinstance(response, str):
+        raise TypeError(f"response must be str, got {type(response).__name__}")
+    if not response.startswith(_THINK_OPEN):
+        return False
+    close = response.find(_THINK_CLOSE, len(_THINK_OPEN))
+    if close < 0:
+        return False
+    box = response.find(_BOX, close + len(_THINK_CLOSE))
+    return box >= 0 and response.find("}", box + len(_BOX)) >= 0
+
+
+@dataclass
+class RewardResult:
+    """Rewards and everything that went into them, one entry per row unless noted."""
+
+    rewards: list[float]
+    answers: list[str | None]
+    classes: list[int | None]  # answer class id within the row's group (None: no answer)
+    format_ok: list[bool]
+    prior: list[float]  # consistency prior p_i (after the confidence gate)
+    majority: list[float]  # 1[a_i == group mode]
+    pseudo_labels: list[str | None]  # the majority answer of the row's group
+    judge_scores: list[float] | None = None  # mean Judge score; NaN = neutral (no score)
+    calibration: list[float] | None = None  # g(s_i); 1.0 for neutral rows
+    num_judge_unparsed: int = 0  # unparseable Judge samples (not trajectories)
+    gt_correct: list[bool] | None = None  # answer matches ground truth (monitoring)
+    pseudo_label_acc: float | None = None  # fraction of groups whose majority answer is right
+
+    def as_tensor(self):
+        """Rewards as an fp32 torch tensor [N]."""
+        import torch
+
+        return torch.tensor(self.rewards, dtype=torch.float32)
+
+    def metrics(self) -> dict[str, float]:
+        """Scalar summaries for logging."""
+        n = max(1, len(self.rewards))
+        out = {
+            "reward_mean": sum(self.rewards) / n,
+            "format_ok_frac": sum(self.format_ok) / n,
+            "answer_frac": sum(a is not None for a in self.answers) / n,
+            "judge_unparsed": float(self.num_judge_unparsed),
+        }
+        if self.pseudo_label_acc is not None:
+            out["pseudo_label_acc"] = self.pseudo_label_acc
+        if self.gt_correct is not None:
+            out["gt_acc"] = sum(self.gt_correct) / n
+        return out
+
+
+def _group_rows(group_ids: Sequence[Hashable]) -> dict[Hashable, list[int]]:
+    groups: dict[Hashable, list[int]] = {}
+    for row, uid in enumerate(group_ids):
+        try:
+            groups.setdefault(uid, []).append(row)
+        except TypeError as exc:
+            raise TypeError(f"group_ids[{row}] must be hashable, got {type(uid).__name__}") from exc
+    return groups
+
+
+def _judge_rewards(res: RewardResult, groups, penalties, *, raw: bool) -> list[float]:
+    s = res.judge_scores
+    if not raw:
+        # r = clip(p * g(s) + f, 0, 1); a neutral row (NaN) gets g = 1.
+        return [min(1.0, max(0.0, p * g + f)) for p, g, f in zip(res.prior, res.calibration, penalties)]
+    # r = s + f; a neutral row takes its group's mean parsed score, i.e. (nearly) zero advantage.
+    out = [0.0] * len(s)
+    for rows in groups.values():
+        parsed = [s[i] for i in rows if not math.isnan(s[i])]
+        fill = sum(parsed) / len(parsed) if parsed else 0.0
+        for i in rows:
+            out[i] = (fill if math.isnan(s[i]) else s[i]) + penalties[i]
+    return out
+
+
+RewardFn = Callable[[RewardResult, dict, list], list]
+REWARD_MODES: dict[str, RewardFn] = {
+    "majority": lambda res, groups, pen: list(res.majority),
+    "consistency": lambda res, groups, pen: list(res.prior),
+    "judge": lambda res, groups, pen: _judge_rewards(res, groups, pen, raw=False),
+    "judge_raw": lambda res, groups, pen: _judge_rewards(res, groups, pen, raw=True),
+    "ground_truth": lambda res, groups, pen: [float(c) for c in res.gt_correct],
+}
+
+
+_CALIBRATION_KEYS = set(inspect.signature(calibrate).parameters) - {"s"}
+
+
+def _check_inputs(responses, group_ids, mode, judge_scores, ground_truths, format_penalty,
+                  calibration) -> None:
+    if mode not in REWARD_MODES:
+        raise ValueError(f"reward mode must be one of {sorted(REWARD_MODES)}, got {mode!r}")
+    for row, response in enumerate(responses):
+        if not isinstance(response, str):
+            raise TypeError(f"responses[{row}] must be str, got {type(response).__name__}")
+    if len(group_ids) != len(responses):
+        raise ValueError(f"group_ids has {len(group_ids)} rows, responses has {len(responses)}")
+    for name, values in (("judge_scores", judge_scores), ("ground_truths", ground_truths)):
+        if values is not None and len(values) != len(responses):
+            raise ValueError(f"{name} has {len(values)} rows, responses has {len(responses)}")
+    if mode in ("judge", "judge_raw") and judge_scores is None:
+        raise ValueError(f"reward mode {mode!r} needs judge_scores")
+    if mode == "ground_truth" and ground_truths is None:
+        raise ValueError("reward mode 'ground_truth' needs ground_truths")
+    if not format_penalty >= 0:
+        raise ValueError(f"format_penalty must be >= 0, got {format_penalty!r}")
+    unknown = set(calibration or {}) - _CALIBRATION_KEYS
+    if unknown:
+        raise ValueError(f"calibration has unknown keys {sorted(unknown)}; "
+                         f"known: {sorted(_CALIBRATION_KEYS)}")
+
+
+def compute_rewards(
+    responses: Sequence[str],
+    group_ids: Sequence[Hashable],
+    mode: str = "judge",
+    *,
+    judge_scores: Sequence | None = None,
+    ground_truths: Sequence[str | None] | None = None,
+    equivalence: str = "symbolic",
+    consistency_gate: float = DEFAULT_GATE,
+    format_penalty: float = DEFAULT_FORMAT_PENALTY,
+    calibration: dict | None = None,
+    unparsed_policy: str = "zero",
+    timeout: float = SYMBOLIC_TIMEOUT_S,
+) -> RewardResult:
+    """Rewards for a batch of trajectories under `mode` (see ALGORITHM.md section 3).
+
+    judge_scores: per row, a parsed Judge score (float or None) or a list of K of them.
+    ground_truths: per row, the reference answer (needed for `ground_truth`; otherwise
+    used only for monitoring). calibration: keyword overrides for `judge.calibrate`.
+    """
+    _check_inputs(responses, group_ids, mode, judge_scores, ground_truths, format_penalty, calibration)
+    n = len(responses)
+    answers = [extract_boxed(r) for r in responses]
+    fmt = [format_ok(r) for r in responses]
+    groups = _group_rows(group_ids)
+    classes: list[int | None] = [None] * n
+    prior, majority, pseudo = [0.0] * n, [0.0] * n, [None] * n
+    group_label: dict[Hashable, str | None] = {}
+    for uid, rows in groups.items():
+        cls = answer_classes([answers[i] for i in rows], equivalence, timeout=timeout)
+        p = consistency_prior(cls, consistency_gate)
+        m = majority_rewards(cls)
+        label = next((answers[i] for i, v in zip(rows, m) if v == 1.0), None)
+        group_label[uid] = label
+        for k, i in enumerate(rows):
+            classes[i], prior[i], majority[i], pseudo[i] = cls[k], p[k], m[k], label
+    res = RewardResult([], answers, classes, fmt, prior, majority, pseudo)
+    if judge_scores is not None:
+        res.judge_scores, res.num_judge_unparsed = resolve_judge_scores(judge_scores, unparsed_policy)
+        cal = calibration or {}
+        res.calibration = [1.0 if math.isnan(s) else calibrate(s, **cal) for s in res.judge_scores]
+    if ground_truths is not None:
+        res.gt_correct = [answers_equivalent(a, gt, equivalence, timeout=timeout)
+                          for a, gt in zip(answers, ground_truths)]
+        first_row_gt = {uid: ground_truths[rows[0]] for uid, rows in groups.items()}
+        hits = [answers_equivalent(group_label[u], first_row_gt[u], equivalence, timeout=timeout)
+                for u in groups]
+        res.pseudo_label_acc = sum(hits) / len(hits) if hits else None
+    penalties = [0.0 if ok else -float(format_penalty) for ok in fmt]
+    res.rewards = [float(r) for r in REWARD_MODES[mode](res, groups, penalties)]
+    return res
