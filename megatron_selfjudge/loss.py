@@ -1,0 +1,324 @@
+"""GRPO policy loss: the plain-PyTorch reference (ALGORITHM.md section 6) and dispatch to the Triton kernel.
+
+Everything here is computed in fp32 whatever the logits' dtype (fp64 stays fp64, for
+gradcheck) and written the way the formula reads, so it can serve as the oracle the fused
+kernel (kernels/grpo_loss.py) is tested against.
+
+Definitions the kernel copies:
+
+* ``ratio = exp(clamp(logp - old_logp, -logratio_clamp, logratio_clamp))``; the clamp also
+  stops the gradient outside that range (so does every clamp below).
+* ``pg = max(-A*ratio, -A*clip(ratio, 1-eps_low, 1+eps_high))``, then for ``A < 0``
+  ``pg = min(pg, -dual_clip*A)``.
+* ``clipped`` is 1 where the max picked the clipped term *strictly*:
+  ``-A*clip(ratio) > -A*ratio``, i.e. ``A > 0 and ratio > 1+eps_high`` or
+  ``A < 0 and ratio < 1-eps_low``. ``A == 0`` is never clipped, and the dual clip
+  (``A < 0 and ratio > dual_clip``) is NOT counted here (it is reported separately as the
+  ``dual_clip_frac`` metric), matching the usual PPO ``clipfrac``.
+* ``kl = clamp(exp(d) - d - 1, -kl_clamp, kl_clamp)`` with ``d = clamp(ref_logp - logp, ±logratio_clamp)``
+  (the k3 estimator), 0 when ``ref_logp`` is None; ``loss = pg + beta_kl * kl``.
+
+Metrics (``policy_loss``) are token-means over the valid tokens of *this call* (not global;
+``valid_tokens`` is returned so callers can re-weight across micro-batches and ranks):
+``pg_loss`` (mean pg), ``kl`` (mean k3), ``clip_frac``, ``dual_clip_frac``, ``entropy``, and
+``ratio_min``/``ratio_max``; with no valid token the means are 0 and the ratio range is 1.
+
+Aggregation is a weighted sum, ``loss = sum(per_token_loss * token_weights(...))``, with the
+normaliser supplied by the caller so micro-batches and data-parallel ranks add up exactly.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import NamedTuple
+
+import torch
+
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+BACKENDS = ("auto", "torch", "triton")
+LOGRATIO_CLAMP = 20.0  # |log-ratio| bound before exp, for both the ratio and the k3 KL
+KL_CLAMP = 10.0  # |k3| bound
+KERNEL_MODULE = "megatron_selfjudge.kernels.grpo_loss"
+
+
+class PerTokenLoss(NamedTuple):
+    """Per-token terms of the policy loss, all fp32 and shaped like ``logp``."""
+
+    loss: torch.Tensor
+    pg: torch.Tensor
+    kl: torch.Tensor
+    ratio: torch.Tensor
+    clipped: torch.Tensor
+
+
+def _acc(tensor: torch.Tensor) -> torch.Tensor:
+    """Compute in fp32, or in fp64 when given fp64 (so gradcheck can run on the reference)."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
+def _check_temperature(temperature: float) -> None:
+    if not temperature > 0 or temperature == float("inf"):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+
+
+def _scaled_log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    _check_temperature(temperature)
+    return torch.log_softmax(_acc(logits) / temperature, dim=-1)
+
+
+def _gather_targets(logprobs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return logprobs.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
+
+
+def _entropy(logprobs: torch.Tensor) -> torch.Tensor:
+    # p * logp with p == 0 is 0 here because logp stays finite for finite logits.
+    return -(logprobs.exp() * logprobs).sum(dim=-1)
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Log-probability of each target token under softmax(logits / temperature), fp32 [...]."""
+    _check_targets(logits, targets)
+    return _gather_targets(_scaled_log_softmax(logits, temperature), targets)
+
+
+def _check_targets(logits: torch.Tensor, targets: torch.Tensor) -> None:
+    if logits.shape[:-1] != targets.shape:
+        raise ValueError(f"targets shape {tuple(targets.shape)} must equal logits shape without vocab "
+                         f"{tuple(logits.shape[:-1])}")
+    if targets.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"targets must be an integer tensor, got {targets.dtype}")
+    vocab = logits.shape[-1]
+    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= vocab):
+        raise ValueError(f"targets must lie in [0, {vocab}), got range [{int(targets.min())}, {int(targets.max())}]")
+
+
+def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Entropy of softmax(logits / temperature) per position, fp32 [...]."""
+    return _entropy(_scaled_log_softmax(logits, temperature))
+
+
+def per_token_policy_loss(
+    logp: torch.Tensor,
+    advantages: torch.Tensor,
+    old_logp: torch.Tensor | None = None,
+    ref_logp: torch.Tensor | None = None,
+    *,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    dual_clip: float = 3.0,
+    beta_kl: float = 0.01,
+    logratio_clamp: float = LOGRATIO_CLAMP,
+    kl_clamp: float = KL_CLAMP,
+) -> PerTokenLoss:
+    """Clipped, dual-clipped policy-gradient loss plus k3 KL per token (see the module docstring)."""
+    _check_loss_args(eps_low, eps_high, dual_clip, beta_kl, logratio_clamp, kl_clamp)
+    for name, tensor in (("advantages", advantages), ("old_logp", old_logp), ("ref_logp", ref_logp)):
+        if tensor is not None and tensor.shape != logp.shape:
+            raise ValueError(f"{name} shape {tuple(tensor.shape)} must equal logp shape {tuple(logp.shape)}")
+    logp = _acc(logp)
+    adv = advantages.detach().to(logp.dtype)
+    # On-policy: old == current values, so ratio == 1 while the gradient still flows through logp.
+    old = logp.detach() if old_logp is None else old_logp.detach().to(logp.dtype)
+    ratio = torch.exp(torch.clamp(logp - old, -logratio_clamp, logratio_clamp))
+
+    pg_unclipped = -adv * ratio
+    pg_clipped = -adv * torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
+    pg = torch.maximum(pg_unclipped, pg_clipped)
+    pg = torch.where(adv < 0, torch.minimum(pg, -dual_clip * adv), pg)
+    clipped = (pg_clipped > pg_unclipped).to(logp.dtype)
+
+    if ref_logp is None:
+        kl = torch.zeros_like(logp)
+    else:
+        log_ratio_ref = torch.clamp(ref_logp.detach().to(logp.dtype) - logp, -logratio_clamp, logratio_clamp)
+        kl = torch.clamp(torch.exp(log_ratio_ref) - log_ratio_ref - 1.0, -kl_clamp, kl_clamp)
+    return PerTokenLoss(loss=pg + beta_kl * kl, pg=pg, kl=kl, ratio=ratio, clipped=clipped)
+
+
+def _check_loss_args(eps_low, eps_high, dual_clip, beta_kl, logratio_clamp, kl_clamp) -> None:
+    if not 0 <= eps_low < 1:
+        raise ValueError(f"eps_low must be in [0, 1), got {eps_low!r}")
+    if not eps_high >= 0:
+        raise ValueError(f"eps_high must be >= 0, got {eps_high!r}")
+    if not dual_clip > 1:
+        raise ValueError(f"dual_clip must be > 1, got {dual_clip!r}")
+    if not beta_kl >= 0:
+        raise ValueError(f"beta_kl must be >= 0, got {beta_kl!r}")
+    if not (logratio_clamp > 0 and kl_clamp > 0):
+        raise ValueError(f"logratio_clamp and kl_clamp must be > 0, got {logratio_clamp!r}, {kl_clamp!r}")
+
+
+def _as_count(value, name: str) -> float:
+    count = float(value.item() if isinstance(value, torch.Tensor) else value)
+    if not count >= 0 or count == float("inf"):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return count
+
+
+def token_weights(mask: torch.Tensor, agg: str, global_normalizer: float | int | torch.Tensor | None = None) -> torch.Tensor:
+    """Per-token fp32 weights [B,T] so that sum(per_token_loss * weights) is the chosen aggregation.
+
+    ``global_normalizer`` is the number of valid tokens (token-mean) or of sequences with at
+    least one valid token (seq-mean-*) over the whole global batch; None counts it from ``mask``.
+    """
+    if agg not in AGG_MODES:
+        raise ValueError(f"agg must be one of {AGG_MODES}, got {agg!r}")
+    if mask.dim() != 2:
+        raise ValueError(f"mask must be [B, T], got shape {tuple(mask.shape)}")
+    valid = mask.float()
+    if valid.numel() and not bool(((valid == 0) | (valid == 1)).all()):
+        raise ValueError("mask must hold only 0/1 (or bool) values")
+    seq_len = valid.sum(dim=1, keepdim=True)
+    if agg == "token-mean":
+        local_count, per_token = valid.sum(), valid
+    else:
+        local_count = (seq_len > 0).sum()
+        # seq-mean-token-mean: each sequence contributes the mean over its own valid tokens.
+        per_token = valid / seq_len.clamp(min=1) if agg == "seq-mean-token-mean" else valid
+    local_count = float(local_count)
+    norm = local_count if global_normalizer is None else _as_count(global_normalizer, "global_normalizer")
+    if norm < local_count:
+        raise ValueError(f"global_normalizer ({norm}) is smaller than this mask's own count ({local_count}) "
+                         f"for agg={agg!r}; it must count the whole global batch")
+    if norm == 0:  # nothing valid anywhere: every weight is 0, never 0/0
+        return torch.zeros_like(valid)
+    return per_token / norm
+
+
+def _valid_mean(x: torch.Tensor, valid: torch.Tensor, empty: float = 0.0) -> torch.Tensor:
+    count = valid.sum()
+    total = torch.where(valid, x.detach().float(), torch.zeros((), device=x.device)).sum()
+    return torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, empty))
+
+
+def _metrics(per: PerTokenLoss, entropy: torch.Tensor, adv: torch.Tensor, valid: torch.Tensor,
+             dual_clip: float) -> dict[str, torch.Tensor]:
+    """Token-means over valid tokens of this call (not global); ratio range 1.0 when nothing is valid."""
+    ratio = per.ratio.detach()
+    big, one = torch.tensor(float("inf"), device=ratio.device), torch.tensor(1.0, device=ratio.device)
+    ratio_min = torch.where(valid, ratio, big).min() if valid.any() else one
+    ratio_max = torch.where(valid, ratio, -big).max() if valid.any() else one
+    return {
+        "pg_loss": _valid_mean(per.pg, valid),
+        "kl": _valid_mean(per.kl, valid),
+        "clip_frac": _valid_mean(per.clipped, valid),
+        "dual_clip_frac": _valid_mean(((adv < 0) & (ratio > dual_clip)).float(), valid),
+        "entropy": _valid_mean(entropy, valid),
+        "ratio_min": ratio_min,
+        "ratio_max": ratio_max,
+        "valid_tokens": valid.sum().float(),
+    }
+
+
+def _kernel_available() -> bool:
+    try:
+        importlib.import_module(KERNEL_MODULE)
+    except ImportError:
+        return False
+    return True
+
+
+def _resolve_backend(backend: str, logits: torch.Tensor, entropy_coef: float) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "triton":
+        try:
+            importlib.import_module(KERNEL_MODULE)
+        except ImportError as err:
+            raise RuntimeError(f"backend='triton' needs {KERNEL_MODULE}, which failed to import ({err}); "
+                               "is triton installed? On CPU set TRITON_INTERPRET=1 before importing triton") from err
+        return "triton"
+    # auto: the kernel only on CUDA logits (Triton's CPU interpreter is ~1000x slower than eager;
+    # tests ask for it with backend="triton") and only when the entropy bonus is off.
+    if backend == "auto":
+        if logits.is_cuda and entropy_coef == 0 and _kernel_available():
+            return "triton"
+    return "torch"
+
+
+def _flatten_inputs(logits, targets, advantages, mask, old_logp, ref_logp, agg):
+    """Bring everything to the mask's [B, T] layout; per-sequence advantages [B] are broadcast."""
+    if mask.dim() == 1:
+        if agg != "token-mean":
+            raise ValueError(f"agg={agg!r} needs a [B, T] mask to know the sequences; got a 1-D mask")
+        mask = mask.unsqueeze(0)
+    if mask.dim() != 2:
+        raise ValueError(f"mask must be [B, T] (or [N] for token-mean), got shape {tuple(mask.shape)}")
+    batch, length = mask.shape
+    if logits.dim() not in (2, 3) or logits.shape[:-1].numel() != batch * length:
+        raise ValueError(f"logits must be [B, T, V] or [B*T, V] matching mask {tuple(mask.shape)}, "
+                         f"got {tuple(logits.shape)}")
+    if advantages.dim() == 1 and advantages.shape[0] == batch and batch * length != batch:
+        advantages = advantages.unsqueeze(1).expand(batch, length)
+
+    def to_bt(name, tensor):
+        if tensor is None:
+            return None
+        if tensor.numel() != batch * length:
+            raise ValueError(f"{name} has {tensor.numel()} elements, expected {batch * length} (mask {tuple(mask.shape)})")
+        return tensor.reshape(batch, length)
+
+    return (logits.reshape(batch, length, logits.shape[-1]), to_bt("targets", targets),
+            to_bt("advantages", advantages), mask.bool(), to_bt("old_logp", old_logp), to_bt("ref_logp", ref_logp))
+
+
+def policy_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    old_logp: torch.Tensor | None = None,
+    ref_logp: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    dual_clip: float = 3.0,
+    beta_kl: float = 0.01,
+    agg: str = "token-mean",
+    global_normalizer: float | int | torch.Tensor | None = None,
+    entropy_coef: float = 0.0,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Aggregated GRPO policy loss from logits, and token-mean metrics (detached 0-d tensors)."""
+    logits, targets, adv, valid, old_logp, ref_logp = _flatten_inputs(
+        logits, targets, advantages, mask, old_logp, ref_logp, agg)
+    weights = token_weights(valid, agg, global_normalizer)
+    # Padding may carry ignore-index targets or junk old/ref/advantage values; neutralise them so
+    # masked tokens contribute exactly 0 (never 0 * inf) and get exactly 0 gradient.
+    zero = torch.zeros((), dtype=torch.float32, device=logits.device)
+    targets = torch.where(valid, targets, torch.zeros_like(targets))
+    adv = torch.where(valid, _acc(adv.detach()), zero)
+    old_logp = None if old_logp is None else torch.where(valid, _acc(old_logp.detach()), zero)
+    ref_logp = None if ref_logp is None else torch.where(valid, _acc(ref_logp.detach()), zero)
+    kwargs = dict(eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, beta_kl=beta_kl)
+
+    if _resolve_backend(backend, logits, entropy_coef) == "triton":
+        per, entropy = _triton_per_token(logits, targets, adv, valid, old_logp, ref_logp, temperature, kwargs)
+    else:
+        _check_targets(logits, targets)
+        logprobs = _scaled_log_softmax(logits, temperature)  # one [B, T, V] pass serves both terms
+        per = per_token_policy_loss(_gather_targets(logprobs, targets), adv, old_logp, ref_logp, **kwargs)
+        # The entropy is always reported; it only carries a gradient when it is part of the loss.
+        with torch.set_grad_enabled(torch.is_grad_enabled() and entropy_coef != 0):
+            entropy = _entropy(logprobs)
+    loss = (per.loss * weights).sum()
+    if entropy_coef:
+        loss = loss - entropy_coef * (entropy * weights).sum()
+    return loss, _metrics(per, entropy, adv, valid, dual_clip)
+
+
+def _triton_per_token(logits, targets, adv, valid, old_logp, ref_logp, temperature, kwargs):
+    """Run the fused kernel on flattened tokens and rebuild PerTokenLoss for the shared metrics."""
+    fused_grpo_loss = importlib.import_module(KERNEL_MODULE).fused_grpo_loss
+
+    shape = valid.shape
+    flat = lambda t: None if t is None else t.reshape(-1)  # noqa: E731
+    out = fused_grpo_loss(logits.reshape(-1, logits.shape[-1]), flat(targets), flat(adv), flat(valid),
+                          flat(old_logp), flat(ref_logp), temperature=temperature, compute_entropy=True, **kwargs)
+    logp = out.logprobs.detach().reshape(shape)
+    old = logp if old_logp is None else old_logp
+    ratio = torch.exp(torch.clamp(logp - old, -LOGRATIO_CLAMP, LOGRATIO_CLAMP))
+    kl = out.kl.reshape(shape)
+    per = PerTokenLoss(loss=out.loss.reshape(shape), pg=out.loss.detach().reshape(shape) - kwargs["beta_kl"] * kl.detach(),
+                       kl=kl, ratio=ratio, clipped=out.clipped.reshape(shape).float())
+    return per, out.entropy.reshape(shape)  # differentiable: the kernel's backward handles dL/dH
