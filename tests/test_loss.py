@@ -410,14 +410,18 @@ def test_auto_backend_choice(monkeypatch):
     calls = []
     monkeypatch.setitem(sys.modules, L.KERNEL_MODULE, _fake_kernel_module(calls))
     logits, targets, adv, mask, old, ref = _batch(seed=9)
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    policy_loss(logits, targets, adv, mask, old, ref, backend="auto")
-    assert calls == [] or torch.cuda.is_available()  # CPU tensors without the interpreter: reference
+    # CPU logits: the reference, even with the interpreter on (it is ~1000x slower than eager).
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    policy_loss(logits, targets, adv, mask, old, ref, backend="auto", entropy_coef=0.1)
-    assert calls == [] or torch.cuda.is_available()  # entropy bonus needs the differentiable reference
     policy_loss(logits, targets, adv, mask, old, ref, backend="auto")
+    assert calls == []
+    policy_loss(logits, targets, adv, mask, old, ref, backend="triton")
     assert len(calls) == 1
+    if torch.cuda.is_available():
+        cuda = [t.cuda() for t in (logits, targets, adv, mask, old, ref)]
+        policy_loss(*cuda, backend="auto", entropy_coef=0.1)  # entropy bonus: the reference
+        assert len(calls) == 1
+        policy_loss(*cuda, backend="auto")
+        assert len(calls) == 2
 
 
 def test_triton_backend_import_failure_is_clear(monkeypatch):
