@@ -98,6 +98,7 @@ class RewardConfig:
     equivalence: str = "symbolic"
     consistency_gate: float = 0.85  # 1.0 = pure answer frequency
     format_penalty: float = 0.5  # lambda: f_i = -lambda when the format is broken
+    symbolic_timeout: float = 5.0  # seconds per symbolic comparison (math-verify in a worker)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
 
@@ -235,6 +236,7 @@ def validate(cfg: Config) -> Config:
     _choice("reward.equivalence", rw.equivalence, EQUIVALENCE_MODES)
     _check("reward.consistency_gate", 0 <= rw.consistency_gate <= 1, "in [0, 1]", rw.consistency_gate)
     _check("reward.format_penalty", rw.format_penalty >= 0, ">= 0", rw.format_penalty)
+    _check("reward.symbolic_timeout", rw.symbolic_timeout > 0, "> 0", rw.symbolic_timeout)
     c = rw.calibration
     for name in ("kappa_h", "kappa_l"):
         _check(f"reward.calibration.{name}", getattr(c, name) > 0, "> 0", getattr(c, name))
