@@ -41,6 +41,7 @@ setup(
         "pyarrow>=15",
         "pillow>=10",
         "rich>=13",
+        "tqdm>=4.66",
         "tensorboard>=2.15",
     ],
     extras_require={
