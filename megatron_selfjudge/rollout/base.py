@@ -1,0 +1,191 @@
+"""The rollout engine interface: what the trainer asks for and what every backend returns.
+
+Backend-neutral on purpose: nothing here imports megatron-core or vLLM, so a vLLM backend can
+implement the same contract. Backends are looked up by name (`rollout.backend`); the built-in
+ones are imported lazily so that choosing one never imports another's dependencies.
+"""
+from __future__ import annotations
+
+import abc
+import importlib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+__all__ = [
+    "FINISH_REASONS", "RolloutEngine", "RolloutRequest", "SamplingConfig", "Trajectory",
+    "available_engines", "build_engine", "check_requests", "default_stop_ids", "register_engine",
+]
+
+FINISH_REASONS = ("stop", "length")
+
+# name -> "module:attribute"; imported on first use so `build_engine("megatron")` is the only
+# thing that pulls in megatron-core.
+_BUILTIN_ENGINES: dict[str, str] = {
+    "megatron": "megatron_selfjudge.rollout.megatron_engine:MegatronRolloutEngine",
+}
+_REGISTERED_ENGINES: dict[str, Callable[..., "RolloutEngine"]] = {}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How to sample: G = n samples per prompt, temperature/top-p or greedy, stop ids and seed.
+
+    Generation always stops at the tokenizer's EOS as well as at any id in `stop_token_ids`.
+    `temperature` also scales the returned log-probs (log softmax(logits / temperature)), even
+    when `greedy` is set, so they match the training loss's temperature-scaled log-probs.
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    stop_token_ids: tuple[int, ...] = ()
+    seed: int = 0
+    greedy: bool = False
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.n) or self.n < 1:
+            raise ValueError(f"n must be an int >= 1, got {self.n!r}")
+        if not isinstance(self.temperature, (int, float)) or isinstance(self.temperature, bool) \
+                or not math.isfinite(self.temperature) or self.temperature <= 0:
+            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature!r}")
+        if not isinstance(self.top_p, (int, float)) or isinstance(self.top_p, bool) \
+                or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+        stop = tuple(self.stop_token_ids)
+        if not all(_is_int(t) and t >= 0 for t in stop):
+            raise ValueError(f"stop_token_ids must be non-negative ints, got {self.stop_token_ids!r}")
+        object.__setattr__(self, "stop_token_ids", stop)
+        if not _is_int(self.seed) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
+        if not isinstance(self.greedy, bool):
+            raise TypeError(f"greedy must be a bool, got {type(self.greedy).__name__}")
+
+
+@dataclass
+class RolloutRequest:
+    """One prompt: a uid that groups its G samples, prompt token ids and optional images.
+
+    `images` is a float tensor of preprocessed pixels ([C, H, W] or [num_images, C, H, W], one
+    image per image placeholder in `prompt_ids`) or a list of PIL images for a backend that has an
+    image processor; None for text-only prompts.
+    """
+
+    uid: str
+    prompt_ids: list[int]
+    images: Any = None
+    metadata: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.uid, str) or not self.uid:
+            raise ValueError(f"uid must be a non-empty str, got {self.uid!r}")
+        if isinstance(self.prompt_ids, torch.Tensor):
+            if self.prompt_ids.dim() != 1:
+                raise ValueError(f"prompt_ids of {self.uid!r}: expected a 1-D tensor")
+            self.prompt_ids = [int(t) for t in self.prompt_ids.tolist()]
+        self.prompt_ids = list(self.prompt_ids)
+        if not self.prompt_ids:
+            raise ValueError(f"prompt_ids of {self.uid!r} is empty")
+        # Negative ids are allowed: some models mark image positions with one (LLaVA uses -200);
+        # each backend checks the ids against its own vocabulary.
+        if not all(_is_int(t) for t in self.prompt_ids):
+            raise ValueError(f"prompt_ids of {self.uid!r} must be ints")
+
+
+@dataclass
+class Trajectory:
+    """One sampled response: ids, text, per-token log-probs and why it ended.
+
+    `response_ids` includes the stop token when `finish_reason == "stop"` (so the policy is
+    trained to stop); `text` is the decoded response without stop/special tokens. `logprobs` is a
+    float32 tensor with one entry per response id: log softmax(logits / temperature) of that id.
+    """
+
+    uid: str
+    sample_index: int
+    prompt_ids: list[int]
+    response_ids: list[int]
+    logprobs: torch.Tensor
+    finish_reason: str
+    text: str
+
+    def __post_init__(self) -> None:
+        if self.finish_reason not in FINISH_REASONS:
+            raise ValueError(f"finish_reason must be one of {FINISH_REASONS}, got {self.finish_reason!r}")
+        if self.logprobs.dtype != torch.float32 or self.logprobs.shape != (len(self.response_ids),):
+            raise ValueError(
+                f"logprobs of {self.uid!r}: expected float32 [{len(self.response_ids)}], "
+                f"got {self.logprobs.dtype} {list(self.logprobs.shape)}"
+            )
+
+
+def check_requests(requests: Sequence[RolloutRequest]) -> None:
+    """Raise if requests is empty, holds a non-request, or repeats a uid (uids key the groups)."""
+    if isinstance(requests, RolloutRequest) or not isinstance(requests, Sequence):
+        raise TypeError("requests must be a sequence of RolloutRequest")
+    if not requests:
+        raise ValueError("requests is empty")
+    seen: set[str] = set()
+    for i, req in enumerate(requests):
+        if not isinstance(req, RolloutRequest):
+            raise TypeError(f"requests[{i}] is {type(req).__name__}, expected RolloutRequest")
+        if req.uid in seen:
+            raise ValueError(f"requests: uid {req.uid!r} appears twice; uids must be unique")
+        seen.add(req.uid)
+
+
+class RolloutEngine(abc.ABC):
+    """A backend that samples G responses per prompt from the current policy."""
+
+    @abc.abstractmethod
+    def generate(self, requests: Sequence[RolloutRequest], sampling: SamplingConfig) -> list[Trajectory]:
+        """Sample `sampling.n` trajectories per request, ordered by request then sample index."""
+
+    @abc.abstractmethod
+    def sync_from(self, model: Any) -> None:
+        """Make the next generate() use `model`'s current weights (copy them if not shared)."""
+
+
+def register_engine(name: str, factory: Callable[..., RolloutEngine]) -> None:
+    """Add a backend under `name` (e.g. from a plugin); refuses to shadow an existing name."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name must be a non-empty str, got {name!r}")
+    if name in _BUILTIN_ENGINES or name in _REGISTERED_ENGINES:
+        raise ValueError(f"rollout backend {name!r} is already registered")
+    if not callable(factory):
+        raise TypeError("factory must be callable")
+    _REGISTERED_ENGINES[name] = factory
+
+
+def available_engines() -> list[str]:
+    """Names accepted by build_engine."""
+    return sorted(set(_BUILTIN_ENGINES) | set(_REGISTERED_ENGINES))
+
+
+def build_engine(name: str, **kwargs: Any) -> RolloutEngine:
+    """Construct the backend registered under `name` with its keyword arguments."""
+    if name in _REGISTERED_ENGINES:
+        return _REGISTERED_ENGINES[name](**kwargs)
+    if name not in _BUILTIN_ENGINES:
+        raise ValueError(f"rollout.backend: unknown backend {name!r}; known backends: {available_engines()}")
+    module_name, attr = _BUILTIN_ENGINES[name].split(":")
+    factory = getattr(importlib.import_module(module_name), attr)
+    return factory(**kwargs)
+
+
+def default_stop_ids(tokenizer: Optional[Any], sampling: SamplingConfig) -> tuple[int, ...]:
+    """The stop set: `sampling.stop_token_ids` plus the tokenizer's EOS when it has one."""
+    stop = list(sampling.stop_token_ids)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is not None and eos not in stop:
+        stop.append(int(eos))
+    return tuple(stop)
