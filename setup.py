@@ -42,6 +42,7 @@ setup(
         "pillow>=10",
         "rich>=13",
         "tqdm>=4.66",
+        "psutil>=5.9",
         "tensorboard>=2.15",
     ],
     extras_require={
