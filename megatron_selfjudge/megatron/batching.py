@@ -1,0 +1,204 @@
+"""The policy-update batch, and how it is cut: mini-batches of prompts, DP shards, token-budget micro-batches.
+
+Layout (megatron's shifted convention, as data/collate.py builds it): row b holds `tokens[b, t]`
+whose next token is `labels[b, t]`; `loss_mask[b, t]` is 1 exactly where `labels[b, t]` is a
+response token. Rows are RIGHT-padded: with causal attention a real token never sees the padding
+after it, so no attention mask is needed. Each image is one `image_token_index` placeholder in
+`tokens` that the LLaVA model replaces by `image_seq_len` embeddings; images are stored in row
+order, `num_images[b]` of them for row b.
+
+Micro-batches are padded, not packed (packed THD attention needs Transformer Engine): a
+micro-batch of n rows costs n * (longest row, images expanded) tokens, kept under the budget.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Optional, Sequence
+
+import torch
+
+
+@dataclass
+class PolicyBatch:
+    """B sequences for the GRPO update (and for forward-only log-probs)."""
+
+    tokens: torch.Tensor  # [B, T] long, image placeholders included
+    labels: torch.Tensor  # [B, T] long, next token of each position
+    loss_mask: torch.Tensor  # [B, T] 0/1: 1 where labels is a response token
+    advantages: Optional[torch.Tensor] = None  # [B] fp32, one per sequence (needed for training)
+    images: Optional[torch.Tensor] = None  # [N_images, C, H, W] in row order; None for text-only
+    num_images: Optional[torch.Tensor] = None  # [B] long; None = count placeholders in tokens
+    old_logp: Optional[torch.Tensor] = None  # [B, T] fp32 behaviour-policy log-probs, or None (on-policy)
+    ref_logp: Optional[torch.Tensor] = None  # [B, T] fp32 reference log-probs, or None (no KL term)
+
+    def __post_init__(self) -> None:
+        _check_2d("tokens", self.tokens, integer=True)
+        shape = tuple(self.tokens.shape)
+        if shape[0] == 0 or shape[1] == 0:
+            raise ValueError(f"tokens must be a non-empty [B, T] tensor, got shape {shape}")
+        _check_2d("labels", self.labels, integer=True, shape=shape)
+        _check_2d("loss_mask", self.loss_mask, shape=shape)
+        if not bool(((self.loss_mask == 0) | (self.loss_mask == 1)).all()):
+            raise ValueError("loss_mask must hold only 0/1 values")
+        for name in ("old_logp", "ref_logp"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_2d(name, value, shape=shape, floating=True)
+        if self.advantages is not None and tuple(self.advantages.shape) != (shape[0],):
+            raise ValueError(f"advantages must have shape ({shape[0]},), got {tuple(self.advantages.shape)}")
+        if self.num_images is not None and tuple(self.num_images.shape) != (shape[0],):
+            raise ValueError(f"num_images must have shape ({shape[0]},), got {tuple(self.num_images.shape)}")
+        if self.images is not None:
+            if self.images.dim() != 4:
+                raise ValueError(f"images must be [N, C, H, W], got shape {tuple(self.images.shape)}")
+            if self.num_images is not None and int(self.num_images.sum()) != self.images.shape[0]:
+                raise ValueError(f"num_images sums to {int(self.num_images.sum())} but images holds "
+                                 f"{self.images.shape[0]}")
+
+    @classmethod
+    def from_sequences(cls, sequences, advantages: torch.Tensor, images: Optional[torch.Tensor] = None,
+                       num_images: Optional[torch.Tensor] = None) -> "PolicyBatch":
+        """From data.collate.SequenceBatch (right-padded) plus per-sequence advantages and images."""
+        if getattr(sequences, "tokens", None) is None or getattr(sequences, "loss_mask", None) is None:
+            raise TypeError("sequences must be a data.collate.SequenceBatch (tokens, labels, loss_mask)")
+        return cls(tokens=sequences.tokens, labels=sequences.labels, loss_mask=sequences.loss_mask,
+                   advantages=advantages, images=images, num_images=num_images)
+
+    @property
+    def size(self) -> int:
+        """Number of sequences."""
+        return self.tokens.shape[0]
+
+    def images_per_row(self, image_token_index: int) -> torch.Tensor:
+        """[B] long: images of each row (`num_images`, or its placeholders when that is None)."""
+        if self.num_images is not None:
+            return self.num_images.long()
+        return (self.tokens == image_token_index).sum(dim=1)
+
+    def row_lengths(self, image_token_index: int) -> torch.Tensor:
+        """[B] long: columns each row needs (through its last response label and its last image)."""
+        cols = torch.arange(1, self.tokens.shape[1] + 1).expand_as(self.tokens)
+        needed = torch.where(self.loss_mask.bool() | (self.tokens == image_token_index), cols, 0)
+        return needed.max(dim=1).values.clamp(min=1)
+
+    def token_costs(self, image_token_index: int, image_seq_len: int) -> torch.Tensor:
+        """[B] long: decoder positions each row occupies once every image is expanded."""
+        if image_seq_len < 0:
+            raise ValueError(f"image_seq_len must be >= 0, got {image_seq_len}")
+        extra = (self.tokens == image_token_index).sum(dim=1) * max(image_seq_len - 1, 0)
+        return self.row_lengths(image_token_index) + extra
+
+    def select(self, indices: Sequence[int], image_token_index: int) -> "PolicyBatch":
+        """Rows `indices` (in that order), trimmed to the columns they need; images follow their rows."""
+        idx = torch.as_tensor(list(indices), dtype=torch.long)
+        if idx.numel() == 0:
+            raise ValueError("select needs at least one row index")
+        if int(idx.min()) < 0 or int(idx.max()) >= self.size:
+            raise ValueError(f"row indices must lie in [0, {self.size}), got {idx.tolist()}")
+        width = int(self.row_lengths(image_token_index)[idx].max())
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None or f.name == "images":
+                out[f.name] = value
+            elif value.dim() == 2:
+                out[f.name] = value[idx, :width]
+            else:
+                out[f.name] = value[idx]
+        out["images"] = _select_images(self, idx, image_token_index)
+        if self.images is not None and self.num_images is None:
+            out["num_images"] = self.images_per_row(image_token_index)[idx]
+        return PolicyBatch(**out)
+
+    def to(self, device: torch.device | str) -> "PolicyBatch":
+        """A copy with every tensor on `device`."""
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        return PolicyBatch(**{k: None if v is None else v.to(device) for k, v in moved.items()})
+
+    def with_logprobs(self, old_logp: Optional[torch.Tensor] = None,
+                      ref_logp: Optional[torch.Tensor] = None) -> "PolicyBatch":
+        """A copy carrying the given old/reference log-probs ([B, T] each)."""
+        return replace(self, old_logp=old_logp, ref_logp=ref_logp)
+
+
+def _check_2d(name: str, value: torch.Tensor, *, integer: bool = False, floating: bool = False,
+              shape: Optional[tuple] = None) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dim() != 2:
+        raise ValueError(f"{name} must be [B, T], got shape {tuple(value.shape)}")
+    if shape is not None and tuple(value.shape) != shape:
+        raise ValueError(f"{name} shape {tuple(value.shape)} must equal tokens shape {shape}")
+    if integer and value.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must be an integer tensor, got {value.dtype}")
+    if floating and not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+
+
+def _select_images(batch: PolicyBatch, idx: torch.Tensor, image_token_index: int) -> Optional[torch.Tensor]:
+    if batch.images is None:
+        return None
+    counts = batch.images_per_row(image_token_index)
+    starts = torch.cumsum(counts, 0) - counts
+    rows = [torch.arange(int(starts[i]), int(starts[i] + counts[i])) for i in idx.tolist()]
+    return batch.images[torch.cat(rows)] if rows else batch.images[:0]
+
+
+def micro_batches_by_tokens(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Group row indices so each group's padded size (rows x longest row) stays <= max_tokens.
+
+    Rows are visited longest first so similar lengths share a micro-batch (less padding); the
+    result is deterministic. A single row longer than the budget is an error, never a silent cut.
+    """
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+        raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
+    lengths = [int(n) for n in lengths]
+    if not lengths:
+        raise ValueError("lengths must name at least one row")
+    if min(lengths) < 1:
+        raise ValueError(f"every row length must be >= 1, got {lengths}")
+    too_long = [i for i, n in enumerate(lengths) if n > max_tokens]
+    if too_long:
+        raise ValueError(f"rows {too_long} need {max(lengths[i] for i in too_long)} tokens, more than "
+                         f"max_tokens={max_tokens}; raise the micro-batch token budget")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    groups: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        # Longest-first: the group's first row is its longest, so its padded cost is rows * that.
+        if current and (len(current) + 1) * lengths[current[0]] > max_tokens:
+            groups.append(current)
+            current = []
+        current.append(i)
+    groups.append(current)
+    return groups
+
+
+def data_parallel_shard(num_rows: int, dp_rank: int, dp_size: int) -> list[int]:
+    """Contiguous, balanced share of rows [0, num_rows) for one data-parallel rank."""
+    if dp_size < 1 or not 0 <= dp_rank < dp_size:
+        raise ValueError(f"need 0 <= dp_rank < dp_size, got rank {dp_rank} of {dp_size}")
+    if num_rows < dp_size:
+        raise ValueError(f"{num_rows} rows cannot give each of {dp_size} data-parallel ranks a row")
+    base, extra = divmod(num_rows, dp_size)
+    start = dp_rank * base + min(dp_rank, extra)
+    return list(range(start, start + base + (dp_rank < extra)))
+
+
+def prompt_mini_batches(group_ids: Sequence, prompts_per_mini_batch: int) -> list[list[int]]:
+    """Row indices of each mini-batch: consecutive groups of `prompts_per_mini_batch` prompts.
+
+    A prompt's rollouts (rows sharing a group id) always stay in one mini-batch; prompts are taken
+    in order of first appearance.
+    """
+    if not isinstance(prompts_per_mini_batch, int) or prompts_per_mini_batch < 1:
+        raise ValueError(f"prompts_per_mini_batch must be a positive int, got {prompts_per_mini_batch!r}")
+    keys = [g.item() if isinstance(g, torch.Tensor) else g for g in group_ids]
+    if not keys:
+        raise ValueError("group_ids must name at least one row")
+    rows_of: dict = {}
+    for row, key in enumerate(keys):
+        rows_of.setdefault(key, []).append(row)
+    prompts = list(rows_of.values())
+    return [sum(prompts[i:i + prompts_per_mini_batch], [])
+            for i in range(0, len(prompts), prompts_per_mini_batch)]

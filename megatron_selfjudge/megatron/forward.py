@@ -1,0 +1,257 @@
+"""Running a megatron-core policy on a PolicyBatch: stage forward, label positions, forward-only log-probs.
+
+Where a label's logits live. For a GPT the logits at text position t predict labels[t]. For
+LLaVA each image placeholder is replaced by `image_seq_len` embeddings, so text position t sits
+at decoder position `cumsum(span)[t] - 1` (span = image_seq_len for a placeholder, else 1): the
+LAST position of token t's span, which is exactly the position whose logits predict the token
+after t (an image's last embedding predicts the text that follows it). Losses are computed on
+the logits gathered at those positions for response labels only, so prompt and image positions
+never enter the loss. LLaVA and GPT logits both come back batch-first, [b, s, V/tp].
+
+`compute_logprobs` is the forward-only path for old/reference log-probs and for a likelihood
+judge: rows are split over data-parallel ranks, cut into token-budget micro-batches, run through
+`get_forward_backward_func(forward_only=True)`, then the last pipeline stage broadcasts its
+result to the other stages and the DP shards are all-gathered, so every rank returns [B, T].
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_selfjudge import loss as loss_ref
+from megatron_selfjudge.megatron.batching import PolicyBatch, data_parallel_shard, micro_batches_by_tokens
+from megatron_selfjudge.megatron.logprobs import vocab_parallel_logprobs
+
+DEFAULT_IMAGE_TOKEN_INDEX = -200
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the data path needs to know about a (possibly wrapped) megatron model on this rank."""
+
+    is_llava: bool
+    image_token_index: int  # placeholder id in tokens (unused for GPT)
+    image_seq_len: int  # decoder positions per image (0 for GPT)
+    max_seq_len: Optional[int]  # LLaVA decoder cap (it truncates beyond it); None for GPT
+    pipeline_parallel: bool
+    device: torch.device
+    dtype: torch.dtype
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The bare megatron model inside DDP / Float16Module wrappers."""
+    from megatron.core.distributed import DistributedDataParallel
+    from megatron.core.transformer.module import Float16Module
+
+    while isinstance(model, (DistributedDataParallel, Float16Module)):
+        model = model.module
+    return model
+
+
+def model_info(model: torch.nn.Module) -> ModelInfo:
+    """Describe `model` (GPTModel or LLaVAModel, bare or wrapped) for batching and loss code."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.multimodal.llava_model import LLaVAModel
+
+    bare = unwrap_model(model)
+    if not isinstance(bare, (GPTModel, LLaVAModel)):
+        raise TypeError(f"model must be a megatron-core GPTModel or LLaVAModel, got {type(bare).__name__}")
+    param = next(bare.parameters())
+    is_llava = isinstance(bare, LLaVAModel)
+    return ModelInfo(
+        is_llava=is_llava,
+        image_token_index=bare.image_token_index if is_llava else DEFAULT_IMAGE_TOKEN_INDEX,
+        image_seq_len=bare.img_seq_len if is_llava else 0,
+        max_seq_len=bare._language_max_sequence_length if is_llava else None,
+        pipeline_parallel=parallel_state.get_pipeline_model_parallel_world_size() > 1,
+        device=param.device,
+        dtype=param.dtype,
+    )
+
+
+def label_positions(tokens: torch.Tensor, image_token_index: int, image_seq_len: int) -> torch.Tensor:
+    """[B, T] long: the decoder position whose logits predict labels[b, t] (see module docstring)."""
+    if image_seq_len <= 0:
+        return torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+    span = torch.where(tokens == image_token_index, image_seq_len, 1)
+    return torch.cumsum(span, dim=1) - 1
+
+
+def check_fits(batch: PolicyBatch, info: ModelInfo) -> None:
+    """Refuse rows that the LLaVA decoder would silently truncate."""
+    if info.max_seq_len is None:
+        return
+    longest = int(batch.token_costs(info.image_token_index, info.image_seq_len).max())
+    if longest > info.max_seq_len:
+        raise ValueError(f"a sequence needs {longest} decoder positions (images expanded) but the model's "
+                         f"language_max_sequence_length is {info.max_seq_len}; it would be truncated")
+
+
+def stage_forward(model: torch.nn.Module, micro: PolicyBatch, info: ModelInfo) -> torch.Tensor:
+    """This pipeline stage's output for one micro-batch: logits [b, s, V/tp] on the last stage."""
+    positions = torch.arange(micro.tokens.shape[1], device=info.device).expand_as(micro.tokens)
+    if not info.is_llava:
+        return model(micro.tokens, positions, None)
+    placeholders = int((micro.tokens == info.image_token_index).sum())
+    images = micro.images
+    if images is None:
+        images = torch.zeros(0, 3, 1, 1)  # LLaVAModel needs a tensor even when there is no image
+    if images.shape[0] != placeholders:
+        raise ValueError(f"tokens hold {placeholders} image placeholders ({info.image_token_index}) but the "
+                         f"batch has {images.shape[0]} images")
+    images = images.to(device=info.device, dtype=info.dtype)
+    num_tiles = torch.ones(images.shape[0], dtype=torch.int, device=info.device)
+    output, _ = model(images, micro.tokens, positions, None, num_image_tiles=num_tiles)
+    return output
+
+
+def response_logits(logits: torch.Tensor, micro: PolicyBatch,
+                    info: ModelInfo) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits [N, V/tp] of the N response labels, with their (rows, cols) in the text layout."""
+    if logits.dim() != 3 or logits.shape[0] != micro.size:
+        raise ValueError(f"expected batch-first logits [{micro.size}, s, V], got {tuple(logits.shape)}")
+    rows, cols = micro.loss_mask.bool().nonzero(as_tuple=True)
+    positions = label_positions(micro.tokens, info.image_token_index, info.image_seq_len)[rows, cols]
+    if positions.numel() and int(positions.max()) >= logits.shape[1]:
+        raise ValueError(f"a response label maps to decoder position {int(positions.max())} but the logits "
+                         f"hold {logits.shape[1]} positions")
+    return logits[rows, positions], rows, cols
+
+
+def run_schedule(model: torch.nn.Module, micro_batches: list[PolicyBatch], forward_step_func: Callable,
+                 info: ModelInfo, forward_only: bool) -> list:
+    """Run megatron's schedule (1F1B when PP > 1) over the micro-batches; returns the loss dicts."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.utils import get_model_config
+
+    if info.pipeline_parallel:
+        # Token-budget micro-batches differ in shape; stages exchange shapes before activations.
+        get_model_config(model).variable_seq_lengths = True
+    lengths = [int(m.token_costs(info.image_token_index, info.image_seq_len).max()) for m in micro_batches]
+    seq_length = info.max_seq_len if (info.is_llava and info.pipeline_parallel) else max(lengths)
+    return get_forward_backward_func()(
+        forward_step_func=forward_step_func, data_iterator=iter(micro_batches), model=[model],
+        num_microbatches=len(micro_batches), seq_length=seq_length,
+        micro_batch_size=max(m.size for m in micro_batches), forward_only=forward_only)
+
+
+def split_micro_batches(batch: PolicyBatch, info: ModelInfo, max_tokens: int) -> tuple[list, list[PolicyBatch]]:
+    """Token-budget micro-batches of `batch` (on the model's device) and their row indices."""
+    check_fits(batch, info)
+    costs = batch.token_costs(info.image_token_index, info.image_seq_len).tolist()
+    groups = micro_batches_by_tokens(costs, max_tokens)
+    return groups, [batch.select(g, info.image_token_index).to(info.device) for g in groups]
+
+
+def tp_vocab_start(logits: torch.Tensor) -> int:
+    """First vocab id of this rank's logits shard."""
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_rank() * logits.shape[-1]
+
+
+def selected_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float, backend: str) -> torch.Tensor:
+    """fp32 log-probs of targets under vocab-parallel logits [N, V/tp] (no grad), torch or Triton."""
+    from megatron.core import parallel_state
+
+    if loss_ref._resolve_backend(backend, logits, 0.0) == "triton":
+        from megatron_selfjudge.kernels.grpo_loss import selective_logprobs
+
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        group = parallel_state.get_tensor_model_parallel_group() if tp > 1 else None
+        return selective_logprobs(logits.contiguous(), targets, temperature, group, tp_vocab_start(logits))
+    return vocab_parallel_logprobs(logits, targets, temperature)
+
+
+def comm_device() -> torch.device:
+    """Where tensors for collectives must live: the current GPU under NCCL, else the CPU (gloo)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _broadcast_from_last_stage(tensor: torch.Tensor) -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        dist.broadcast(tensor, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                       group=parallel_state.get_pipeline_model_parallel_group())
+
+
+def _gather_data_parallel(local: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """Concatenate each DP rank's [rows_r, T] block (balanced contiguous shards) into [num_rows, T]."""
+    from megatron.core import parallel_state
+
+    dp = parallel_state.get_data_parallel_world_size()
+    if dp == 1:
+        return local
+    width = -(-num_rows // dp)
+    padded = torch.zeros(width, local.shape[1], dtype=local.dtype, device=local.device)
+    padded[:local.shape[0]] = local
+    parts = [torch.empty_like(padded) for _ in range(dp)]
+    dist.all_gather(parts, padded, group=parallel_state.get_data_parallel_group())
+    sizes = [len(data_parallel_shard(num_rows, r, dp)) for r in range(dp)]
+    return torch.cat([part[:n] for part, n in zip(parts, sizes)])
+
+
+@torch.no_grad()
+def compute_logprobs(
+    model: torch.nn.Module,
+    batch: PolicyBatch,
+    *,
+    temperature: float = 1.0,
+    max_tokens: int = 4096,
+    shard_data_parallel: bool = True,
+    backend: str = "torch",
+) -> torch.Tensor:
+    """fp32 [B, T] log p(labels) under softmax(logits / T) where loss_mask is 1, else 0; same on every rank.
+
+    With `shard_data_parallel` each DP rank scores its share of rows and the shares are gathered
+    (the batch must be identical on all ranks); otherwise every rank scores all of `batch`.
+    """
+    from megatron.core import parallel_state
+
+    info = model_info(model)
+    was_training = model.training
+    model.eval()
+    rows = list(range(batch.size))
+    if shard_data_parallel:
+        rows = data_parallel_shard(batch.size, parallel_state.get_data_parallel_rank(),
+                                   parallel_state.get_data_parallel_world_size())
+    local = batch.select(rows, info.image_token_index) if len(rows) != batch.size else batch
+    groups, micro_batches = split_micro_batches(local, info, max_tokens)
+
+    def forward_step(data_iterator, chunk):
+        micro = next(data_iterator)
+        output = stage_forward(chunk, micro, info)
+
+        def loss_func(logits):
+            selected, r, c = response_logits(logits, micro, info)
+            logp = selected_logprobs(selected, micro.labels[r, c], temperature, backend)
+            return logits.new_zeros(()), torch.tensor(r.numel(), dtype=torch.int), {"logp": logp, "rows": r, "cols": c}
+
+        return output, loss_func
+
+    try:
+        stored = run_schedule(model, micro_batches, forward_step, info, forward_only=True)
+    finally:
+        model.train(was_training)
+    result = torch.zeros(local.size, batch.tokens.shape[1], dtype=torch.float32, device=info.device)
+    if parallel_state.is_pipeline_last_stage():
+        for group, out in zip(groups, stored):
+            index = torch.as_tensor(group, device=info.device)[out["rows"]]
+            result[index, out["cols"]] = out["logp"].float()
+    _broadcast_from_last_stage(result)
+    if shard_data_parallel:
+        result = _gather_data_parallel(result, batch.size)
+    return result
+
+
+def sequence_logprobs(model: torch.nn.Module, batch: PolicyBatch, *, temperature: float = 1.0,
+                      max_tokens: int = 4096) -> torch.Tensor:
+    """fp32 [B]: summed log-prob of each row's masked labels (a likelihood judge's score)."""
+    return compute_logprobs(model, batch, temperature=temperature, max_tokens=max_tokens).sum(dim=1)

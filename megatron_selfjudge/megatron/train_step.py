@@ -1,0 +1,230 @@
+"""One GRPO policy update inside megatron-core, and the mini-batch loop over a rollout batch.
+
+The loss of ALGORITHM.md section 6 is a weighted sum over response tokens,
+``sum(loss_t * w_t)``, with weights from `loss.token_weights` whose normaliser counts the whole
+global batch (all micro-batches on all data-parallel ranks). Each micro-batch therefore returns
+its own part of the global loss; megatron's schedule is told not to rescale it
+(`calculate_per_token_loss`, set by optimizer.build_optimizer) and DDP sums gradients across
+ranks, so the accumulated gradient is the gradient of the exact global aggregation.
+
+Per-token terms come from vocab-parallel logits divided by the temperature: with the torch
+backend through `logprobs.vocab_parallel_logprobs` + `loss.per_token_policy_loss` (the reference
+math), with the Triton backend through `kernels.grpo_loss.fused_grpo_loss`, which reduces over
+the tensor-parallel group itself. The logits are never gathered over the vocabulary.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from megatron_selfjudge import loss as loss_ref
+from megatron_selfjudge.megatron import forward as fwd
+from megatron_selfjudge.megatron.batching import PolicyBatch, data_parallel_shard, prompt_mini_batches
+from megatron_selfjudge.megatron.logprobs import vocab_parallel_entropy, vocab_parallel_logprobs
+
+# Per micro-batch sums, reduced over micro-batches and DP ranks before any division.
+_SUM_KEYS = ("loss", "pg", "kl", "clipped", "entropy", "tokens")
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """Policy-loss hyper-parameters; no defaults here: config.LossConfig is their one source."""
+
+    temperature: float  # the sampling temperature: log-probs come from logits / temperature
+    eps_low: float
+    eps_high: float
+    dual_clip: float
+    beta_kl: float
+    agg: str  # one of loss.AGG_MODES
+    entropy_coef: float
+    backend: str  # one of loss.BACKENDS
+
+    def __post_init__(self) -> None:
+        if self.agg not in loss_ref.AGG_MODES:
+            raise ValueError(f"agg must be one of {loss_ref.AGG_MODES}, got {self.agg!r}")
+        if self.backend not in loss_ref.BACKENDS:
+            raise ValueError(f"backend must be one of {loss_ref.BACKENDS}, got {self.backend!r}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+        loss_ref._check_loss_args(self.eps_low, self.eps_high, self.dual_clip, self.beta_kl,
+                                  loss_ref.LOGRATIO_CLAMP, loss_ref.KL_CLAMP)
+
+
+def global_normalizer(loss_mask: torch.Tensor, agg: str) -> float:
+    """Valid tokens (token-mean) or sequences with a valid token (seq-mean-*) summed over DP ranks."""
+    from megatron.core import parallel_state
+
+    valid = loss_mask.float()
+    local = valid.sum() if agg == "token-mean" else (valid.sum(dim=1) > 0).sum().float()
+    total = local.reshape(1).to(device=fwd.comm_device(), dtype=torch.float64)
+    if parallel_state.get_data_parallel_world_size() > 1:
+        dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+    return float(total.item())
+
+
+def _per_token_terms(logits, targets, adv, old, ref, settings: LossSettings):
+    """(loss, pg, kl, ratio, clipped, entropy) per selected token; loss/entropy carry the gradient."""
+    from megatron.core import parallel_state
+
+    kwargs = dict(eps_low=settings.eps_low, eps_high=settings.eps_high, dual_clip=settings.dual_clip,
+                  beta_kl=settings.beta_kl)
+    if loss_ref._resolve_backend(settings.backend, logits, settings.entropy_coef) == "triton":
+        from megatron_selfjudge.kernels.grpo_loss import fused_grpo_loss
+
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        out = fused_grpo_loss(logits.contiguous(), targets, adv, None, old, ref, temperature=settings.temperature,
+                              compute_entropy=True, tp_group=parallel_state.get_tensor_model_parallel_group()
+                              if tp > 1 else None, vocab_start_index=fwd.tp_vocab_start(logits), **kwargs)
+        logp = out.logprobs.detach()
+        ratio = torch.exp(torch.clamp(logp - (logp if old is None else old), -loss_ref.LOGRATIO_CLAMP,
+                                      loss_ref.LOGRATIO_CLAMP))
+        pg = out.loss.detach() - settings.beta_kl * out.kl.detach()
+        return out.loss, pg, out.kl.detach(), ratio, out.clipped, out.entropy
+    logp = vocab_parallel_logprobs(logits, targets, settings.temperature)
+    per = loss_ref.per_token_policy_loss(logp, adv, old, ref, **kwargs)
+    with torch.set_grad_enabled(torch.is_grad_enabled() and settings.entropy_coef != 0):
+        entropy = vocab_parallel_entropy(logits, settings.temperature)
+    return per.loss, per.pg.detach(), per.kl.detach(), per.ratio.detach(), per.clipped, entropy
+
+
+def micro_batch_loss(logits: torch.Tensor, micro: PolicyBatch, settings: LossSettings, normalizer: float,
+                     info: fwd.ModelInfo) -> tuple[torch.Tensor, dict]:
+    """This micro-batch's share of the global loss from its logits [b, s, V/tp], and summed stats."""
+    if micro.advantages is None:
+        raise ValueError("advantages are required for the policy update")
+    selected, rows, cols = fwd.response_logits(logits, micro, info)
+    weights = loss_ref.token_weights(micro.loss_mask, settings.agg, normalizer)[rows, cols]
+    adv = micro.advantages.float()[rows]
+    old = None if micro.old_logp is None else micro.old_logp.float()[rows, cols]
+    ref = None if micro.ref_logp is None else micro.ref_logp.float()[rows, cols]
+    per_loss, pg, kl, ratio, clipped, entropy = _per_token_terms(
+        selected, micro.labels[rows, cols], adv, old, ref, settings)
+    loss = (per_loss * weights).sum()
+    if settings.entropy_coef:
+        loss = loss - settings.entropy_coef * (entropy * weights).sum()
+    stats = torch.stack([loss.detach(), pg.sum(), kl.sum(), clipped.float().sum(), entropy.detach().sum(),
+                         torch.tensor(float(rows.numel()), device=loss.device)]).double()
+    inf = torch.tensor(float("inf"), device=loss.device, dtype=torch.float64)
+    extremes = torch.stack([ratio.min().double() if ratio.numel() else inf,
+                            -ratio.max().double() if ratio.numel() else inf])
+    return loss, {"sums": stats, "neg_extremes": extremes}
+
+
+def zero_grads(model: torch.nn.Module, optimizer) -> None:
+    """Clear DDP's main-grad buffers AND the optimizer's `param.grad` aliases of them.
+
+    After optimizer.step() megatron leaves `param.grad` pointing into the main-grad buffer; if only
+    the buffer is zeroed, the next backward accumulates into that alias and DDP's hook then adds it
+    to the buffer again, doubling those gradients.
+    """
+    if not hasattr(model, "zero_grad_buffer"):
+        raise TypeError("model must be the DistributedDataParallel module returned by build_optimizer")
+    model.zero_grad_buffer()
+    optimizer.zero_grad()
+
+
+def forward_backward(model: torch.nn.Module, batch: PolicyBatch, settings: LossSettings, *,
+                     max_tokens: int = 4096) -> dict[str, float]:
+    """Accumulate the gradient of the global GRPO loss for this rank's rows; returns global metrics.
+
+    Call zero_grads() first (train_step does).
+    """
+    info = fwd.model_info(model)
+    normalizer = global_normalizer(batch.loss_mask, settings.agg)
+    _, micro_batches = fwd.split_micro_batches(batch, info, max_tokens)
+
+    def forward_step(data_iterator, chunk):
+        micro = next(data_iterator)
+        output = fwd.stage_forward(chunk, micro, info)
+
+        def loss_func(logits):
+            loss, stats = micro_batch_loss(logits, micro, settings, normalizer, info)
+            # 3-tuple + calculate_per_token_loss: the schedule keeps the loss as is.
+            return loss, torch.tensor(int(micro.loss_mask.sum()), dtype=torch.int), stats
+
+        return output, loss_func
+
+    stored = fwd.run_schedule(model, micro_batches, forward_step, info, forward_only=False)
+    metrics = _reduce_metrics(stored, info.device)
+    metrics["num_sequences"], metrics["response_len_mean"] = _length_stats(batch.loss_mask)
+    return metrics
+
+
+def _reduce_metrics(stored: list, device: torch.device) -> dict[str, float]:
+    """Sum/min/max the micro-batch stats over micro-batches and DP ranks; same dict on every rank."""
+    from megatron.core import parallel_state
+
+    sums = torch.zeros(len(_SUM_KEYS), dtype=torch.float64, device=device)
+    extremes = torch.full((2,), float("inf"), dtype=torch.float64, device=device)
+    if parallel_state.is_pipeline_last_stage():
+        for item in stored:
+            sums += item["sums"].to(device)
+            extremes = torch.minimum(extremes, item["neg_extremes"].to(device))
+    if parallel_state.get_data_parallel_world_size() > 1:
+        group = parallel_state.get_data_parallel_group()
+        dist.all_reduce(sums, group=group)
+        dist.all_reduce(extremes, op=dist.ReduceOp.MIN, group=group)
+    fwd._broadcast_from_last_stage(sums)
+    fwd._broadcast_from_last_stage(extremes)
+    total = dict(zip(_SUM_KEYS, sums.tolist()))
+    count = max(total["tokens"], 1.0)
+    any_token = total["tokens"] > 0
+    return {
+        "loss": total["loss"],
+        "pg_loss": total["pg"] / count,
+        "kl": total["kl"] / count,
+        "clip_frac": total["clipped"] / count,
+        "entropy": total["entropy"] / count,
+        "ratio_min": float(extremes[0]) if any_token else 1.0,
+        "ratio_max": float(-extremes[1]) if any_token else 1.0,
+        "num_tokens": total["tokens"],
+    }
+
+
+def _length_stats(loss_mask: torch.Tensor) -> tuple[float, float]:
+    """(sequences, mean response length) over all DP ranks."""
+    from megatron.core import parallel_state
+
+    stats = torch.tensor([float(loss_mask.shape[0]), float(loss_mask.sum())], dtype=torch.float64,
+                         device=fwd.comm_device())
+    if parallel_state.get_data_parallel_world_size() > 1:
+        dist.all_reduce(stats, group=parallel_state.get_data_parallel_group())
+    return float(stats[0]), float(stats[1] / max(float(stats[0]), 1.0))
+
+
+def train_step(model: torch.nn.Module, optimizer, batch: PolicyBatch, settings: LossSettings, *,
+               max_tokens: int = 4096) -> dict[str, float]:
+    """One optimizer step on this rank's rows of one mini-batch; metrics are global (all ranks)."""
+    model.train()
+    zero_grads(model, optimizer)
+    metrics = forward_backward(model, batch, settings, max_tokens=max_tokens)
+    update_ok, grad_norm, _ = optimizer.step()
+    if not update_ok:
+        raise FloatingPointError("the optimizer skipped the update (non-finite gradients)")
+    metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+    return metrics
+
+
+def train_on_rollout(model: torch.nn.Module, optimizer, batch: PolicyBatch, settings: LossSettings, *,
+                     group_ids: Sequence, prompts_per_mini_batch: int, max_tokens: int = 4096,
+                     image_token_index: Optional[int] = None) -> list[dict[str, float]]:
+    """Several updates per rollout batch: one train_step per mini-batch of prompts (ALGORITHM.md 6).
+
+    `batch` is the whole rollout batch, identical on every rank, with old/ref log-probs already
+    attached (computed once before the first update); each mini-batch is split over DP ranks.
+    """
+    from megatron.core import parallel_state
+
+    if len(group_ids) != batch.size:
+        raise ValueError(f"group_ids has {len(group_ids)} entries for {batch.size} sequences")
+    index = fwd.model_info(model).image_token_index if image_token_index is None else image_token_index
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp_size = parallel_state.get_data_parallel_world_size()
+    history = []
+    for rows in prompt_mini_batches(group_ids, prompts_per_mini_batch):
+        mine = [rows[i] for i in data_parallel_shard(len(rows), dp_rank, dp_size)]
+        history.append(train_step(model, optimizer, batch.select(mine, index), settings, max_tokens=max_tokens))
+    return history
