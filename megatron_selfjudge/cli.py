@@ -1,4 +1,4 @@
-"""`selfjudge` command line: train, eval, bench, synth, data.
+"""`selfjudge` command line: train, bench, data.
 
 Single process:  selfjudge train [--config FILE] [key=value ...]
 Multi-process:   torchrun --nproc-per-node N -m megatron_selfjudge.cli train parallel.tp=2 ...
@@ -7,10 +7,13 @@ With no --config, `train` runs the embedded tiny default on CPU.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+import warnings
 from typing import Optional, Sequence
 
 from megatron_selfjudge.config import ConfigError, load_config
+from megatron_selfjudge.data.datasets import DatasetError
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -26,24 +29,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return trainer.main(cfg)
 
 
-def _cmd_eval(args: argparse.Namespace) -> int:
-    from megatron_selfjudge.eval import runner
-
-    cfg = load_config(args.config, args.overrides)
-    return runner.main(cfg, checkpoint=args.checkpoint)
-
-
 def _cmd_bench(args: argparse.Namespace) -> int:
     from megatron_selfjudge.kernels import bench
 
-    return bench.main(args.bench_args)
-
-
-def _cmd_synth(args: argparse.Namespace) -> int:
-    from megatron_selfjudge.synth import cli as synth_cli
-
-    cfg = load_config(args.config, args.overrides)
-    return synth_cli.main(cfg, out=args.out)
+    bench.main(args.bench_args)  # prints the table and writes the JSON
+    return 0
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
@@ -62,34 +52,35 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("eval", help="evaluate a checkpoint on the held-out split or benchmarks")
-    _add_config_args(p)
-    p.add_argument("--checkpoint", default=None, help="checkpoint folder (default: latest in trainer.run_dir)")
-    p.set_defaults(func=_cmd_eval)
-
     p = sub.add_parser("bench", help="benchmarks; `selfjudge bench kernels --help` for options")
     p.add_argument("what", choices=["kernels"])
     p.add_argument("bench_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=_cmd_bench)
 
-    p = sub.add_parser("synth", help="MM-UPT question synthesis from images")
-    _add_config_args(p)
-    p.add_argument("--out", required=True, help="parquet file to write")
-    p.set_defaults(func=_cmd_synth)
-
-    p = sub.add_parser("data", help="write the synthetic task or inspect local datasets")
+    p = sub.add_parser("data", help="write the synthetic task (`data synthetic --out DIR`) or check a file")
     p.add_argument("data_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=_cmd_data)
     return parser
 
 
+def _quiet_megatron() -> None:
+    """Hide megatron-core's start-up notices that do not concern this run (no Apex/TE on CPU)."""
+    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*", category=UserWarning)
+    warnings.filterwarnings("ignore", message=".*full scope is deprecated.*", category=UserWarning)
+    logging.getLogger("megatron.core.models.multimodal.llava_model").setLevel(logging.ERROR)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the `selfjudge` console script."""
     args = build_parser().parse_args(argv)
+    _quiet_megatron()
     try:
         return int(args.func(args) or 0)
     except ConfigError as exc:
         print(f"selfjudge: config error: {exc}", file=sys.stderr)
+        return 2
+    except (DatasetError, FileNotFoundError) as exc:
+        print(f"selfjudge: data error: {exc}", file=sys.stderr)
         return 2
 
 

@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -74,6 +74,7 @@ class RolloutConfig:
     top_p: float = 1.0
     max_prompt_len: int = 1024
     max_response_len: int = 2048
+    max_batch_size: int = 64  # sequences decoded together by the in-process megatron engine
 
 
 @dataclass
@@ -143,6 +144,7 @@ class OptimConfig:
     """AdamW from megatron.core.optimizer."""
 
     lr: float = 1e-6
+    sft_lr: float = 1e-5  # stage-1 supervised warm start (only when trainer.sft_steps > 0)
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     adam_beta1: float = 0.9
@@ -157,6 +159,9 @@ class DataConfig:
     train: str = "synthetic"
     eval: Optional[str] = None
     on_error: str = "raise"  # raise | skip (skipped rows are counted)
+    instruction: str = "full"  # format instruction appended to questions: full | short | mmupt | none
+    synthetic_seed: int = 0
+    synthetic_families: List[str] = field(default_factory=lambda: ["count", "add", "compare", "bar"])
     synthetic_sft: int = 512
     synthetic_unlabeled: int = 2048
     synthetic_test: int = 256
@@ -174,9 +179,11 @@ class TrainerConfig:
     seed: int = 1234
     run_dir: str = "runs/default"
     save_every: int = 50
+    keep_checkpoints: int = 3
     resume: str = "auto"
     log_every: int = 1
     sft_steps: int = 0  # supervised warm start before unsupervised training
+    sft_batch_size: int = 32
 
 
 @dataclass
@@ -232,6 +239,7 @@ def validate(cfg: Config) -> Config:
     _check("rollout.top_p", 0 < r.top_p <= 1, "in (0, 1]", r.top_p)
     _check("rollout.max_prompt_len", r.max_prompt_len >= 1, ">= 1", r.max_prompt_len)
     _check("rollout.max_response_len", r.max_response_len >= 1, ">= 1", r.max_response_len)
+    _check("rollout.max_batch_size", r.max_batch_size >= 1, ">= 1", r.max_batch_size)
     _choice("reward.mode", rw.mode, REWARD_MODES)
     _choice("reward.equivalence", rw.equivalence, EQUIVALENCE_MODES)
     _check("reward.consistency_gate", 0 <= rw.consistency_gate <= 1, "in [0, 1]", rw.consistency_gate)
@@ -260,11 +268,18 @@ def validate(cfg: Config) -> Config:
     _choice("loss.agg", lo.agg, LOSS_AGGS)
     _choice("loss.backend", lo.backend, LOSS_BACKENDS)
     _check("optim.lr", _finite(o.lr) and o.lr >= 0, ">= 0", o.lr)
+    _check("optim.sft_lr", _finite(o.sft_lr) and o.sft_lr >= 0, ">= 0", o.sft_lr)
     _check("optim.weight_decay", o.weight_decay >= 0, ">= 0", o.weight_decay)
     _check("optim.grad_clip", o.grad_clip >= 0, ">= 0 (0 disables clipping)", o.grad_clip)
     _check("optim.adam_beta1", 0 <= o.adam_beta1 < 1, "in [0, 1)", o.adam_beta1)
     _check("optim.adam_beta2", 0 <= o.adam_beta2 < 1, "in [0, 1)", o.adam_beta2)
     _choice("data.on_error", d.on_error, ("raise", "skip"))
+    _choice("data.instruction", d.instruction, ("full", "short", "mmupt", "none"))
+    from megatron_selfjudge.data.synthetic import FAMILIES
+
+    for fam in d.synthetic_families:
+        _choice("data.synthetic_families", fam, FAMILIES)
+    _check("data.synthetic_families", len(d.synthetic_families) >= 1, "non-empty", d.synthetic_families)
     for name in ("synthetic_sft", "synthetic_unlabeled", "synthetic_test"):
         _check(f"data.{name}", getattr(d, name) >= 0, ">= 0", getattr(d, name))
     _check("trainer.max_steps", t.max_steps >= -1, ">= -1 (-1 = run trainer.epochs)", t.max_steps)
@@ -278,6 +293,8 @@ def validate(cfg: Config) -> Config:
     _check("trainer.save_every", t.save_every >= 0, ">= 0 (0 = only at the end)", t.save_every)
     _check("trainer.log_every", t.log_every >= 1, ">= 1", t.log_every)
     _check("trainer.sft_steps", t.sft_steps >= 0, ">= 0", t.sft_steps)
+    _check("trainer.sft_batch_size", t.sft_batch_size >= 1, ">= 1", t.sft_batch_size)
+    _check("trainer.keep_checkpoints", t.keep_checkpoints >= 1, ">= 1", t.keep_checkpoints)
     _choice("trainer.resume", t.resume, RESUME_MODES)
     return cfg
 

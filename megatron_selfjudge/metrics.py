@@ -48,11 +48,13 @@ class MetricsWriter:
         self.path.write_text("".join(ln + "\n" for ln in kept))
 
     def log(self, step: int, metrics: Mapping[str, Any], prefix: str = "train") -> None:
-        """Write one line for `step`; keys with None values are kept as null."""
+        """Write one line for `step` (non-finite floats become null); `prefix` names the stage."""
         if not self.enabled:
             return
+        # Stage-1 (SFT) rows go to sft_metrics.jsonl so metrics.jsonl holds only UPT steps.
+        path = self.path if prefix == "train" else self.path.with_name(f"{prefix}_{METRICS_FILE}")
         row = {"step": step, **{k: _plain(v) for k, v in metrics.items() if k != "step"}}
-        with self.path.open("a") as f:
+        with path.open("a") as f:
             f.write(json.dumps(row, sort_keys=False) + "\n")
         if self._tb is not None:
             for k, v in row.items():

@@ -24,3 +24,11 @@ def test_truncate_after_and_disabled(tmp_path):
     off = MetricsWriter(tmp_path / "other", enabled=False)
     off.log(1, {"loss": 1.0})
     assert not (tmp_path / "other").exists()
+
+
+def test_other_stages_go_to_their_own_file(tmp_path):
+    w = MetricsWriter(tmp_path, tensorboard=False)
+    w.log(1, {"sft_nll": 2.0}, prefix="sft")
+    w.log(1, {"loss": 0.5})
+    assert read_metrics(tmp_path) == [{"step": 1, "loss": 0.5}]
+    assert (tmp_path / "sft_metrics.jsonl").read_text().strip() == '{"step": 1, "sft_nll": 2.0}'

@@ -197,14 +197,23 @@ def _length_stats(loss_mask: torch.Tensor) -> tuple[float, float]:
 
 def train_step(model: torch.nn.Module, optimizer, batch: PolicyBatch, settings: LossSettings, *,
                max_tokens: int = 4096) -> dict[str, float]:
-    """One optimizer step on this rank's rows of one mini-batch; metrics are global (all ranks)."""
+    """One optimizer step on this rank's rows of one mini-batch; metrics are global (all ranks).
+
+    A non-finite loss or gradient on any rank skips the update (weights and Adam state untouched)
+    and reports `skipped = 1`: megatron's step() only checks for inf/NaN under fp16 loss scaling.
+    """
+    from megatron_selfjudge.preemption import is_finite_step
+
     model.train()
     zero_grads(model, optimizer)
     metrics = forward_backward(model, batch, settings, max_tokens=max_tokens)
+    if not is_finite_step(metrics["loss"], model=model):
+        zero_grads(model, optimizer)
+        metrics.update(grad_norm=float("nan"), skipped=1.0)
+        return metrics
     update_ok, grad_norm, _ = optimizer.step()
-    if not update_ok:
-        raise FloatingPointError("the optimizer skipped the update (non-finite gradients)")
     metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+    metrics["skipped"] = 0.0 if update_ok else 1.0  # fp16 overflow: megatron skipped it itself
     return metrics
 
 

@@ -1,0 +1,588 @@
+"""The recipe: supervised warm start, then label-free GRPO, top to bottom.
+
+One UPT step (`Trainer.upt_step`) reads in order:
+    prompts -> rollouts (G per prompt) -> answers -> Judge scores -> rewards (reward.mode)
+    -> advantages (advantage.estimator) -> old / reference log-probs -> mini-batch updates
+Each arrow is a call into a component (rollout engine, judges, rewards, advantages,
+megatron forward / train_step) with a typed batch in and out. The rollout engine shares the
+policy's weights in-process, so "weight sync" is a no-op for the megatron backend.
+
+Stage 1 (optional, `trainer.sft_steps`) fine-tunes on the labelled warm-start split; its
+gradient is the policy-gradient step with advantage 1 on the target tokens (on-policy ratio
+1, no KL), which is exactly the gradient of the token-mean negative log-likelihood. The
+reference model and the Judge are then one frozen copy of this initial policy.
+
+Multi-process runs (torchrun) keep every rank in step: all ranks see the same prompts and
+the same sampling seed, so every rank holds the same rollouts; the update then splits each
+mini-batch over data-parallel ranks (train_step.train_on_rollout).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import random
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from megatron_selfjudge.config import Config, to_yaml
+from megatron_selfjudge.metrics import MetricsWriter
+
+_PARAMS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+IMAGE_TOKEN_INDEX = -200  # LLaVAModel's placeholder id in input_ids
+
+
+# --- process / rank set-up ------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup_distributed(cfg: Config) -> bool:
+    """Join (or, for a plain `selfjudge train`, create) the process group and megatron's groups.
+
+    Returns True when this call created a one-rank group that the caller should destroy.
+    """
+    import torch.distributed as dist
+
+    from megatron_selfjudge.megatron.parallel import initialize_parallel
+
+    created = False
+    if not dist.is_initialized() and "WORLD_SIZE" not in os.environ:
+        # Single process: a one-rank group on loopback, so the code path is the torchrun one.
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+        created = True
+    initialize_parallel(cfg.parallel.tp, cfg.parallel.pp, seed=cfg.trainer.seed)
+    return created
+
+
+def is_main_rank() -> bool:
+    """Global rank 0 writes files and prints."""
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def seed_everything(seed: int) -> None:
+    """Python, numpy and torch RNGs (megatron's tracker is seeded by initialize_parallel)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# --- data -----------------------------------------------------------------------------------
+
+@dataclass
+class Task:
+    """Prompts of the run: unlabeled training prompts, optional SFT pairs, held-out test prompts."""
+
+    train: list  # PromptRecord
+    test: list
+    sft: list = field(default_factory=list)  # (PromptRecord, target response text)
+    skipped: int = 0
+
+
+def load_task(cfg: Config) -> Task:
+    """The embedded synthetic task, or local files in the published schemas."""
+    from megatron_selfjudge.data import datasets, prompts, synthetic
+
+    d = cfg.data
+    if d.train == "synthetic":
+        splits = synthetic.make_synthetic_splits(
+            seed=d.synthetic_seed, n_sft=d.synthetic_sft, n_unlabeled=d.synthetic_unlabeled,
+            n_test=d.synthetic_test, image_size=cfg.model.image_size, families=tuple(d.synthetic_families))
+        sft = list(zip(datasets.examples_to_records(splits["train_sft"], "synthetic:train_sft"),
+                       [prompts.sft_target(ex) for ex in splits["train_sft"]]))
+        return Task(train=datasets.examples_to_records(splits["train_unlabeled"], "synthetic:train_unlabeled"),
+                    test=datasets.examples_to_records(splits["test"], "synthetic:test"), sft=sft)
+    train = datasets.load_records(d.train, on_error=d.on_error)
+    test = datasets.load_records(d.eval, on_error=d.on_error, require_answer=True) if d.eval else None
+    skipped = train.skipped + (test.skipped if test else 0)
+    if not train.records:
+        raise ValueError(f"data.train: {d.train!r} holds no usable rows ({train.skipped} skipped)")
+    return Task(train=list(train.records), test=list(test.records) if test else [], skipped=skipped)
+
+
+class PromptSampler:
+    """Epoch-wise shuffled order over the training prompts; its cursor is checkpointed."""
+
+    def __init__(self, num: int, seed: int, epoch: int = 0, offset: int = 0):
+        self.num, self.seed, self.epoch, self.offset = num, seed, epoch, offset
+
+    def _order(self, epoch: int) -> list[int]:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.num).tolist()
+
+    def next(self, k: int) -> list[int]:
+        """The next k indices, wrapping into the next epoch."""
+        out: list[int] = []
+        while len(out) < k:
+            order = self._order(self.epoch)
+            take = order[self.offset:self.offset + k - len(out)]
+            out += take
+            self.offset += len(take)
+            if self.offset >= self.num:
+                self.epoch, self.offset = self.epoch + 1, 0
+        return out
+
+    def state(self) -> dict:
+        """JSON-able cursor."""
+        return {"epoch": self.epoch, "offset": self.offset}
+
+
+# --- models ---------------------------------------------------------------------------------
+
+def model_builder(cfg: Config, vocab_size: int) -> Callable[[], torch.nn.Module]:
+    """A zero-argument builder of this rank's stage of the policy (also used for frozen copies)."""
+    from megatron.core import parallel_state
+    from megatron_selfjudge.megatron import models
+
+    m = cfg.model
+    common = dict(vocab_size=vocab_size, num_layers=m.num_layers, hidden_size=m.hidden_size,
+                  num_attention_heads=m.num_attention_heads, ffn_hidden_size=m.ffn_hidden_size,
+                  max_seq_len=cfg.rollout.max_prompt_len + cfg.rollout.max_response_len
+                  + (m.image_size // m.patch_size) ** 2,
+                  pre_process=parallel_state.is_pipeline_first_stage(),
+                  post_process=parallel_state.is_pipeline_last_stage(),
+                  transformer_impl=m.transformer_impl, params_dtype=_PARAMS_DTYPES[m.params_dtype],
+                  seed=cfg.trainer.seed)
+    if m.preset == "tiny-llava":
+        return functools.partial(models.build_tiny_llava, vision_num_layers=m.vision_num_layers,
+                                 vision_hidden_size=m.vision_hidden_size,
+                                 vision_num_attention_heads=max(1, m.vision_hidden_size // 16),
+                                 vision_ffn_hidden_size=4 * m.vision_hidden_size, img_size=m.image_size,
+                                 patch_dim=m.patch_size, image_token_index=IMAGE_TOKEN_INDEX, **common)
+    if m.preset == "tiny-gpt":
+        return functools.partial(models.build_gpt, **common)
+    raise ValueError(f"model.preset={m.preset!r}: this build knows 'tiny-llava' and 'tiny-gpt'; "
+                     "HF checkpoints (Qwen2.5-VL via mbridge) come with the mbridge integration")
+
+
+def reset_optimizer_state(optimizer: Any) -> None:
+    """Forget Adam moments (the UPT stage starts its optimizer afresh after SFT)."""
+    from collections import defaultdict
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = opt.optimizer
+        inner.state = defaultdict(dict)
+
+
+def set_lr(optimizer: Any, lr: float) -> None:
+    """Set the learning rate of every parameter group."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+# --- the trainer ----------------------------------------------------------------------------
+
+class Trainer:
+    """Holds the run's components; `run()` executes SFT, evaluation, UPT steps, evaluation."""
+
+    def __init__(self, cfg: Config):
+        from megatron_selfjudge.data.tokenizer import CharTokenizer
+        from megatron_selfjudge.megatron.optimizer import build_optimizer
+        from megatron_selfjudge.rollout.base import build_engine
+
+        self.cfg = cfg
+        self.main = is_main_rank()
+        self.run_dir = Path(cfg.trainer.run_dir)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self.log = _Printer(self.main)
+        self.task = load_task(cfg)
+        self.tokenizer = CharTokenizer()
+        self.build = model_builder(cfg, self.tokenizer.vocab_size)
+        self.policy = self.build()
+        o = cfg.optim
+        self.ddp, self.optimizer = build_optimizer(
+            self.policy, lr=o.lr, weight_decay=o.weight_decay, clip_grad=o.grad_clip, adam_beta1=o.adam_beta1,
+            adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
+            use_distributed_optimizer=cfg.parallel.use_distributed_optimizer and _dp_size() > 1)
+        self.engine = build_engine(cfg.rollout.backend, model=self.policy, tokenizer=self.tokenizer,
+                                   max_batch_size=cfg.rollout.max_batch_size)
+        self.sampler = PromptSampler(len(self.task.train), cfg.trainer.seed)
+        self.state: dict = {"phase": "sft", "sft_step": 0, "step": 0, "evals": {}, "skipped_steps": 0}
+        self.initial = None  # FrozenModel: reference + Judge
+        self.metrics = MetricsWriter(self.run_dir, enabled=self.main)
+
+    # ---- prompts and batches ----
+    def encode(self, question: str, n_images: int, instruction: Optional[str] = None) -> list[int]:
+        """Prompt token ids: [bos] + image placeholders + question + instruction."""
+        from megatron_selfjudge.data import collate, prompts
+
+        text_instruction = prompts.get_instruction(self.cfg.data.instruction) if instruction is None else instruction
+        ids = collate.encode_prompt(question, n_images, self.tokenizer, image_token_id=IMAGE_TOKEN_INDEX,
+                                    instruction=text_instruction)
+        if len(ids) > self.cfg.rollout.max_prompt_len:
+            raise ValueError(f"prompt of {len(ids)} tokens exceeds rollout.max_prompt_len="
+                             f"{self.cfg.rollout.max_prompt_len}: {question[:80]!r}")
+        return ids
+
+    def images_of(self, record) -> torch.Tensor:
+        """Preprocessed images [N, C, H, W] of a record."""
+        from megatron_selfjudge.data.collate import image_to_tensor
+
+        return torch.stack([image_to_tensor(img, self.cfg.model.image_size) for img in record.images])
+
+    def requests(self, records: Sequence) -> list:
+        """Rollout requests (uid = record uid) for records."""
+        from megatron_selfjudge.rollout.base import RolloutRequest
+
+        return [RolloutRequest(uid=r.uid, prompt_ids=self.encode(r.question, len(r.images)),
+                               images=self.images_of(r)) for r in records]
+
+    def policy_batch(self, prompt_ids: Sequence[list[int]], response_ids: Sequence[list[int]],
+                     images: Sequence[torch.Tensor], advantages: torch.Tensor):
+        """Right-padded prompt+response sequences with a response-only loss mask."""
+        from megatron_selfjudge.data.collate import build_sequences
+        from megatron_selfjudge.megatron.batching import PolicyBatch
+
+        seqs = build_sequences(prompt_ids, response_ids, self.tokenizer.pad_token_id)
+        return PolicyBatch.from_sequences(seqs, advantages.float(), images=torch.cat(list(images)),
+                                          num_images=torch.tensor([im.shape[0] for im in images]))
+
+    def loss_settings(self, sft: bool = False):
+        """Loss hyper-parameters; SFT is the on-policy, KL-free special case with advantage 1."""
+        from megatron_selfjudge.megatron.train_step import LossSettings
+
+        lo = self.cfg.loss
+        backend = lo.backend if lo.backend != "auto" else "auto"
+        if sft:
+            return LossSettings(temperature=1.0, eps_low=lo.eps_low, eps_high=lo.eps_high, dual_clip=lo.dual_clip,
+                                beta_kl=0.0, agg="token-mean", entropy_coef=0.0, backend=backend)
+        return LossSettings(temperature=self.cfg.rollout.temperature, eps_low=lo.eps_low, eps_high=lo.eps_high,
+                            dual_clip=lo.dual_clip, beta_kl=lo.beta_kl, agg=lo.agg,
+                            entropy_coef=lo.entropy_coef, backend=backend)
+
+    # ---- stage 1: supervised warm start ----
+    def sft_step(self) -> dict:
+        """One supervised step on a batch of labelled (prompt, target) pairs."""
+        from megatron_selfjudge.data.collate import encode_response
+        from megatron_selfjudge.megatron.forward import compute_logprobs
+        from megatron_selfjudge.megatron.train_step import train_step
+
+        t = self.cfg.trainer
+        rng = np.random.default_rng([t.seed, 7, self.state["sft_step"]])
+        picks = rng.choice(len(self.task.sft), size=min(t.sft_batch_size, len(self.task.sft)), replace=False)
+        recs = [self.task.sft[i][0] for i in picks]
+        batch = self.policy_batch([self.encode(r.question, len(r.images)) for r in recs],
+                                  [encode_response(self.task.sft[i][1], self.tokenizer) for i in picks],
+                                  [self.images_of(r) for r in recs], torch.ones(len(recs)))
+        logp = compute_logprobs(self.ddp, batch, temperature=1.0, max_tokens=t.micro_batch_tokens)
+        nll = float(-(logp.sum() / batch.loss_mask.sum()))
+        m = train_step(self.ddp, self.optimizer, batch, self.loss_settings(sft=True), max_tokens=t.micro_batch_tokens)
+        return {"sft_nll": nll, "grad_norm": m["grad_norm"]}
+
+    def run_sft(self) -> None:
+        """Stage 1 at optim.sft_lr, then a fresh optimizer state at optim.lr for stage 2."""
+        t = self.cfg.trainer
+        if not self.task.sft or t.sft_steps == 0:
+            self.state["phase"] = "upt"
+            return
+        set_lr(self.optimizer, self.cfg.optim.sft_lr)
+        with self.log.progress("SFT warm start", t.sft_steps, self.state["sft_step"]) as advance:
+            while self.state["sft_step"] < t.sft_steps:
+                m = self.sft_step()
+                self.state["sft_step"] += 1
+                advance(f"nll {m['sft_nll']:.3f}")
+                if self.state["sft_step"] % max(1, t.sft_steps // 10) == 0:
+                    self.metrics.log(self.state["sft_step"], m, prefix="sft")
+        reset_optimizer_state(self.optimizer)
+        set_lr(self.optimizer, self.cfg.optim.lr)
+        self.state["phase"] = "upt"
+
+    # ---- evaluation ----
+    def evaluate(self, name: str) -> Optional[dict]:
+        """Greedy pass@1, sampled pass@1 and maj@G on the held-out split."""
+        from megatron_selfjudge.eval.heldout import evaluate
+
+        if not self.task.test:
+            return None
+        r = self.cfg.rollout
+        res = evaluate(self.engine, self.requests(self.task.test), [rec.answer for rec in self.task.test],
+                       samples=r.n, temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_response_len,
+                       seed=self.cfg.trainer.seed + 10_000, equivalence=self.cfg.reward.equivalence,
+                       progress=self.log.info)
+        self.state["evals"][name] = res.as_dict()
+        self.log.info(f"eval {name}: greedy {res.greedy_pass1:.3f}  sampled {res.sampled_pass1:.3f}  "
+                      f"maj@{r.n} {res.maj_at_g:.3f}  boxed {res.format_ok:.3f}")
+        return res.as_dict()
+
+    # ---- stage 2: one label-free GRPO step ----
+    def judge_scores(self, records, trajectories, batch, ref_logp):
+        """Per-trajectory Judge scores (K each) and the number of unparseable Judge outputs."""
+        from megatron_selfjudge.judges import GenerativeJudge, JudgePrompt, LikelihoodJudge
+
+        if self.cfg.reward.mode not in ("judge", "judge_raw"):
+            return None
+        if self.cfg.judge.kind == "likelihood":
+            logp = ref_logp if self.cfg.rollout.temperature == 1.0 and ref_logp is not None else \
+                self.initial.logprobs(batch, temperature=1.0, max_tokens=self.cfg.trainer.micro_batch_tokens)
+            return LikelihoodJudge().scores_from_logprobs(logp, batch.loss_mask)
+        j = self.cfg.judge
+        judge = GenerativeJudge(self.judge_engine, lambda text, n: self.encode(text, n, instruction=""),
+                                samples=j.samples, temperature=j.temperature, top_p=j.top_p,
+                                max_tokens=j.max_tokens, seed=self.cfg.trainer.seed + 20_000)
+        prompts = [JudgePrompt(uid=r.uid, question=r.question, images=self.images_of(r)) for r in records]
+        scores, _ = judge.score(prompts, trajectories, step=self.state["step"])
+        return scores
+
+    def rewards(self, records, trajectories, judge_scores):
+        """Rewards per reward.mode (random: the control run's Bernoulli(1/2) rewards)."""
+        from megatron_selfjudge.rewards.combine import compute_rewards
+
+        rw = self.cfg.reward
+        by_uid = {r.uid: r for r in records}
+        texts = [t.text for t in trajectories]
+        gids = [t.uid for t in trajectories]
+        mode = "majority" if rw.mode == "random" else rw.mode
+        res = compute_rewards(texts, gids, mode, judge_scores=judge_scores,
+                              ground_truths=[by_uid[t.uid].answer for t in trajectories],
+                              equivalence=rw.equivalence, consistency_gate=rw.consistency_gate,
+                              format_penalty=rw.format_penalty, calibration=_calibration_kwargs(rw.calibration),
+                              unparsed_policy=self.cfg.judge.unparsed, timeout=rw.symbolic_timeout)
+        rewards = res.as_tensor()
+        if rw.mode == "random":
+            gen = torch.Generator().manual_seed(self.cfg.trainer.seed * 1_000_003 + self.state["step"])
+            rewards = torch.randint(0, 2, (len(texts),), generator=gen).float()
+        return rewards, res
+
+    def upt_step(self) -> dict:
+        """prompts -> rollouts -> Judge -> rewards -> advantages -> old/ref log-probs -> updates."""
+        from megatron_selfjudge.advantages import compute_advantages
+        from megatron_selfjudge.megatron.forward import compute_logprobs
+        from megatron_selfjudge.megatron.train_step import train_on_rollout
+        from megatron_selfjudge.rollout.base import SamplingConfig
+
+        cfg, t, r = self.cfg, self.cfg.trainer, self.cfg.rollout
+        t0 = time.perf_counter()
+        records = [self.task.train[i] for i in self.sampler.next(t.prompts_per_step)]
+        requests = self.requests(records)
+        trajs = self.engine.generate(requests, SamplingConfig(
+            n=r.n, temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_response_len,
+            seed=t.seed * 7919 + self.state["step"]))
+        t_roll = time.perf_counter()
+        req_by_uid = {q.uid: q for q in requests}
+        placeholder = torch.zeros(len(trajs))
+        batch = self.policy_batch([x.prompt_ids for x in trajs], [x.response_ids for x in trajs],
+                                  [req_by_uid[x.uid].images for x in trajs], placeholder)
+        mb = t.micro_batch_tokens
+        old = compute_logprobs(self.ddp, batch, temperature=r.temperature, max_tokens=mb)
+        ref = self.initial.logprobs(batch, temperature=r.temperature, max_tokens=mb) \
+            if cfg.loss.beta_kl > 0 or (cfg.judge.kind == "likelihood" and r.temperature == 1.0) else None
+        scores = self.judge_scores(records, trajs, batch, ref)
+        rewards, res = self.rewards(records, trajs, scores)
+        gids = [x.uid for x in trajs]
+        a = cfg.advantage
+        adv = compute_advantages(rewards, gids, a.estimator, temperature=a.temperature, center=a.center, eps=a.eps)
+        batch.advantages = adv
+        batch = batch.with_logprobs(old, ref if cfg.loss.beta_kl > 0 else None)
+        t_prep = time.perf_counter()
+        history = train_on_rollout(self.ddp, self.optimizer, batch, self.loss_settings(), group_ids=gids,
+                                   prompts_per_mini_batch=t.mini_batch_prompts, max_tokens=mb)
+        t_upd = time.perf_counter()
+        lengths = torch.tensor([len(x.response_ids) for x in trajs], dtype=torch.float32)
+        out = {
+            **res.metrics(), "reward_mean": float(rewards.mean()), "adv_mean": float(adv.mean()),
+            "adv_std": float(adv.std()) if adv.numel() > 1 else 0.0,
+            "response_len_mean": float(lengths.mean()),
+            "stop_frac": sum(x.finish_reason == "stop" for x in trajs) / len(trajs),
+        }
+        for key in ("loss", "kl", "clip_frac", "entropy", "grad_norm", "ratio_min", "ratio_max", "pg_loss"):
+            vals = [h[key] for h in history if key in h and not h.get("skipped")]
+            if vals:
+                out[key] = min(vals) if key == "ratio_min" else max(vals) if key == "ratio_max" \
+                    else sum(vals) / len(vals)
+        out["skipped_updates"] = float(sum(h.get("skipped", 0.0) for h in history))
+        out.update(time_rollout=t_roll - t0, time_prepare=t_prep - t_roll, time_update=t_upd - t_prep)
+        return out
+
+    # ---- checkpoints ----
+    def save(self) -> None:
+        """Policy + optimizer + RNG + trainer state (incl. the data cursor) under checkpoints/."""
+        from megatron_selfjudge.megatron.checkpoint import save_checkpoint
+
+        self.state["sampler"] = self.sampler.state()
+        save_checkpoint(self.ckpt_root, self.state["step"], self.ddp, self.optimizer, dict(self.state),
+                        keep_last=self.cfg.trainer.keep_checkpoints)
+        self.log.info(f"checkpoint saved at step {self.state['step']}")
+
+    def resume(self) -> bool:
+        """Load the latest checkpoint (trainer.resume=auto); True if one was found."""
+        from megatron_selfjudge.megatron.checkpoint import latest_checkpoint, load_checkpoint
+
+        if self.cfg.trainer.resume != "auto":
+            return False
+        path = latest_checkpoint(self.ckpt_root)
+        if path is None:
+            return False
+        self.state = load_checkpoint(path, self.ddp, self.optimizer)
+        self.sampler = PromptSampler(len(self.task.train), self.cfg.trainer.seed, **self.state["sampler"])
+        self.log.info(f"resumed from {path} (step {self.state['step']}, phase {self.state['phase']})")
+        return True
+
+    def make_initial_copy(self) -> None:
+        """Reference + Judge: one frozen copy of the policy as it enters stage 2."""
+        from megatron_selfjudge.megatron.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+        from megatron_selfjudge.megatron.frozen import frozen_copy
+
+        init_root = self.ckpt_root / "initial"
+        # The builders re-seed the global RNG; keep the run's stream where it was.
+        with torch.random.fork_rng(devices=[]):
+            if latest_checkpoint(init_root) is None:
+                save_checkpoint(init_root, 0, self.ddp, None, {"what": "initial policy: reference and Judge"},
+                                keep_last=1)
+                self.initial = frozen_copy(self.policy, self.build)
+            else:  # resumed mid-run: the policy has moved on, so rebuild the copy from disk
+                module = self.build()
+                load_checkpoint(latest_checkpoint(init_root), module, None, load_rng=False)
+                self.initial = frozen_copy(module, self.build)
+        if self.cfg.reward.mode in ("judge", "judge_raw") and self.cfg.judge.kind == "generative":
+            from megatron_selfjudge.rollout.base import build_engine
+
+            self.judge_engine = build_engine(self.cfg.rollout.backend, model=self.initial.module,
+                                             tokenizer=self.tokenizer, max_batch_size=self.cfg.rollout.max_batch_size)
+
+    # ---- the run ----
+    def total_steps(self) -> int:
+        """trainer.max_steps, or trainer.epochs passes over the unlabeled prompts."""
+        t = self.cfg.trainer
+        if t.max_steps >= 0:
+            return t.max_steps
+        return math.ceil(t.epochs * len(self.task.train) / t.prompts_per_step)
+
+    def run(self) -> int:
+        """SFT -> eval before -> UPT steps (checkpointed, preemptible) -> eval after -> table."""
+        from megatron_selfjudge.preemption import PreemptionHandler
+
+        t = self.cfg.trainer
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
+        resumed = self.resume()
+        if self.task.skipped:
+            self.log.info(f"data: skipped {self.task.skipped} unusable rows (data.on_error=skip)")
+        with PreemptionHandler() as preempt:
+            if self.state["phase"] == "sft":
+                self.run_sft()
+            self.make_initial_copy()
+            if "before" not in self.state["evals"]:
+                self.evaluate("before")
+            if resumed:
+                self.metrics.truncate_after(self.state["step"])
+            total = self.total_steps()
+            with self.log.progress("UPT steps", total, self.state["step"]) as advance:
+                while self.state["step"] < total:
+                    m = self.upt_step()
+                    self.state["step"] += 1
+                    if m.get("skipped_updates"):
+                        self.state["skipped_steps"] += int(m["skipped_updates"])
+                        self.log.info(f"warning: step {self.state['step']}: {int(m['skipped_updates'])} "
+                                      "update(s) skipped (non-finite loss or gradient); weights untouched")
+                    self.metrics.log(self.state["step"], m)
+                    advance(f"reward {m['reward_mean']:.3f} len {m['response_len_mean']:.1f} "
+                            f"ent {m.get('entropy', float('nan')):.3f}")
+                    step = self.state["step"]
+                    if preempt.should_stop():
+                        self.save()
+                        self.log.info(f"preempted: saved step {step} and exiting")
+                        self.metrics.close()
+                        return 0
+                    if t.save_every and step % t.save_every == 0 and step < total:
+                        self.save()
+            self.state["phase"] = "done"
+            self.evaluate("after")
+            self.save()
+        self.write_report()
+        self.metrics.close()
+        return 0
+
+    def write_report(self) -> None:
+        """results.json and results.md (before/after table) in the run directory."""
+        from megatron_selfjudge.eval.heldout import EvalResult, format_table
+
+        if not self.main:
+            return
+        evals = self.state["evals"]
+        (self.run_dir / "results.json").write_text(json.dumps(
+            {"reward_mode": self.cfg.reward.mode, "estimator": self.cfg.advantage.estimator,
+             "steps": self.state["step"], "skipped_steps": self.state["skipped_steps"], "evals": evals}, indent=2))
+        if evals:
+            table = format_table({k: EvalResult(**v) for k, v in evals.items()})
+            (self.run_dir / "results.md").write_text(
+                f"reward.mode={self.cfg.reward.mode}, advantage.estimator={self.cfg.advantage.estimator}, "
+                f"{self.state['step']} steps\n\n{table}\n")
+            self.log.info("\n" + table)
+
+
+def _calibration_kwargs(c) -> dict:
+    return {k: getattr(c, k) for k in ("tau_h", "tau_l", "kappa_h", "kappa_l", "alpha_h", "alpha_l",
+                                       "g_min", "g_max")}
+
+
+def _dp_size() -> int:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_world_size()
+
+
+class _Printer:
+    """Rank-0 console output: rich progress bars and info lines."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        if enabled:
+            from rich.console import Console
+
+            self.console = Console(stderr=True)
+
+    def info(self, msg: str) -> None:
+        """One log line."""
+        if self.enabled:
+            self.console.print(f"[selfjudge] {msg}", highlight=False, markup=False)
+
+    def progress(self, title: str, total: int, done: int):
+        """Context manager yielding advance(description) for a rich progress bar."""
+        from contextlib import contextmanager
+
+        @contextmanager
+        def bar():
+            if not self.enabled:
+                yield lambda desc="": None
+                return
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+                TimeRemainingColumn
+
+            with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                          TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+                          console=self.console, transient=False) as prog:
+                task = prog.add_task(title, total=total, completed=done, info="")
+                yield lambda desc="": prog.update(task, advance=1, info=desc)
+        return bar()
+
+
+def main(cfg: Config) -> int:
+    """Run training as configured; returns a process exit code."""
+    import torch.distributed as dist
+
+    from megatron_selfjudge.megatron.parallel import destroy_parallel
+
+    created = setup_distributed(cfg)
+    seed_everything(cfg.trainer.seed)
+    try:
+        return Trainer(cfg).run()
+    finally:
+        destroy_parallel()
+        if created and dist.is_initialized():
+            dist.destroy_process_group()
+            for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+                os.environ.pop(key, None)
