@@ -34,7 +34,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from megatron_selfjudge.loss import _check_loss_args, _check_temperature
+from megatron_selfjudge.loss import check_loss_args, check_temperature
 
 from ._tp import gather_partials
 
@@ -117,8 +117,8 @@ def _check_inputs(logits, targets, advantages, mask, old_logp, ref_logp, params:
         if tensor is not None and tensor.device != logits.device:
             raise ValueError(f"{name} is on {tensor.device}, logits on {logits.device}")
     # The reference's own checks: one definition of what a valid hyper-parameter is.
-    _check_temperature(params.temperature)
-    _check_loss_args(params.eps_low, params.eps_high, params.dual_clip, params.beta_kl,
+    check_temperature(params.temperature)
+    check_loss_args(params.eps_low, params.eps_high, params.dual_clip, params.beta_kl,
                      params.logratio_clamp, params.kl_clamp)
 
 

@@ -55,13 +55,14 @@ def _acc(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
 
 
-def _check_temperature(temperature: float) -> None:
+def check_temperature(temperature: float) -> None:
+    """Raise ValueError unless temperature is a finite number > 0."""
     if not temperature > 0 or temperature == float("inf"):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
 
 
 def _scaled_log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    _check_temperature(temperature)
+    check_temperature(temperature)
     return torch.log_softmax(_acc(logits) / temperature, dim=-1)
 
 
@@ -110,7 +111,7 @@ def per_token_policy_loss(
     kl_clamp: float = KL_CLAMP,
 ) -> PerTokenLoss:
     """Clipped, dual-clipped policy-gradient loss plus k3 KL per token (see the module docstring)."""
-    _check_loss_args(eps_low, eps_high, dual_clip, beta_kl, logratio_clamp, kl_clamp)
+    check_loss_args(eps_low, eps_high, dual_clip, beta_kl, logratio_clamp, kl_clamp)
     for name, tensor in (("advantages", advantages), ("old_logp", old_logp), ("ref_logp", ref_logp)):
         if tensor is not None and tensor.shape != logp.shape:
             raise ValueError(f"{name} shape {tuple(tensor.shape)} must equal logp shape {tuple(logp.shape)}")
@@ -134,7 +135,8 @@ def per_token_policy_loss(
     return PerTokenLoss(loss=pg + beta_kl * kl, pg=pg, kl=kl, ratio=ratio, clipped=clipped)
 
 
-def _check_loss_args(eps_low, eps_high, dual_clip, beta_kl, logratio_clamp, kl_clamp) -> None:
+def check_loss_args(eps_low, eps_high, dual_clip, beta_kl, logratio_clamp, kl_clamp) -> None:
+    """Raise ValueError naming the first out-of-range loss hyper-parameter."""
     if not 0 <= eps_low < 1:
         raise ValueError(f"eps_low must be in [0, 1), got {eps_low!r}")
     if not eps_high >= 0:

@@ -49,7 +49,7 @@ class LossSettings:
             raise ValueError(f"backend must be one of {loss_ref.BACKENDS}, got {self.backend!r}")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
-        loss_ref._check_loss_args(self.eps_low, self.eps_high, self.dual_clip, self.beta_kl,
+        loss_ref.check_loss_args(self.eps_low, self.eps_high, self.dual_clip, self.beta_kl,
                                   loss_ref.LOGRATIO_CLAMP, loss_ref.KL_CLAMP)
 
 
