@@ -112,6 +112,7 @@ class JudgeConfig:
     temperature: float = 1.0
     top_p: float = 0.9
     max_tokens: int = 1024
+    max_prompt_len: int = 4096  # rubric + question + candidate response, in tokens (generative)
     unparsed: str = "zero"  # zero: reference code (s = 0); neutral: g = 1
     offload: bool = True  # keep on CPU between uses
 
@@ -257,6 +258,7 @@ def validate(cfg: Config) -> Config:
     _check("judge.temperature", j.temperature > 0, "> 0", j.temperature)
     _check("judge.top_p", 0 < j.top_p <= 1, "in (0, 1]", j.top_p)
     _check("judge.max_tokens", j.max_tokens >= 1, ">= 1", j.max_tokens)
+    _check("judge.max_prompt_len", j.max_prompt_len >= 1, ">= 1", j.max_prompt_len)
     _choice("advantage.estimator", a.estimator, ESTIMATORS)
     _check("advantage.temperature", _finite(a.temperature) and a.temperature > 0, "> 0", a.temperature)
     _check("advantage.eps", a.eps > 0, "> 0", a.eps)

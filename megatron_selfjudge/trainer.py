@@ -24,7 +24,6 @@ import math
 import os
 import random
 import socket
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,16 +141,23 @@ class PromptSampler:
 
 # --- models ---------------------------------------------------------------------------------
 
+def uses_generative_judge(cfg: Config) -> bool:
+    """Whether the rewards need the frozen model to write rubric judgements."""
+    return cfg.reward.mode in ("judge", "judge_raw") and cfg.judge.kind == "generative"
+
+
 def model_builder(cfg: Config, vocab_size: int) -> Callable[[], torch.nn.Module]:
     """A zero-argument builder of this rank's stage of the policy (also used for frozen copies)."""
     from megatron.core import parallel_state
     from megatron_selfjudge.megatron import models
 
     m = cfg.model
+    text_len = cfg.rollout.max_prompt_len + cfg.rollout.max_response_len
+    if uses_generative_judge(cfg):  # the Judge is a copy of this model: its context must fit too
+        text_len = max(text_len, cfg.judge.max_prompt_len + cfg.judge.max_tokens)
     common = dict(vocab_size=vocab_size, num_layers=m.num_layers, hidden_size=m.hidden_size,
                   num_attention_heads=m.num_attention_heads, ffn_hidden_size=m.ffn_hidden_size,
-                  max_seq_len=cfg.rollout.max_prompt_len + cfg.rollout.max_response_len
-                  + (m.image_size // m.patch_size) ** 2,
+                  max_seq_len=text_len + (m.image_size // m.patch_size) ** 2,
                   pre_process=parallel_state.is_pipeline_first_stage(),
                   post_process=parallel_state.is_pipeline_last_stage(),
                   transformer_impl=m.transformer_impl, params_dtype=_PARAMS_DTYPES[m.params_dtype],
@@ -215,16 +221,18 @@ class Trainer:
         self.metrics = MetricsWriter(self.run_dir, enabled=self.main)
 
     # ---- prompts and batches ----
-    def encode(self, question: str, n_images: int, instruction: Optional[str] = None) -> list[int]:
-        """Prompt token ids: [bos] + image placeholders + question + instruction."""
+    def encode(self, question: str, n_images: int, instruction: Optional[str] = None,
+               limit_key: str = "rollout.max_prompt_len") -> list[int]:
+        """Prompt token ids: [bos] + image placeholders + question + instruction, length-checked."""
         from megatron_selfjudge.data import collate, prompts
 
         text_instruction = prompts.get_instruction(self.cfg.data.instruction) if instruction is None else instruction
         ids = collate.encode_prompt(question, n_images, self.tokenizer, image_token_id=IMAGE_TOKEN_INDEX,
                                     instruction=text_instruction)
-        if len(ids) > self.cfg.rollout.max_prompt_len:
-            raise ValueError(f"prompt of {len(ids)} tokens exceeds rollout.max_prompt_len="
-                             f"{self.cfg.rollout.max_prompt_len}: {question[:80]!r}")
+        section, key = limit_key.split(".")
+        limit = getattr(getattr(self.cfg, section), key)
+        if len(ids) > limit:
+            raise ValueError(f"prompt of {len(ids)} tokens exceeds {limit_key}={limit}: {question[:80]!r}")
         return ids
 
     def images_of(self, record) -> torch.Tensor:
@@ -255,7 +263,7 @@ class Trainer:
         from megatron_selfjudge.megatron.train_step import LossSettings
 
         lo = self.cfg.loss
-        backend = lo.backend if lo.backend != "auto" else "auto"
+        backend = lo.backend
         if sft:
             return LossSettings(temperature=1.0, eps_low=lo.eps_low, eps_high=lo.eps_high, dual_clip=lo.dual_clip,
                                 beta_kl=0.0, agg="token-mean", entropy_coef=0.0, backend=backend)
@@ -329,7 +337,8 @@ class Trainer:
                 self.initial.logprobs(batch, temperature=1.0, max_tokens=self.cfg.trainer.micro_batch_tokens)
             return LikelihoodJudge().scores_from_logprobs(logp, batch.loss_mask)
         j = self.cfg.judge
-        judge = GenerativeJudge(self.judge_engine, lambda text, n: self.encode(text, n, instruction=""),
+        judge = GenerativeJudge(self.judge_engine,
+                                lambda text, n: self.encode(text, n, instruction="", limit_key="judge.max_prompt_len"),
                                 samples=j.samples, temperature=j.temperature, top_p=j.top_p,
                                 max_tokens=j.max_tokens, seed=self.cfg.trainer.seed + 20_000)
         prompts = [JudgePrompt(uid=r.uid, question=r.question, images=self.images_of(r)) for r in records]
@@ -446,7 +455,7 @@ class Trainer:
                 module = self.build()
                 load_checkpoint(latest_checkpoint(init_root), module, None, load_rng=False)
                 self.initial = frozen_copy(module, self.build)
-        if self.cfg.reward.mode in ("judge", "judge_raw") and self.cfg.judge.kind == "generative":
+        if uses_generative_judge(self.cfg):
             from megatron_selfjudge.rollout.base import build_engine
 
             self.judge_engine = build_engine(self.cfg.rollout.backend, model=self.initial.module,

@@ -175,3 +175,14 @@ def test_corrupt_row_skipped_and_counted(tmp_path):
                  "trainer.sft_steps=0")
     assert "skipped 1 unusable rows" in out.stderr
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1]
+
+
+@pytest.mark.slow
+def test_generative_judge_unparsed_outputs_are_counted(tmp_path):
+    # An untrained tiny Judge cannot write a rubric score: every output is unparseable, and with
+    # judge.unparsed=neutral the reward falls back to the consistency prior (g = 1).
+    _train(tmp_path, "judge.kind=generative", "judge.unparsed=neutral", "judge.max_tokens=8",
+           "judge.max_prompt_len=1600", "trainer.max_steps=1", "trainer.sft_steps=0", "data.synthetic_test=0")
+    (row,) = read_metrics(tmp_path)
+    assert row["judge_unparsed"] == 4 * 4  # prompts_per_step x rollout.n, one Judge sample each
+    assert 0.0 <= row["reward_mean"] <= 1.0
