@@ -27,7 +27,8 @@ UNPARSED_POLICIES = ("zero", "neutral")
 ESTIMATORS = ("grpo", "grpo_no_std", "energy")
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 LOSS_BACKENDS = ("auto", "torch", "triton")
-ROLLOUT_BACKENDS = ("megatron", "vllm")
+ROLLOUT_BACKENDS = ("megatron",)  # vLLM comes with its engine
+MODEL_PRESETS = ("tiny-llava", "tiny-gpt")  # HF presets (Qwen2.5-VL via mbridge) come with mbridge
 TRANSFORMER_IMPLS = ("local", "transformer_engine")
 RESUME_MODES = ("never", "auto")
 PARAMS_DTYPES = ("float32", "bfloat16", "float16")
@@ -41,8 +42,7 @@ class ConfigError(ValueError):
 class ModelConfig:
     """Policy architecture; the Judge and the reference model are frozen copies of it."""
 
-    preset: str = "qwen2.5-vl-7b"  # "tiny-llava", "tiny-gpt", or an mbridge/HF preset
-    hf_path: Optional[str] = None  # local HF checkpoint folder (mbridge path); never a hub id
+    preset: str = "tiny-llava"  # tiny-llava | tiny-gpt (text only)
     transformer_impl: str = "local"
     params_dtype: str = "bfloat16"
     num_layers: int = 2
@@ -114,7 +114,6 @@ class JudgeConfig:
     max_tokens: int = 1024
     max_prompt_len: int = 4096  # rubric + question + candidate response, in tokens (generative)
     unparsed: str = "zero"  # zero: reference code (s = 0); neutral: g = 1
-    offload: bool = True  # keep on CPU between uses
 
 
 @dataclass
@@ -182,7 +181,6 @@ class TrainerConfig:
     save_every: int = 50
     keep_checkpoints: int = 3
     resume: str = "auto"
-    log_every: int = 1
     sft_steps: int = 0  # supervised warm start before unsupervised training
     sft_batch_size: int = 32
 
@@ -223,6 +221,7 @@ def validate(cfg: Config) -> Config:
     """Check every value's range and the cross-field rules; raise ConfigError naming the key."""
     m, p, r, rw, j, a, lo, o, d, t = (cfg.model, cfg.parallel, cfg.rollout, cfg.reward, cfg.judge,
                                        cfg.advantage, cfg.loss, cfg.optim, cfg.data, cfg.trainer)
+    _choice("model.preset", m.preset, MODEL_PRESETS)
     _choice("model.transformer_impl", m.transformer_impl, TRANSFORMER_IMPLS)
     _choice("model.params_dtype", m.params_dtype, PARAMS_DTYPES)
     for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
@@ -282,8 +281,10 @@ def validate(cfg: Config) -> Config:
     for fam in d.synthetic_families:
         _choice("data.synthetic_families", fam, FAMILIES)
     _check("data.synthetic_families", len(d.synthetic_families) >= 1, "non-empty", d.synthetic_families)
-    for name in ("synthetic_sft", "synthetic_unlabeled", "synthetic_test"):
+    for name in ("synthetic_sft", "synthetic_test"):
         _check(f"data.{name}", getattr(d, name) >= 0, ">= 0", getattr(d, name))
+    _check("data.synthetic_unlabeled", d.synthetic_unlabeled >= 1, ">= 1", d.synthetic_unlabeled)
+    _check("trainer.seed", t.seed >= 0, ">= 0", t.seed)
     _check("trainer.max_steps", t.max_steps >= -1, ">= -1 (-1 = run trainer.epochs)", t.max_steps)
     _check("trainer.epochs", t.epochs >= 1, ">= 1", t.epochs)
     _check("trainer.prompts_per_step", t.prompts_per_step >= 1, ">= 1", t.prompts_per_step)
@@ -293,7 +294,6 @@ def validate(cfg: Config) -> Config:
            "a multiple of trainer.mini_batch_prompts", t.prompts_per_step)
     _check("trainer.micro_batch_tokens", t.micro_batch_tokens >= 1, ">= 1", t.micro_batch_tokens)
     _check("trainer.save_every", t.save_every >= 0, ">= 0 (0 = only at the end)", t.save_every)
-    _check("trainer.log_every", t.log_every >= 1, ">= 1", t.log_every)
     _check("trainer.sft_steps", t.sft_steps >= 0, ">= 0", t.sft_steps)
     _check("trainer.sft_batch_size", t.sft_batch_size >= 1, ">= 1", t.sft_batch_size)
     _check("trainer.keep_checkpoints", t.keep_checkpoints >= 1, ">= 1", t.keep_checkpoints)

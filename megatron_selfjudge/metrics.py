@@ -39,20 +39,23 @@ class MetricsWriter:
 
                 self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
 
-    def truncate_after(self, step: int) -> None:
+    def _file(self, prefix: str) -> Path:
+        # Stage-1 (SFT) rows go to sft_metrics.jsonl so metrics.jsonl holds only UPT steps.
+        return self.path if prefix == "train" else self.path.with_name(f"{prefix}_{METRICS_FILE}")
+
+    def truncate_after(self, step: int, prefix: str = "train") -> None:
         """Drop lines of steps > step (a resumed run rewrites what the killed run wrote after its checkpoint)."""
-        if not self.enabled or not self.path.exists():
+        path = self._file(prefix)
+        if not self.enabled or not path.exists():
             return
-        kept = [ln for ln in self.path.read_text().splitlines()
-                if ln.strip() and json.loads(ln).get("step", -1) <= step]
-        self.path.write_text("".join(ln + "\n" for ln in kept))
+        kept = [json.dumps(row) for row in _rows(path) if row.get("step", -1) <= step]
+        path.write_text("".join(ln + "\n" for ln in kept))
 
     def log(self, step: int, metrics: Mapping[str, Any], prefix: str = "train") -> None:
         """Write one line for `step` (non-finite floats become null); `prefix` names the stage."""
         if not self.enabled:
             return
-        # Stage-1 (SFT) rows go to sft_metrics.jsonl so metrics.jsonl holds only UPT steps.
-        path = self.path if prefix == "train" else self.path.with_name(f"{prefix}_{METRICS_FILE}")
+        path = self._file(prefix)
         row = {"step": step, **{k: _plain(v) for k, v in metrics.items() if k != "step"}}
         with path.open("a") as f:
             f.write(json.dumps(row, sort_keys=False) + "\n")
@@ -72,7 +75,16 @@ class MetricsWriter:
 def read_metrics(run_dir: str | Path) -> list[dict]:
     """All step rows of a run directory, in file order."""
     path = Path(run_dir) / METRICS_FILE
-    if not path.exists():
-        return []
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    return _rows(path) if path.exists() else []
+
+
+def _rows(path: Path) -> list[dict]:
+    """Parsed lines; a torn last line (the process was killed mid-write) is ignored."""
+    rows = []
+    for ln in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(ln))
+        except json.JSONDecodeError:
+            continue
+    return rows
 

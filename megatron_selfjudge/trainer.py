@@ -109,7 +109,7 @@ def load_task(cfg: Config) -> Task:
     test = datasets.load_records(d.eval, on_error=d.on_error, require_answer=True) if d.eval else None
     skipped = train.skipped + (test.skipped if test else 0)
     if not train.records:
-        raise ValueError(f"data.train: {d.train!r} holds no usable rows ({train.skipped} skipped)")
+        raise datasets.DatasetError(f"data.train: {d.train!r} holds no usable rows ({train.skipped} skipped)")
     return Task(train=list(train.records), test=list(test.records) if test else [], skipped=skipped)
 
 
@@ -117,21 +117,22 @@ class PromptSampler:
     """Epoch-wise shuffled order over the training prompts; its cursor is checkpointed."""
 
     def __init__(self, num: int, seed: int, epoch: int = 0, offset: int = 0):
+        if num < 1:
+            raise ValueError("the training set is empty")
         self.num, self.seed, self.epoch, self.offset = num, seed, epoch, offset
 
     def _order(self, epoch: int) -> list[int]:
         return np.random.default_rng([self.seed, epoch]).permutation(self.num).tolist()
 
     def next(self, k: int) -> list[int]:
-        """The next k indices, wrapping into the next epoch."""
-        out: list[int] = []
-        while len(out) < k:
-            order = self._order(self.epoch)
-            take = order[self.offset:self.offset + k - len(out)]
-            out += take
-            self.offset += len(take)
-            if self.offset >= self.num:
-                self.epoch, self.offset = self.epoch + 1, 0
+        """The next k indices of this epoch's order; a remainder shorter than k is dropped
+        (as DataLoader's drop_last), so a step never holds the same prompt twice."""
+        if k > self.num:
+            raise ValueError(f"trainer.prompts_per_step={k} exceeds the {self.num} training prompts")
+        if self.offset + k > self.num:
+            self.epoch, self.offset = self.epoch + 1, 0
+        out = self._order(self.epoch)[self.offset:self.offset + k]
+        self.offset += k
         return out
 
     def state(self) -> dict:
@@ -181,6 +182,8 @@ def reset_optimizer_state(optimizer: Any) -> None:
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = opt.optimizer
         inner.state = defaultdict(dict)
+        for group in inner.param_groups:  # fused Adams (TE/Apex) keep the step count here
+            group.pop("step", None)
 
 
 def set_lr(optimizer: Any, lr: float) -> None:
@@ -205,7 +208,9 @@ class Trainer:
         self.ckpt_root = self.run_dir / "checkpoints"
         self.log = _Printer(self.main)
         self.task = load_task(cfg)
+        self.text_only = cfg.model.preset == "tiny-gpt"
         self.tokenizer = CharTokenizer()
+        self.check_prompt_lengths()
         self.build = model_builder(cfg, self.tokenizer.vocab_size)
         self.policy = self.build()
         o = cfg.optim
@@ -235,18 +240,35 @@ class Trainer:
             raise ValueError(f"prompt of {len(ids)} tokens exceeds {limit_key}={limit}: {question[:80]!r}")
         return ids
 
-    def images_of(self, record) -> torch.Tensor:
-        """Preprocessed images [N, C, H, W] of a record."""
+    def images_of(self, record) -> Optional[torch.Tensor]:
+        """Preprocessed images [N, C, H, W] of a record (None for a text-only policy)."""
         from megatron_selfjudge.data.collate import image_to_tensor
 
+        if self.text_only:
+            return None
         return torch.stack([image_to_tensor(img, self.cfg.model.image_size) for img in record.images])
 
     def requests(self, records: Sequence) -> list:
         """Rollout requests (uid = record uid) for records."""
         from megatron_selfjudge.rollout.base import RolloutRequest
 
-        return [RolloutRequest(uid=r.uid, prompt_ids=self.encode(r.question, len(r.images)),
+        return [RolloutRequest(uid=r.uid, prompt_ids=self.encode(r.question, self.num_images(r)),
                                images=self.images_of(r)) for r in records]
+
+    def num_images(self, record) -> int:
+        """Image placeholders in the record's prompt (0 for a text-only policy)."""
+        return 0 if self.text_only else len(record.images)
+
+    def check_prompt_lengths(self) -> None:
+        """Refuse, before any training, a prompt longer than rollout.max_prompt_len (names file and row)."""
+        from megatron_selfjudge.data.datasets import DatasetError
+
+        records = self.task.train + self.task.test + [rec for rec, _ in self.task.sft]
+        for rec in records:
+            try:
+                self.encode(rec.question, self.num_images(rec))
+            except ValueError as exc:
+                raise DatasetError(f"{rec.source_file} row {rec.row}: {exc}") from None
 
     def policy_batch(self, prompt_ids: Sequence[list[int]], response_ids: Sequence[list[int]],
                      images: Sequence[torch.Tensor], advantages: torch.Tensor):
@@ -255,6 +277,8 @@ class Trainer:
         from megatron_selfjudge.megatron.batching import PolicyBatch
 
         seqs = build_sequences(prompt_ids, response_ids, self.tokenizer.pad_token_id)
+        if self.text_only:
+            return PolicyBatch.from_sequences(seqs, advantages.float())
         return PolicyBatch.from_sequences(seqs, advantages.float(), images=torch.cat(list(images)),
                                           num_images=torch.tensor([im.shape[0] for im in images]))
 
@@ -282,7 +306,7 @@ class Trainer:
         rng = np.random.default_rng([t.seed, 7, self.state["sft_step"]])
         picks = rng.choice(len(self.task.sft), size=min(t.sft_batch_size, len(self.task.sft)), replace=False)
         recs = [self.task.sft[i][0] for i in picks]
-        batch = self.policy_batch([self.encode(r.question, len(r.images)) for r in recs],
+        batch = self.policy_batch([self.encode(r.question, self.num_images(r)) for r in recs],
                                   [encode_response(self.task.sft[i][1], self.tokenizer) for i in picks],
                                   [self.images_of(r) for r in recs], torch.ones(len(recs)))
         logp = compute_logprobs(self.ddp, batch, temperature=1.0, max_tokens=t.micro_batch_tokens)
@@ -290,13 +314,17 @@ class Trainer:
         m = train_step(self.ddp, self.optimizer, batch, self.loss_settings(sft=True), max_tokens=t.micro_batch_tokens)
         return {"sft_nll": nll, "grad_norm": m["grad_norm"]}
 
-    def run_sft(self) -> None:
-        """Stage 1 at optim.sft_lr, then a fresh optimizer state at optim.lr for stage 2."""
+    def run_sft(self, preempt) -> bool:
+        """Stage 1 at optim.sft_lr, then a fresh optimizer state at optim.lr for stage 2.
+
+        Returns True when a preemption signal stopped it (a checkpoint was saved).
+        """
         t = self.cfg.trainer
         if not self.task.sft or t.sft_steps == 0:
             self.state["phase"] = "upt"
-            return
+            return False
         set_lr(self.optimizer, self.cfg.optim.sft_lr)
+        self.metrics.truncate_after(self.state["sft_step"], prefix="sft")
         with self.log.progress("SFT warm start", t.sft_steps, self.state["sft_step"]) as advance:
             while self.state["sft_step"] < t.sft_steps:
                 m = self.sft_step()
@@ -304,9 +332,13 @@ class Trainer:
                 advance(f"nll {m['sft_nll']:.3f}")
                 if self.state["sft_step"] % max(1, t.sft_steps // 10) == 0:
                     self.metrics.log(self.state["sft_step"], m, prefix="sft")
+                if preempt.should_stop():
+                    self.save()
+                    return True
         reset_optimizer_state(self.optimizer)
         set_lr(self.optimizer, self.cfg.optim.lr)
         self.state["phase"] = "upt"
+        return False
 
     # ---- evaluation ----
     def evaluate(self, name: str) -> Optional[dict]:
@@ -354,8 +386,11 @@ class Trainer:
         texts = [t.text for t in trajectories]
         gids = [t.uid for t in trajectories]
         mode = "majority" if rw.mode == "random" else rw.mode
+        labels = [by_uid[t.uid].answer for t in trajectories]
+        if rw.mode == "ground_truth" and any(lab is None for lab in labels):
+            raise ValueError("reward.mode=ground_truth needs an answer for every training prompt")
         res = compute_rewards(texts, gids, mode, judge_scores=judge_scores,
-                              ground_truths=[by_uid[t.uid].answer for t in trajectories],
+                              ground_truths=labels if all(lab is not None for lab in labels) else None,
                               equivalence=rw.equivalence, consistency_gate=rw.consistency_gate,
                               format_penalty=rw.format_penalty, calibration=_calibration_kwargs(rw.calibration),
                               unparsed_policy=self.cfg.judge.unparsed, timeout=rw.symbolic_timeout)
@@ -408,6 +443,7 @@ class Trainer:
         }
         for key in ("loss", "kl", "clip_frac", "entropy", "grad_norm", "ratio_min", "ratio_max", "pg_loss"):
             vals = [h[key] for h in history if key in h and not h.get("skipped")]
+            out[key] = None  # every update of the step was skipped
             if vals:
                 out[key] = min(vals) if key == "ratio_min" else max(vals) if key == "ratio_max" \
                     else sum(vals) / len(vals)
@@ -439,15 +475,19 @@ class Trainer:
         self.log.info(f"resumed from {path} (step {self.state['step']}, phase {self.state['phase']})")
         return True
 
-    def make_initial_copy(self) -> None:
-        """Reference + Judge: one frozen copy of the policy as it enters stage 2."""
+    def make_initial_copy(self, from_disk: bool) -> None:
+        """Reference + Judge: one frozen copy of the policy as it enters stage 2.
+
+        A run resumed inside stage 2 rebuilds it from checkpoints/initial; otherwise the current
+        policy is copied and saved there (replacing any older run's copy).
+        """
         from megatron_selfjudge.megatron.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
         from megatron_selfjudge.megatron.frozen import frozen_copy
 
         init_root = self.ckpt_root / "initial"
         # The builders re-seed the global RNG; keep the run's stream where it was.
         with torch.random.fork_rng(devices=[]):
-            if latest_checkpoint(init_root) is None:
+            if not from_disk or latest_checkpoint(init_root) is None:
                 save_checkpoint(init_root, 0, self.ddp, None, {"what": "initial policy: reference and Judge"},
                                 keep_last=1)
                 self.initial = frozen_copy(self.policy, self.build)
@@ -467,7 +507,7 @@ class Trainer:
         t = self.cfg.trainer
         if t.max_steps >= 0:
             return t.max_steps
-        return math.ceil(t.epochs * len(self.task.train) / t.prompts_per_step)
+        return t.epochs * (len(self.task.train) // t.prompts_per_step)
 
     def run(self) -> int:
         """SFT -> eval before -> UPT steps (checkpointed, preemptible) -> eval after -> table."""
@@ -481,13 +521,15 @@ class Trainer:
         if self.task.skipped:
             self.log.info(f"data: skipped {self.task.skipped} unusable rows (data.on_error=skip)")
         with PreemptionHandler() as preempt:
-            if self.state["phase"] == "sft":
-                self.run_sft()
-            self.make_initial_copy()
+            if self.state["phase"] == "sft" and self.run_sft(preempt):
+                self.log.info(f"preempted during SFT: saved SFT step {self.state['sft_step']} and exiting")
+                self.metrics.close()
+                return 0
+            self.make_initial_copy(from_disk=resumed and self.state["step"] > 0)
             if "before" not in self.state["evals"]:
                 self.evaluate("before")
-            if resumed:
-                self.metrics.truncate_after(self.state["step"])
+            # Lines of steps after the checkpoint (a killed run's) are written again below.
+            self.metrics.truncate_after(self.state["step"])
             total = self.total_steps()
             with self.log.progress("UPT steps", total, self.state["step"]) as advance:
                 while self.state["step"] < total:
@@ -498,8 +540,9 @@ class Trainer:
                         self.log.info(f"warning: step {self.state['step']}: {int(m['skipped_updates'])} "
                                       "update(s) skipped (non-finite loss or gradient); weights untouched")
                     self.metrics.log(self.state["step"], m)
+                    entropy = m.get("entropy")
                     advance(f"reward {m['reward_mean']:.3f} len {m['response_len_mean']:.1f} "
-                            f"ent {m.get('entropy', float('nan')):.3f}")
+                            f"ent {float('nan') if entropy is None else entropy:.3f}")
                     step = self.state["step"]
                     if preempt.should_stop():
                         self.save()

@@ -32,3 +32,11 @@ def test_other_stages_go_to_their_own_file(tmp_path):
     w.log(1, {"loss": 0.5})
     assert read_metrics(tmp_path) == [{"step": 1, "loss": 0.5}]
     assert (tmp_path / "sft_metrics.jsonl").read_text().strip() == '{"step": 1, "sft_nll": 2.0}'
+
+
+def test_torn_last_line_is_ignored(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "lo')
+    assert read_metrics(tmp_path) == [{"step": 1, "loss": 0.5}]
+    w = MetricsWriter(tmp_path, tensorboard=False)
+    w.truncate_after(5)
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1, "loss": 0.5}\n'

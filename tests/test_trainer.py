@@ -186,3 +186,16 @@ def test_generative_judge_unparsed_outputs_are_counted(tmp_path):
     (row,) = read_metrics(tmp_path)
     assert row["judge_unparsed"] == 4 * 4  # prompts_per_step x rollout.n, one Judge sample each
     assert 0.0 <= row["reward_mean"] <= 1.0
+
+
+@pytest.mark.slow
+def test_text_only_policy_random_control_and_epoch_wrap(tmp_path):
+    # 6 unlabeled prompts, 4 per step: every step starts a new epoch (the short remainder is
+    # dropped), so no step holds a prompt twice; tiny-gpt takes the same prompts without images.
+    _train(tmp_path, "model.preset=tiny-gpt", "reward.mode=random", "advantage.estimator=grpo",
+           "data.synthetic_unlabeled=6", "trainer.max_steps=3", "trainer.save_every=0")
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(0.0 <= r["reward_mean"] <= 1.0 for r in rows)
+    state = json.loads((tmp_path / "checkpoints" / "step_00000003" / "trainer_state.json").read_text())
+    assert state["sampler"] == {"epoch": 2, "offset": 4}
