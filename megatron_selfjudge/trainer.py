@@ -351,6 +351,7 @@ class Trainer:
         res = evaluate(self.engine, self.requests(self.task.test), [rec.answer for rec in self.task.test],
                        samples=r.n, temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_response_len,
                        seed=self.cfg.trainer.seed + 10_000, equivalence=self.cfg.reward.equivalence,
+                       timeout=self.cfg.reward.symbolic_timeout,
                        progress=self.log.info)
         self.state["evals"][name] = res.as_dict()
         self.log.info(f"eval {name}: greedy {res.greedy_pass1:.3f}  sampled {res.sampled_pass1:.3f}  "

@@ -121,17 +121,19 @@ def test_sigterm_saves_exits_zero_and_resumes(reference_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_tensor_parallel_two_ranks_matches_one(reference_run, tmp_path):
+@pytest.mark.parametrize("layout", ["parallel.tp=2", "parallel.tp=1"])  # TP=2, and DP=2
+def test_two_ranks_match_one(reference_run, tmp_path, layout):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-           str(_free_port()), "-m", "megatron_selfjudge.cli", "train", *TINY, "parallel.tp=2",
+           str(_free_port()), "-m", "megatron_selfjudge.cli", "train", *TINY, layout,
            f"trainer.run_dir={tmp_path}", "trainer.max_steps=3"]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     got, want = _steps(tmp_path), _steps(reference_run)[:3]
     assert [r["step"] for r in got] == [1, 2, 3]
     for g, w in zip(got, want):
-        # Sampling is identical at TP=2 (same tokens), so rewards and lengths are exact;
-        # losses differ only by fp32 summation order across the vocab shards.
+        # Every rank samples the same tokens as the one-rank run (same seed; TP gathers the same
+        # logits), so rewards and lengths agree exactly; losses differ only by fp32 summation order
+        # (vocab shards for TP, the gradient all-reduce for DP).
         for key in ("reward_mean", "response_len_mean", "adv_mean", "pseudo_label_acc", "judge_unparsed"):
             assert g[key] == w[key], (key, g[key], w[key])
         for key in ("loss", "kl", "entropy", "grad_norm", "clip_frac"):

@@ -29,13 +29,14 @@ class EvalResult:
         return asdict(self)
 
 
-def _correct(answer: Optional[str], label: Optional[str], equivalence: str) -> bool:
-    return answer is not None and label is not None and answers_equivalent(answer, label, equivalence)
+def _correct(answer: Optional[str], label: Optional[str], equivalence: str, timeout: float) -> bool:
+    return answer is not None and label is not None and answers_equivalent(answer, label, equivalence,
+                                                                           timeout=timeout)
 
 
 def evaluate(engine: RolloutEngine, requests: Sequence[RolloutRequest], labels: Sequence[str], *,
              samples: int, temperature: float, top_p: float, max_new_tokens: int, seed: int,
-             equivalence: str = "symbolic", progress: Optional[Callable[[str], None]] = None) -> EvalResult:
+             equivalence: str = "symbolic", timeout: float = 5.0, progress: Optional[Callable[[str], None]] = None) -> EvalResult:
     """Generate greedily and with G samples per prompt, and grade against `labels`."""
     if len(requests) != len(labels):
         raise ValueError(f"{len(requests)} requests but {len(labels)} labels")
@@ -43,7 +44,7 @@ def evaluate(engine: RolloutEngine, requests: Sequence[RolloutRequest], labels: 
         progress(f"eval: greedy on {len(requests)} prompts")
     greedy = engine.generate(requests, SamplingConfig(n=1, greedy=True, temperature=temperature,
                                                       max_new_tokens=max_new_tokens, seed=seed))
-    greedy_ok = [_correct(extract_boxed(t.text), lab, equivalence) for t, lab in zip(greedy, labels)]
+    greedy_ok = [_correct(extract_boxed(t.text), lab, equivalence, timeout) for t, lab in zip(greedy, labels)]
     if progress:
         progress(f"eval: {samples} samples on {len(requests)} prompts")
     sampled = engine.generate(requests, SamplingConfig(n=samples, temperature=temperature, top_p=top_p,
@@ -52,11 +53,11 @@ def evaluate(engine: RolloutEngine, requests: Sequence[RolloutRequest], labels: 
     for i, label in enumerate(labels):
         answers = [extract_boxed(t.text) for t in sampled[i * samples:(i + 1) * samples]]
         boxed += sum(a is not None for a in answers)
-        sample_ok += sum(_correct(a, label, equivalence) for a in answers)
-        classes = answer_classes(answers, equivalence)
+        sample_ok += sum(_correct(a, label, equivalence, timeout) for a in answers)
+        classes = answer_classes(answers, equivalence, timeout=timeout)
         winner = majority_class(classes)
         if winner is not None:
-            maj_ok += _correct(answers[classes.index(winner)], label, equivalence)
+            maj_ok += _correct(answers[classes.index(winner)], label, equivalence, timeout)
     n = max(1, len(labels))
     return EvalResult(n=len(labels), samples=samples, greedy_pass1=sum(greedy_ok) / n,
                       sampled_pass1=sample_ok / (n * samples), maj_at_g=maj_ok / n,
