@@ -201,3 +201,23 @@ def test_text_only_policy_random_control_and_epoch_wrap(tmp_path):
     assert all(0.0 <= r["reward_mean"] <= 1.0 for r in rows)
     state = json.loads((tmp_path / "checkpoints" / "step_00000003" / "trainer_state.json").read_text())
     assert state["sampler"] == {"epoch": 2, "offset": 4}
+
+
+@pytest.mark.slow
+def test_sigterm_during_sft_saves_and_resumes_sft(tmp_path):
+    args = ("trainer.sft_steps=60", "trainer.max_steps=1", "data.synthetic_test=0")
+    proc = _start(tmp_path, *args)
+    deadline = time.monotonic() + TIMEOUT
+    sft_file = tmp_path / "sft_metrics.jsonl"
+    while not (sft_file.exists() and sft_file.read_text().strip()):  # first SFT log line: step 6
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 0 and "preempted during SFT" in output, output[-3000:]
+    state = json.loads((tmp_path / "checkpoints" / "step_00000000" / "trainer_state.json").read_text())
+    assert state["phase"] == "sft" and 6 <= state["sft_step"] < 60
+    _train(tmp_path, *args)
+    sft_steps = [json.loads(ln)["step"] for ln in sft_file.read_text().splitlines()]
+    assert sft_steps == list(range(6, 61, 6))  # continued, nothing logged twice
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1]
