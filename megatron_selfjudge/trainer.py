@@ -417,13 +417,16 @@ class Trainer:
             seed=t.seed * 7919 + self.state["step"]))
         t_roll = time.perf_counter()
         req_by_uid = {q.uid: q for q in requests}
-        placeholder = torch.zeros(len(trajs))
+        # Advantages are filled in once the rewards are known (the likelihood Judge needs the batch).
         batch = self.policy_batch([x.prompt_ids for x in trajs], [x.response_ids for x in trajs],
-                                  [req_by_uid[x.uid].images for x in trajs], placeholder)
+                                  [req_by_uid[x.uid].images for x in trajs], torch.zeros(len(trajs)))
         mb = t.micro_batch_tokens
         old = compute_logprobs(self.ddp, batch, temperature=r.temperature, max_tokens=mb)
+        # At temperature 1 the reference log-probs are also the likelihood Judge's: compute once.
+        judge_reuses_ref = (cfg.reward.mode in ("judge", "judge_raw") and cfg.judge.kind == "likelihood"
+                            and r.temperature == 1.0)
         ref = self.initial.logprobs(batch, temperature=r.temperature, max_tokens=mb) \
-            if cfg.loss.beta_kl > 0 or (cfg.judge.kind == "likelihood" and r.temperature == 1.0) else None
+            if cfg.loss.beta_kl > 0 or judge_reuses_ref else None
         scores = self.judge_scores(records, trajs, batch, ref)
         rewards, res = self.rewards(records, trajs, scores)
         gids = [x.uid for x in trajs]
