@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import random
 import socket
@@ -41,7 +40,8 @@ IMAGE_TOKEN_INDEX = -200  # LLaVAModel's placeholder id in input_ids
 
 # --- process / rank set-up ------------------------------------------------------------------
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on loopback that is free right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -60,7 +60,7 @@ def setup_distributed(cfg: Config) -> bool:
     if not dist.is_initialized() and "WORLD_SIZE" not in os.environ:
         # Single process: a one-rank group on loopback, so the code path is the torchrun one.
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+                          MASTER_PORT=str(free_port()))
         created = True
     initialize_parallel(cfg.parallel.tp, cfg.parallel.pp, seed=cfg.trainer.seed)
     return created
@@ -287,17 +287,18 @@ class Trainer:
         from megatron_selfjudge.megatron.train_step import LossSettings
 
         lo = self.cfg.loss
-        backend = lo.backend
+        clip = dict(eps_low=lo.eps_low, eps_high=lo.eps_high, dual_clip=lo.dual_clip, backend=lo.backend)
         if sft:
-            return LossSettings(temperature=1.0, eps_low=lo.eps_low, eps_high=lo.eps_high, dual_clip=lo.dual_clip,
-                                beta_kl=0.0, agg="token-mean", entropy_coef=0.0, backend=backend)
-        return LossSettings(temperature=self.cfg.rollout.temperature, eps_low=lo.eps_low, eps_high=lo.eps_high,
-                            dual_clip=lo.dual_clip, beta_kl=lo.beta_kl, agg=lo.agg,
-                            entropy_coef=lo.entropy_coef, backend=backend)
+            return LossSettings(temperature=1.0, beta_kl=0.0, agg="token-mean", entropy_coef=0.0, **clip)
+        return LossSettings(temperature=self.cfg.rollout.temperature, beta_kl=lo.beta_kl, agg=lo.agg,
+                            entropy_coef=lo.entropy_coef, **clip)
 
     # ---- stage 1: supervised warm start ----
-    def sft_step(self) -> dict:
-        """One supervised step on a batch of labelled (prompt, target) pairs."""
+    def sft_step(self, with_nll: bool) -> dict:
+        """One supervised step on a batch of labelled (prompt, target) pairs.
+
+        with_nll adds the batch's pre-update NLL (an extra forward pass, so only on logged steps).
+        """
         from megatron_selfjudge.data.collate import encode_response
         from megatron_selfjudge.megatron.forward import compute_logprobs
         from megatron_selfjudge.megatron.train_step import train_step
@@ -309,10 +310,12 @@ class Trainer:
         batch = self.policy_batch([self.encode(r.question, self.num_images(r)) for r in recs],
                                   [encode_response(self.task.sft[i][1], self.tokenizer) for i in picks],
                                   [self.images_of(r) for r in recs], torch.ones(len(recs)))
-        logp = compute_logprobs(self.ddp, batch, temperature=1.0, max_tokens=t.micro_batch_tokens)
-        nll = float(-(logp.sum() / batch.loss_mask.sum()))
+        out = {}
+        if with_nll:
+            logp = compute_logprobs(self.ddp, batch, temperature=1.0, max_tokens=t.micro_batch_tokens)
+            out["sft_nll"] = float(-(logp.sum() / batch.loss_mask.sum()))
         m = train_step(self.ddp, self.optimizer, batch, self.loss_settings(sft=True), max_tokens=t.micro_batch_tokens)
-        return {"sft_nll": nll, "grad_norm": m["grad_norm"]}
+        return {**out, "grad_norm": m["grad_norm"]}
 
     def run_sft(self, preempt) -> bool:
         """Stage 1 at optim.sft_lr, then a fresh optimizer state at optim.lr for stage 2.
@@ -326,12 +329,16 @@ class Trainer:
         set_lr(self.optimizer, self.cfg.optim.sft_lr)
         self.metrics.truncate_after(self.state["sft_step"], prefix="sft")
         with self.log.progress("SFT warm start", t.sft_steps, self.state["sft_step"]) as advance:
+            log_every = max(1, t.sft_steps // 10)
+            nll = float("nan")
             while self.state["sft_step"] < t.sft_steps:
-                m = self.sft_step()
+                logged = (self.state["sft_step"] + 1) % log_every == 0
+                m = self.sft_step(with_nll=logged)
                 self.state["sft_step"] += 1
-                advance(f"nll {m['sft_nll']:.3f}")
-                if self.state["sft_step"] % max(1, t.sft_steps // 10) == 0:
+                if logged:
+                    nll = m["sft_nll"]
                     self.metrics.log(self.state["sft_step"], m, prefix="sft")
+                advance(f"nll {nll:.3f}")
                 if preempt.should_stop():
                     self.save()
                     return True
@@ -360,7 +367,7 @@ class Trainer:
 
     # ---- stage 2: one label-free GRPO step ----
     def judge_scores(self, records, trajectories, batch, ref_logp):
-        """Per-trajectory Judge scores (K each) and the number of unparseable Judge outputs."""
+        """Per-trajectory lists of K Judge scores (None = unparseable), or None when the reward needs none."""
         from megatron_selfjudge.judges import GenerativeJudge, JudgePrompt, LikelihoodJudge
 
         if self.cfg.reward.mode not in ("judge", "judge_raw"):

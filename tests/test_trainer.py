@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from megatron_selfjudge.metrics import STEP_KEYS, read_metrics
+from megatron_selfjudge.trainer import free_port
 
 TINY = [
     "trainer.sft_steps=4", "trainer.max_steps=5", "trainer.save_every=2", "trainer.prompts_per_step=4",
@@ -124,7 +125,7 @@ def test_sigterm_saves_exits_zero_and_resumes(reference_run, tmp_path):
 @pytest.mark.parametrize("layout", ["parallel.tp=2", "parallel.tp=1"])  # TP=2, and DP=2
 def test_two_ranks_match_one(reference_run, tmp_path, layout):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-           str(_free_port()), "-m", "megatron_selfjudge.cli", "train", *TINY, layout,
+           str(free_port()), "-m", "megatron_selfjudge.cli", "train", *TINY, layout,
            f"trainer.run_dir={tmp_path}", "trainer.max_steps=3"]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -138,14 +139,6 @@ def test_two_ranks_match_one(reference_run, tmp_path, layout):
             assert g[key] == w[key], (key, g[key], w[key])
         for key in ("loss", "kl", "entropy", "grad_norm", "clip_frac"):
             assert g[key] == pytest.approx(w[key], rel=1e-4, abs=1e-5), key
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _bad_parquet(path: Path) -> Path:
