@@ -27,6 +27,7 @@ setup(
         "megatron_selfjudge.data",
         "megatron_selfjudge.synth",
         "megatron_selfjudge.eval",
+        "megatron_selfjudge.runtime",
         "megatron_selfjudge.kernels",
     ],
     package_dir={"megatron_selfjudge.kernels": "kernels"},

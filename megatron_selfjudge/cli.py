@@ -14,6 +14,8 @@ from typing import Optional, Sequence
 
 from megatron_selfjudge.config import ConfigError, load_config
 from megatron_selfjudge.data.datasets import DatasetError
+from megatron_selfjudge.runtime.lock import RunDirError
+from megatron_selfjudge.runtime.ranks import RankFailedError
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -81,6 +83,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     except (DatasetError, FileNotFoundError) as exc:
         print(f"selfjudge: data error: {exc}", file=sys.stderr)
+        return 2
+    except (RunDirError, RankFailedError) as exc:  # RankFailedError: the failing rank printed the cause
+        print(f"selfjudge: {exc}", file=sys.stderr)
         return 2
 
 

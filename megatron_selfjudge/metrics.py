@@ -10,6 +10,8 @@ import math
 from pathlib import Path
 from typing import Any, Mapping
 
+from megatron_selfjudge.runtime.files import write_atomic
+
 METRICS_FILE = "metrics.jsonl"
 # The keys every step line carries (DESIGN.md contract); more may follow.
 STEP_KEYS = ("step", "reward_mean", "adv_mean", "adv_std", "loss", "kl", "clip_frac", "entropy",
@@ -44,12 +46,16 @@ class MetricsWriter:
         return self.path if prefix == "train" else self.path.with_name(f"{prefix}_{METRICS_FILE}")
 
     def truncate_after(self, step: int, prefix: str = "train") -> None:
-        """Drop lines of steps > step (a resumed run rewrites what the killed run wrote after its checkpoint)."""
+        """Drop lines of steps > step (a resumed run rewrites what the killed run wrote after its checkpoint).
+
+        The kept lines replace the file atomically (runtime.files.write_atomic): a crash inside
+        the rewrite leaves the old file or the new one, never a truncated mix.
+        """
         path = self._file(prefix)
         if not self.enabled or not path.exists():
             return
         kept = [json.dumps(row) for row in _rows(path) if row.get("step", -1) <= step]
-        path.write_text("".join(ln + "\n" for ln in kept))
+        write_atomic(path, "".join(ln + "\n" for ln in kept), fault_point="metrics_rewrite")
 
     def log(self, step: int, metrics: Mapping[str, Any], prefix: str = "train") -> None:
         """Write one line for `step` (non-finite floats become null); `prefix` names the stage."""

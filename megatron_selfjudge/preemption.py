@@ -39,27 +39,12 @@ from types import FrameType
 from typing import Any, Iterable, Optional, Sequence, Union
 
 import torch
-import torch.distributed as dist
+
+from megatron_selfjudge.runtime.ranks import any_rank
 
 DEFAULT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 Number = Union[float, int, torch.Tensor, None]
-
-
-def _collective_device(group: Any = None) -> torch.device:
-    """NCCL reduces CUDA tensors only; gloo reduces CPU tensors."""
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def _any_rank(flag: bool, group: Any = None) -> bool:
-    """True when `flag` is True on any rank of `group` (the world by default); local without torch.distributed."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=_collective_device(group))
-    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
-    return bool(value.item() > 0)
 
 
 class PreemptionHandler:
@@ -102,7 +87,7 @@ class PreemptionHandler:
 
     def should_stop(self) -> bool:
         """Whether any rank received a stop signal; a collective, so call it at the same point on every rank."""
-        return _any_rank(self._received is not None, self.group)
+        return any_rank(self._received is not None, self.group)
 
 
 def _is_finite_number(value: Number) -> bool:
@@ -139,4 +124,4 @@ def is_finite_step(loss: Number, grad_norm: Number = None, *, model: Any = None,
     local_ok = _is_finite_number(loss) and _is_finite_number(grad_norm)
     if local_ok and model is not None:
         local_ok = _grads_are_finite(model)
-    return not _any_rank(not local_ok, group)
+    return not any_rank(not local_ok, group)

@@ -40,3 +40,78 @@ def test_torn_last_line_is_ignored(tmp_path):
     w = MetricsWriter(tmp_path, tensorboard=False)
     w.truncate_after(5)
     assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1, "loss": 0.5}\n'
+
+
+def _failing_writes(monkeypatch, folder):
+    """Make every text file opened for writing under `folder` fail on write (a full disk)."""
+    import builtins
+    import errno
+    import io
+    import os
+
+    real_open = builtins.open
+
+    class Full:
+        def __init__(self, f):
+            self._f = f
+
+        def write(self, text):
+            self._f.write(text[: len(text) // 2])
+            self._f.flush()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def __getattr__(self, name):
+            return getattr(self._f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self._f.close()
+
+    def patched(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        inside = str(file).startswith(str(folder))
+        return Full(f) if inside and any(c in mode for c in "wa") else f
+
+    monkeypatch.setattr(builtins, "open", patched)
+    monkeypatch.setattr(io, "open", patched)
+
+
+def test_failed_rewrite_leaves_the_original_whole(tmp_path, monkeypatch):
+    w = MetricsWriter(tmp_path, tensorboard=False)
+    for s in range(1, 6):
+        w.log(s, {"loss": s / 10})
+    before = (tmp_path / "metrics.jsonl").read_bytes()
+    _failing_writes(monkeypatch, tmp_path)
+    try:
+        w.truncate_after(3)
+    except OSError:
+        pass
+    monkeypatch.undo()
+    assert (tmp_path / "metrics.jsonl").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]  # no half-written temporary
+    w.truncate_after(3)
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
+
+
+def test_kill_inside_the_rewrite_keeps_old_or_new(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    w = MetricsWriter(tmp_path, tensorboard=False)
+    for s in range(1, 6):
+        w.log(s, {"loss": s / 10})
+    before = (tmp_path / "metrics.jsonl").read_bytes()
+    code = ("import sys\nfrom megatron_selfjudge.metrics import MetricsWriter\n"
+            "MetricsWriter(sys.argv[1], tensorboard=False).truncate_after(3)\n")
+    env = {**os.environ, "SELFJUDGE_TEST_KILL_AT": "metrics_rewrite"}
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    assert (tmp_path / "metrics.jsonl").read_bytes() == before  # killed before the rename: old file
+    assert (tmp_path / "metrics.jsonl.part").exists()
+    w.truncate_after(3)  # the resumed run's rewrite replaces the stale temporary
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
+    assert not (tmp_path / "metrics.jsonl.part").exists()
