@@ -9,11 +9,13 @@ Layout under a checkpoint root (the run directory's ``checkpoints/``)::
         rng/rank_00000.pt     per global rank: python, numpy, torch CPU/CUDA and megatron RNG-tracker
                               states (tensors and plain numbers only: loaded with weights_only=True)
         trainer_state.json    what the trainer passed (step, phase, data cursor, eval results...)
-        checkpoint.json       step, world size, TP/PP/DP sizes, whether optimizer state is inside
+        checkpoint.json       format version, step, world size, TP/PP/DP sizes, whether optimizer
+                              state is inside
+        manifest.json         size and SHA-256 of every other file, written last before publishing
 
 Use (every rank calls both, at the same point)::
 
-    ckpt = latest_checkpoint(run_dir / "checkpoints")          # trainer.resume=auto
+    ckpt = latest_checkpoint(run_dir / "checkpoints")          # or checkpoint_candidates(), best first
     state = load_checkpoint(ckpt, ddp_model, optimizer) if ckpt else {"step": 0}
     ...after optimizer.step() and after the step's metrics are written:
     save_checkpoint(run_dir / "checkpoints", step, ddp_model, optimizer,
@@ -24,13 +26,20 @@ all ranks finished; the ``latest`` marker is replaced (write-then-rename) last. 
 leaves at worst a hidden temporary folder, which `latest_checkpoint` ignores and the next save
 deletes. Multi-node runs need the root on a filesystem all nodes share.
 
+Damage: before any state is touched, every rank checks its share of the files against
+``manifest.json`` (each rank hashed its share at save time too), so a flipped byte, a truncated or
+deleted shard, or garbage in the RNG or trainer-state files raises `CheckpointDamaged` naming the
+file on every rank, instead of NaNs later. The caller may then try the next of
+`checkpoint_candidates` (the trainer does, and says so).
+
 Unsafe deserialisation: our own files load with ``torch.load(weights_only=True)``. Inside the
 library, megatron reads ``common.pt`` with torch.load's default and torch.distributed.checkpoint
 reads byte objects (megatron's ShardedObjects) with an explicit ``weights_only=False``;
 `load_checkpoint` sets TORCH_FORCE_WEIGHTS_ONLY_LOAD=1 for the duration of the load, which torch
 applies over both. torch.distributed.checkpoint also reads its ``.metadata`` index with plain
-pickle, so that file is first replayed through an unpickler that admits only
-torch.distributed.checkpoint's metadata classes, torch.Size and torch dtypes.
+pickle: `dcp_metadata` reads it once with an unpickler that admits exact class names only,
+checks the result, and hands that object to every reader during the load (the file is never
+unpickled by torch's own reader).
 
 Optimizer state: megatron's plain optimizers save per-parameter ShardedTensors (reshardable to any
 TP/PP layout); the DistributedOptimizer (DP > 1) saves megatron's default "dp_reshardable" format,
@@ -45,11 +54,10 @@ writer starts a multiprocessing Manager with the "spawn" start method, which re-
 from __future__ import annotations
 
 import contextlib
-import io
+import hashlib
 import json
 import logging
 import os
-import pickle
 import random
 import re
 import shutil
@@ -60,7 +68,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_selfjudge.megatron import cpu
+from megatron_selfjudge.megatron import cpu, dcp_metadata
+from megatron_selfjudge.runtime.ranks import any_rank, raise_if_any_rank_failed
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +78,9 @@ DIST_DIR = "dist"
 RNG_DIR = "rng"
 TRAINER_STATE_FILE = "trainer_state.json"
 META_FILE = "checkpoint.json"
-FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+# 2: manifest.json with a SHA-256 of every file. Version-1 checkpoints (no manifest) still load, unverified.
+FORMAT_VERSION = 2
 _STEP_RE = re.compile(r"^step_(\d{8,})$")
 _TMP_PREFIX = ".tmp."
 _OLD_PREFIX = ".old."
@@ -103,24 +114,6 @@ def _world_size() -> int:
 def _barrier() -> None:
     if _distributed():
         dist.barrier()
-
-
-def _flag_device() -> torch.device:
-    """Device for small collective tensors: NCCL needs CUDA tensors, gloo CPU ones."""
-    if _distributed() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def _raise_if_any_rank_failed(error: Optional[BaseException]) -> None:
-    """Re-raise `error` on its rank and a pointer to it on the others, so no rank hangs in a collective."""
-    failed = torch.tensor([_rank() if error is not None else -1], dtype=torch.int64, device=_flag_device())
-    if _world_size() > 1:
-        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
-    if error is not None:
-        raise error
-    if int(failed.item()) >= 0:
-        raise RuntimeError(f"checkpoint loading failed on rank {int(failed.item())}; see that rank's error")
 
 
 def _layout() -> dict[str, int]:
@@ -277,33 +270,8 @@ def _rng_file(ckpt: Path, rank: int) -> Path:
 
 # ----------------------------------------------------------------------------- safe loading
 
-# Everything torch.distributed.checkpoint's `.metadata` pickle may reference.
-_DCP_METADATA_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.planner",
-                         "torch.distributed.checkpoint.filesystem")
-_SAFE_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict")}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Unpickler that refuses every global except DCP's metadata classes, torch.Size and dtypes."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _SAFE_GLOBALS:
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        if module in _DCP_METADATA_MODULES:
-            found = super().find_class(module, name)
-            if isinstance(found, type):  # dataclasses and enums only, never functions
-                return found
-        raise pickle.UnpicklingError(f"checkpoint metadata references a disallowed object {module}.{name}")
-
-
-def _check_dcp_metadata(dist_dir: Path) -> None:
-    """Refuse a `.metadata` index that would make torch's plain-pickle reader run arbitrary code."""
-    path = dist_dir / ".metadata"
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint index {path} is missing: incomplete or not a megatron dist checkpoint")
-    _MetadataUnpickler(io.BytesIO(path.read_bytes())).load()
+class CheckpointDamaged(RuntimeError):
+    """A checkpoint file is missing, truncated, altered or unreadable; the message names the file."""
 
 
 @contextlib.contextmanager
@@ -341,6 +309,74 @@ def _check_model_shapes(ckpt: Path, state: dict, model_keys: list[str]) -> None:
                                  f"{tuple(saved[item.key].global_shape)}, model shape {tuple(item.global_shape)}")
 
 
+# ----------------------------------------------------------------------------- file digests
+
+def _checkpoint_files(ckpt: Path) -> list[str]:
+    """Every file under a checkpoint folder but the manifest, as sorted relative POSIX paths."""
+    return sorted(p.relative_to(ckpt).as_posix() for p in ckpt.rglob("*")
+                  if p.is_file() and p.name != MANIFEST_FILE)
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _gather_share(mine: dict) -> dict:
+    """Union of every rank's dict (all ranks get it)."""
+    if _world_size() == 1:
+        return mine
+    parts: list = [None] * _world_size()
+    dist.all_gather_object(parts, mine)
+    return {k: v for part in parts for k, v in part.items()}
+
+
+def _write_manifest(tmp: Path) -> None:
+    """Digest the finished checkpoint (each rank hashes its share of the files); rank 0 writes it."""
+    names = _checkpoint_files(tmp) if _rank() == 0 else None
+    if _world_size() > 1:
+        box = [names]
+        dist.broadcast_object_list(box, src=0)
+        names = box[0]
+    mine = {n: {"size": (tmp / n).stat().st_size, "sha256": _sha256(tmp / n)}
+            for n in names[_rank()::_world_size()]}
+    files = _gather_share(mine)
+    if _rank() == 0:
+        _write_text_atomic(tmp / MANIFEST_FILE, json.dumps({"algorithm": "sha256", "files": files},
+                                                           indent=1, sort_keys=True))
+
+
+def _verify_manifest(ckpt: Path, format_version: int, skip: tuple[str, ...] = ()) -> None:
+    """Check this rank's share of the files against the manifest; raise CheckpointDamaged naming the file.
+
+    Entries starting with a prefix in `skip` are not read by this load and are not checked.
+    """
+    path = ckpt / MANIFEST_FILE
+    if not path.is_file():
+        if format_version >= 2:
+            raise CheckpointDamaged(f"{path} is missing: the checkpoint's files cannot be verified")
+        logger.warning("checkpoint %s (format %d) has no manifest: its files are not verified", ckpt, format_version)
+        return
+    manifest = _read_json(path)
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or manifest.get("algorithm") != "sha256":
+        raise CheckpointDamaged(f"{path} is not a checkpoint manifest")
+    names = sorted(n for n in files if not n.startswith(skip))
+    for name in names[_rank()::_world_size()]:
+        entry, target = files[name], ckpt / name
+        # Names are data: plain relative paths inside the folder only.
+        if name.startswith("/") or ".." in name.split("/") or not isinstance(entry, dict):
+            raise CheckpointDamaged(f"{path} lists an invalid entry {name!r}")
+        if not target.is_file():
+            raise CheckpointDamaged(f"checkpoint file {target} is missing")
+        size = target.stat().st_size
+        if size != entry.get("size"):
+            raise CheckpointDamaged(f"checkpoint file {target} has {size} bytes, {entry.get('size')} were saved "
+                                    "(truncated or replaced)")
+        if _sha256(target) != entry.get("sha256"):
+            raise CheckpointDamaged(f"checkpoint file {target} does not match its saved SHA-256 (altered or corrupt)")
+
+
 # ----------------------------------------------------------------------------- files and markers
 
 def _write_text_atomic(path: Path, text: str) -> None:
@@ -371,19 +407,31 @@ def _complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def latest_checkpoint(root: Union[str, Path]) -> Optional[Path]:
-    """The checkpoint the `latest` marker names, else the newest complete one; None when there is none."""
+def checkpoint_candidates(root: Union[str, Path]) -> list[Path]:
+    """Checkpoints to resume from, best first: the one `latest` names, then the complete ones, newest first."""
     root = Path(root)
+    complete = [path for _, path in reversed(_complete_checkpoints(root))]
     marker = root / LATEST_FILE
     if marker.is_file():
-        name = marker.read_text(encoding="utf-8").strip()
-        # The marker is data: accept only a plain step folder name (no paths, no "..").
+        # The marker is data: accept only a plain step folder name (no paths, no ".."), whatever its bytes.
+        name = marker.read_bytes()[:64].decode("utf-8", errors="replace").strip()
         if _STEP_RE.match(name) and _is_complete(root / name):
-            return root / name
+            return [root / name] + [p for p in complete if p.name != name]
         logger.warning("checkpoint marker %s names %r, which is not a complete checkpoint; "
                        "falling back to the newest complete one", marker, name)
-    complete = _complete_checkpoints(root)
-    return complete[-1][1] if complete else None
+    return complete
+
+
+def latest_checkpoint(root: Union[str, Path]) -> Optional[Path]:
+    """The checkpoint the `latest` marker names, else the newest complete one; None when there is none."""
+    candidates = checkpoint_candidates(root)
+    return candidates[0] if candidates else None
+
+
+def has_step_checkpoints(root: Union[str, Path]) -> bool:
+    """Whether root holds any step folder or marker, usable or not (a run has saved there before)."""
+    root = Path(root)
+    return root.is_dir() and any(_STEP_RE.match(c.name) or c.name == LATEST_FILE for c in root.iterdir())
 
 
 def _prune(root: Path, keep_last: Optional[int], keep: Path) -> None:
@@ -446,6 +494,7 @@ def save_checkpoint(root: Union[str, Path], step: int, model: Models, optimizer:
         _write_text_atomic(tmp / META_FILE, json.dumps(meta, indent=2))
         _write_text_atomic(tmp / TRAINER_STATE_FILE, state_json)
     _barrier()  # every rank's shards and RNG file are on disk
+    _write_manifest(tmp)
 
     if rank == 0:
         _publish(root, tmp, final, keep_last)
@@ -474,7 +523,12 @@ def _load_rng_file(ckpt: Path, saved_world: int) -> dict:
     path = _rng_file(ckpt, _rank())
     if not path.is_file():
         raise FileNotFoundError(f"RNG state file {path} for rank {_rank()} is missing")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch reports garbage through several exception types
+        raise CheckpointDamaged(f"RNG state file {path} is unreadable ({type(exc).__name__})") from None
+    if not isinstance(state, dict) or not {"python", "numpy", "torch_cpu", "megatron_tracker"} <= set(state):
+        raise CheckpointDamaged(f"RNG state file {path} does not hold this project's RNG states")
     if "torch_cuda" in state and not torch.cuda.is_available():
         raise RuntimeError(f"{path} holds CUDA RNG states but CUDA is not available; pass load_rng=False")
     return state
@@ -483,18 +537,40 @@ def _load_rng_file(ckpt: Path, saved_world: int) -> dict:
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: not a complete checkpoint")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointDamaged(f"checkpoint file {path} is not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise CheckpointDamaged(f"checkpoint file {path} holds a {type(value).__name__}, not a JSON object")
+    return value
+
+
+def _read_index(ckpt: Path) -> Any:
+    """The checked dist-checkpoint index (see dcp_metadata), or CheckpointDamaged naming the file."""
+    try:
+        return dcp_metadata.read_metadata_file(ckpt / DIST_DIR)
+    except dcp_metadata.UnsafeMetadataError as exc:
+        raise CheckpointDamaged(str(exc)) from None
 
 
 def _prepare_load(ckpt: Path, chunks: list, optimizer: Any, load_rng: bool) -> tuple[dict, dict, Optional[dict]]:
-    """Validate the checkpoint on this rank; returns (trainer state, sharded state dict, RNG state)."""
+    """Validate the checkpoint on this rank; returns (trainer state, sharded state dict, RNG state).
+
+    Runs inside `dcp_metadata.reading_metadata`, so megatron's reads of the index get the checked one.
+    """
     from megatron.core import dist_checkpointing
 
     meta = _read_json(ckpt / META_FILE)
+    version = meta.get("format_version")
+    if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+        raise CheckpointDamaged(f"{ckpt / META_FILE}: format_version {version!r} is not one this build reads "
+                                f"(1..{FORMAT_VERSION})")
+    if not isinstance(meta.get("world_size"), int):
+        raise CheckpointDamaged(f"{ckpt / META_FILE}: world_size {meta.get('world_size')!r} is not an integer")
     trainer_state = _read_json(ckpt / TRAINER_STATE_FILE)
     if optimizer is not None and not meta.get("has_optimizer"):
         raise ValueError(f"checkpoint {ckpt} holds no optimizer state; pass optimizer=None to load weights only")
-    _check_dcp_metadata(ckpt / DIST_DIR)
     with _weights_only_loads():
         metadata = dist_checkpointing.load_content_metadata(str(ckpt / DIST_DIR)) or _content_metadata()
     if optimizer is not None:
@@ -519,16 +595,24 @@ def load_checkpoint(path: Union[str, Path], model: Models, optimizer: Any = None
         raise FileNotFoundError(f"checkpoint folder {ckpt} does not exist")
     cpu.activate()
     chunks = _chunks(model)
-    error, prepared = None, None
+    error, prepared, index = None, None, None
     try:
-        prepared = _prepare_load(ckpt, chunks, optimizer, load_rng)
+        # Every file against its saved digest first, so damage is found before any state changes.
+        _verify_manifest(ckpt, _read_json(ckpt / META_FILE).get("format_version") or 1,
+                         skip=() if load_rng else (RNG_DIR + "/",))
+        index = _read_index(ckpt)
+        with dcp_metadata.reading_metadata(ckpt / DIST_DIR, index):
+            prepared = _prepare_load(ckpt, chunks, optimizer, load_rng)
     except Exception as exc:  # re-raised below, after every rank learnt that one failed
         error = exc
-    _raise_if_any_rank_failed(error)
+    # Damage anywhere is damage everywhere, so every rank takes the same fallback decision.
+    if any_rank(isinstance(error, CheckpointDamaged)) and not isinstance(error, CheckpointDamaged):
+        error = CheckpointDamaged(f"checkpoint {ckpt} is damaged (reported by another rank)")
+    raise_if_any_rank_failed(error, "checkpoint loading")
     trainer_state, state, rng = prepared
     # no_grad: with fp32 params the distributed optimizer's main params are views of the model's
     # leaf parameters, which autograd refuses to let copy_ write into.
-    with _weights_only_loads(), torch.no_grad():
+    with dcp_metadata.reading_metadata(ckpt / DIST_DIR, index), _weights_only_loads(), torch.no_grad():
         loaded = dist_checkpointing.load(state, str(ckpt / DIST_DIR))
         for key, chunk in zip(_model_keys(len(chunks)), chunks):
             chunk.load_state_dict(loaded[key], strict=True)

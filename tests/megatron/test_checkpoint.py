@@ -176,7 +176,10 @@ def _error_cases(root: Path) -> dict:
     victim.write_text("still here")
     (tampered / "dist" / ".metadata").write_bytes(pickle.dumps(_RemoveFile(str(victim))))
     out["tampered"] = _error(ck.load_checkpoint, tampered, _tiny_gpt(0))
+    ck._write_manifest(tampered)  # an attacker who rewrites the manifest too meets the restricted reader
+    out["tampered_with_manifest"] = _error(ck.load_checkpoint, tampered, _tiny_gpt(0))
     out["victim_exists"] = victim.exists()
+    out["damage"] = _damage_cases(root, good)
 
     ddp, optimizer = _fresh_run(1, seed=11, model_seed=0)
     weights_only_root = root.parent / "weights_only"
@@ -185,6 +188,44 @@ def _error_cases(root: Path) -> dict:
     out["weights_only_load"] = ck.load_checkpoint(ck.latest_checkpoint(weights_only_root), _tiny_gpt(5))
     out["bad_state"] = _error(ck.save_checkpoint, root, 3, ddp, optimizer, {"x": object()})
     out["bad_keep"] = _error(ck.save_checkpoint, root, 3, ddp, optimizer, {}, keep_last=0)
+    return out
+
+
+def _damaged_copy(root: Path, good: Path, name: str, damage, rewrite_manifest: bool = False) -> Path:
+    """A copy of `good` with `damage(folder)` applied (and its manifest recomputed, if asked)."""
+    folder = root.parent / f"damaged_{name}" / good.name
+    shutil.copytree(good, folder)
+    damage(folder)
+    if rewrite_manifest:
+        ck._write_manifest(folder)
+    return folder
+
+
+def _flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _damage_cases(root: Path, good: Path) -> dict:
+    """Each kind of damage, loaded into a fresh model: (error type, message)."""
+    shard = sorted((good / "dist").glob("*.distcp"))[0].name
+    cases = {
+        "shard_deleted": (lambda f: (f / "dist" / shard).unlink(), False),
+        "shard_truncated": (lambda f: (f / "dist" / shard).write_bytes((f / "dist" / shard).read_bytes()[:100]), False),
+        "shard_flipped_byte": (lambda f: _flip_byte(f / "dist" / shard), False),
+        "common_garbage": (lambda f: (f / "dist" / "common.pt").write_bytes(os.urandom(64)), False),
+        "manifest_deleted": (lambda f: (f / "manifest.json").unlink(), False),
+        # With the manifest recomputed, the files' own readers must still refuse cleanly.
+        "rng_garbage": (lambda f: (f / "rng" / "rank_00000.pt").write_bytes(b"\x00garbage" * 50), True),
+        "trainer_state_garbage": (lambda f: (f / "trainer_state.json").write_bytes(b"\xff\xfe{not json"), True),
+        "meta_garbage": (lambda f: (f / "checkpoint.json").write_text("[1, 2]"), True),
+        "index_garbage": (lambda f: (f / "dist" / ".metadata").write_bytes(b"\x80\x04garbage"), True),
+    }
+    out = {}
+    for name, (damage, rewrite) in cases.items():
+        folder = _damaged_copy(root, good, name, damage, rewrite)
+        out[name] = _error(ck.load_checkpoint, folder, _tiny_gpt(0))
     return out
 
 
@@ -273,7 +314,7 @@ def test_resume_continues_exactly(single_run):
     run = single_run["round_trip"]
     _assert_exact_resume(run)
     files = sorted(p.name for p in Path(run["saved_path"]).iterdir())
-    assert files == ["checkpoint.json", "dist", "rng", "trainer_state.json"]
+    assert files == ["checkpoint.json", "dist", "manifest.json", "rng", "trainer_state.json"]
     assert json.loads((Path(run["saved_path"]) / "checkpoint.json").read_text())["world_size"] == 1
 
 
@@ -301,15 +342,47 @@ def test_clear_errors(single_run):
     # The layers are stacked in the checkpoint: (num_layers, ffn_hidden, hidden).
     assert kind == "ValueError" and "'decoder.layers.mlp.linear_fc1.weight'" in message, message
     assert "checkpoint shape (2, 32, 16), model shape (2, 48, 16)" in message, message
-    kind, message = errors["missing_rank_file"]
-    assert kind == "FileNotFoundError" and "rank_00000.pt" in message
-    kind, message = errors["tampered"]
-    assert kind == "UnpicklingError" and "posix.remove" in message, message
+    kind, message = errors["missing_rank_file"]  # the manifest lists it
+    assert kind == "CheckpointDamaged" and "rank_00000.pt is missing" in message, message
+    kind, message = errors["tampered"]  # caught by its digest before it is ever unpickled
+    assert kind == "CheckpointDamaged" and ".metadata has " in message and "were saved" in message, message
+    kind, message = errors["tampered_with_manifest"]
+    assert kind == "CheckpointDamaged" and "disallowed object posix.remove" in message, message
     assert errors["victim_exists"], "the tampered metadata must not be executed"
     assert errors["no_optimizer_state"][0] == "ValueError" and "optimizer" in errors["no_optimizer_state"][1]
     assert errors["weights_only_load"] == {}
     assert errors["bad_state"][0] == "TypeError" and "trainer_state" in errors["bad_state"][1]
     assert errors["bad_keep"][0] == "ValueError" and "keep_last" in errors["bad_keep"][1]
+
+
+@pytest.mark.parametrize("case,file,words", [
+    ("shard_deleted", ".distcp", "is missing"),
+    ("shard_truncated", ".distcp", "bytes"),
+    ("shard_flipped_byte", ".distcp", "SHA-256"),
+    ("common_garbage", "common.pt", "bytes"),
+    ("manifest_deleted", "manifest.json", "is missing"),
+    ("rng_garbage", "rank_00000.pt", "unreadable"),
+    ("trainer_state_garbage", "trainer_state.json", "not valid JSON"),
+    ("meta_garbage", "checkpoint.json", "not a JSON object"),
+    ("index_garbage", ".metadata", "not a readable checkpoint index"),
+])
+def test_damage_is_one_error_naming_the_file(single_run, case, file, words):
+    kind, message = single_run["errors"]["damage"][case]
+    assert kind == "CheckpointDamaged", (kind, message)
+    assert file in message and words in message and "\n" not in message, message
+
+
+def test_manifest_lists_every_file_with_its_digest(single_run):
+    import hashlib
+
+    folder = Path(single_run["round_trip"]["saved_path"])
+    manifest = json.loads((folder / "manifest.json").read_text())
+    on_disk = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                     if p.is_file() and p.name != "manifest.json")
+    assert sorted(manifest["files"]) == on_disk and "dist/.metadata" in on_disk
+    for name, entry in manifest["files"].items():
+        data = (folder / name).read_bytes()
+        assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def test_crash_mid_save_keeps_latest_and_pruning_keeps_newest(single_run):
@@ -346,6 +419,19 @@ def test_latest_marker_ignores_temporaries_and_bad_markers(tmp_path):
     for bad in ("step_00000010", "step_00000099", "../step_00000004", "/etc"):
         (tmp_path / "latest").write_text(bad)
         assert ck.latest_checkpoint(tmp_path) == tmp_path / "step_00000008", bad
+    (tmp_path / "latest").write_bytes(b"\xff\xfe\x00\x80" * 100)  # binary garbage: no traceback
+    assert ck.latest_checkpoint(tmp_path) == tmp_path / "step_00000008"
+
+
+def test_candidates_put_the_marker_first_then_newest_complete(tmp_path):
+    assert ck.checkpoint_candidates(tmp_path) == [] and not ck.has_step_checkpoints(tmp_path)
+    for step in (4, 8, 12):
+        _fake_checkpoint(tmp_path / ck.step_dir_name(step))
+    (tmp_path / "step_00000016").mkdir()  # incomplete: never a candidate, but a sign of an earlier run
+    (tmp_path / "latest").write_text("step_00000008\n")
+    assert [p.name for p in ck.checkpoint_candidates(tmp_path)] == ["step_00000008", "step_00000012",
+                                                                    "step_00000004"]
+    assert ck.has_step_checkpoints(tmp_path)
 
 
 def test_step_dir_names_sort_by_step():
@@ -371,6 +457,9 @@ def test_tp2_and_dp2_resume_continue_exactly(tmp_path):
     # DP ranks hold different shards of the distributed optimizer state.
     assert not _same(ranks[0]["dp2"]["adam_at_save"], ranks[1]["dp2"]["adam_at_save"])
     missing = [r["missing_rank_file"] for r in ranks]
-    assert missing[0]["error"][0] == "RuntimeError" and "rank 1" in missing[0]["error"][1], missing[0]
-    assert missing[1]["error"][0] == "FileNotFoundError" and "rank_00001.pt" in missing[1]["error"][1]
+    # The ranks share the digest checks, so one finds the loss and every rank raises the same kind
+    # of error (the trainer's fallback decision must agree across ranks).
+    errors = [m["error"] for m in missing]
+    assert all(kind == "CheckpointDamaged" for kind, _ in errors), errors
+    assert any("rank_00001.pt is missing" in message for _, message in errors), errors
     assert missing[0]["without_rng"] == missing[1]["without_rng"] == TRAINER_STATE
