@@ -34,9 +34,8 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from megatron_selfjudge.loss import check_loss_args, check_temperature
-
 from ._tp import gather_partials
+from .loss_params import LossParams
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TOKEN_BLOCK = 128  # tokens per program of the O(N) per-token kernel
@@ -51,18 +50,6 @@ class FusedLossOutput(NamedTuple):
     kl: torch.Tensor
     clipped: torch.Tensor
     entropy: torch.Tensor | None
-
-
-class LossParams(NamedTuple):
-    """Hyper-parameters of the per-token loss (defaults of ALGORITHM.md section 6)."""
-
-    temperature: float = 1.0
-    eps_low: float = 0.2
-    eps_high: float = 0.2
-    dual_clip: float = 3.0
-    beta_kl: float = 0.01
-    logratio_clamp: float = 20.0
-    kl_clamp: float = 10.0
 
 
 def _kernels():
@@ -116,10 +103,7 @@ def _check_inputs(logits, targets, advantages, mask, old_logp, ref_logp, params:
             raise ValueError(f"{name} must have shape ({n},) to match logits, got {tuple(tensor.shape)}")
         if tensor is not None and tensor.device != logits.device:
             raise ValueError(f"{name} is on {tensor.device}, logits on {logits.device}")
-    # The reference's own checks: one definition of what a valid hyper-parameter is.
-    check_temperature(params.temperature)
-    check_loss_args(params.eps_low, params.eps_high, params.dual_clip, params.beta_kl,
-                     params.logratio_clamp, params.kl_clamp)
+    params.check()  # the checks the reference uses too: one definition of a valid hyper-parameter
 
 
 def _check_found(found: torch.Tensor) -> None:

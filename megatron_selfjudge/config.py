@@ -7,16 +7,35 @@ the merging, the unknown-key and the type checks; :func:`validate` adds range ch
 
 The defaults are the paper's (ALGORITHM.md): Qwen2.5-VL-7B scale, 512 prompts x 8 rollouts.
 The embedded CPU default (``configs/tiny.yaml``) overrides only what it must.
+
+Validation rules beyond the per-key ranges (every failure is a one-line ConfigError naming the
+key or the file; ``selfjudge config check`` prints it, or the resolved YAML):
+
+- every float must be finite (NaN/inf refused everywhere); every integer is a count or a size
+  bounded by MAX_COUNT, except the seeds, which lie in [0, MAX_SEED];
+- rollout.n <= MAX_GROUP_SIZE, judge.samples <= MAX_JUDGE_SAMPLES, prompts x rollouts per step
+  <= MAX_TRAJECTORIES_PER_STEP, model.image_size <= MAX_IMAGE_SIZE, and the policy's and the
+  Judge's context (prompt + response + image tokens) <= MAX_CONTEXT_TOKENS;
+- with data.train=synthetic: data.synthetic_unlabeled >= trainer.prompts_per_step and
+  model.image_size >= 24 (the drawings' size); trainer.run_dir and data.train are non-blank;
+  no string holds a NUL character;
+- files: a regular, UTF-8 file of at most MAX_CONFIG_BYTES holding one YAML mapping; YAML
+  tags that construct objects, alias bombs and interpolation errors are refused.
+
+Resume: RESUME_SAFE_KEYS may differ between a run and its resume; config_drift lists the other
+differences and load_saved_config reads a run directory's config.yaml.
 """
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -26,16 +45,36 @@ JUDGE_KINDS = ("generative", "likelihood")
 UNPARSED_POLICIES = ("zero", "neutral")
 ESTIMATORS = ("grpo", "grpo_no_std", "energy")
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
-LOSS_BACKENDS = ("auto", "torch", "triton")
 ROLLOUT_BACKENDS = ("megatron",)  # vLLM comes with its engine
 MODEL_PRESETS = ("tiny-llava", "tiny-gpt")  # HF presets (Qwen2.5-VL via mbridge) come with mbridge
-TRANSFORMER_IMPLS = ("local", "transformer_engine")
 RESUME_MODES = ("never", "auto")
 PARAMS_DTYPES = ("float32", "bfloat16", "float16")
 
+# Bounds on counts and sizes. Values past them are typos or hostile input; refusing them here
+# turns a late crash or an out-of-memory into a one-line error naming the key.
+MAX_COUNT = 2**31 - 1  # any count or size: int32 indexing in torch/megatron, and far past any real run
+# Seeds: the trainer seeds NumPy's legacy generator with seed % 2**32 (larger seeds would alias
+# smaller ones) and derives per-step torch seeds as seed * 1_000_003 + step, which must stay
+# inside torch's 64-bit seed range.
+MAX_SEED = 2**32 - 1
+SEED_KEYS = ("trainer.seed", "data.synthetic_seed")
+MAX_GROUP_SIZE = 1024  # rollout.n: G rollouts of one prompt are held, rewarded and normalised together (paper: 8)
+MAX_JUDGE_SAMPLES = 64  # judge.samples: K full Judge generations per trajectory (paper: 1)
+MAX_TRAJECTORIES_PER_STEP = 2**20  # prompts_per_step * n: every trajectory's tokens stay in host memory (paper: 4096)
+# Context of the policy and of the Judge (prompt + response + image tokens): Qwen2.5-VL's longest
+# supported context is 128K tokens; the paper uses 1024 + 2048.
+MAX_CONTEXT_TOKENS = 131072
+MAX_IMAGE_SIZE = 4096  # model.image_size in pixels per side: 16.7 M pixels, above Qwen2.5-VL's max_pixels
+MIN_SYNTHETIC_IMAGE_SIZE = 24  # data/synthetic.py refuses to draw smaller images
+MAX_CONFIG_BYTES = 1 << 20  # a config file is a few KB; this bounds what a wrong path can make us read
+
 
 class ConfigError(ValueError):
-    """A configuration value is unknown, of the wrong type or out of range."""
+    """A configuration value is unknown, of the wrong type or out of range (one line)."""
+
+    def __init__(self, message: str):
+        # One line on the terminal even when a value or a library message holds line breaks.
+        super().__init__(" ".join(part.strip() for part in str(message).splitlines() if part.strip()))
 
 
 @dataclass
@@ -43,7 +82,7 @@ class ModelConfig:
     """Policy architecture; the Judge and the reference model are frozen copies of it."""
 
     preset: str = "tiny-llava"  # tiny-llava | tiny-gpt (text only)
-    transformer_impl: str = "local"
+    transformer_impl: str = "auto"  # auto: transformer_engine when TE imports and CUDA is present, else local
     params_dtype: str = "bfloat16"
     num_layers: int = 2
     hidden_size: int = 64
@@ -136,7 +175,9 @@ class LossConfig:
     beta_kl: float = 0.01
     entropy_coef: float = 0.0
     agg: str = "token-mean"
-    backend: str = "auto"
+    # How the per-token loss and the old/ref log-probs are computed: a name of loss.LOSS_IMPLS
+    # (reference | logits_kernel | fused_linear) or auto (the logits kernel on CUDA, else reference).
+    impl: str = "auto"
 
 
 @dataclass
@@ -159,6 +200,13 @@ class DataConfig:
     train: str = "synthetic"
     eval: Optional[str] = None
     on_error: str = "raise"  # raise | skip (skipped rows are counted)
+    # Image paths in rows may only point inside the data file's folder or these folders.
+    image_roots: List[str] = field(default_factory=list)
+    # 16384 * 28 * 28: Qwen2.5-VL's processor max_pixels. Larger images are refused from their
+    # header, before decoding, so a tiny file cannot expand into gigabytes.
+    max_image_pixels: int = 12845056
+    max_image_bytes: int = 64 * 1024 * 1024  # encoded size of one image
+    max_images_per_row: int = 16
     instruction: str = "full"  # format instruction appended to questions: full | short | mmupt | none
     synthetic_seed: int = 0
     synthetic_families: List[str] = field(default_factory=lambda: ["count", "add", "compare", "bar"])
@@ -181,6 +229,8 @@ class TrainerConfig:
     save_every: int = 50
     keep_checkpoints: int = 3
     resume: str = "auto"
+    # Keys that may differ from the run directory's saved config.yaml on resume (see runtime/run_state.py).
+    allow_config_change: List[str] = field(default_factory=list)
     sft_steps: int = 0  # supervised warm start before unsupervised training
     sft_batch_size: int = 32
 
@@ -217,11 +267,41 @@ def _finite(x: float) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
+def leaf_items(obj: Any, prefix: str = "") -> Iterator[Tuple[str, Any]]:
+    """(dotted key, value) of every leaf field of a config dataclass, in declaration order."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from leaf_items(value, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", value
+
+
+def _check_leaves(cfg: Config) -> None:
+    """Rules for every leaf by type: finite floats, bounded integers, strings free of NUL."""
+    for key, value in leaf_items(cfg):
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, float):
+            _check(key, _finite(value), "a finite number", value)
+        elif isinstance(value, int):
+            if key in SEED_KEYS:
+                _check(key, 0 <= value <= MAX_SEED, f"in [0, {MAX_SEED}]", value)
+            else:
+                _check(key, abs(value) <= MAX_COUNT, f"at most {MAX_COUNT} in absolute value", value)
+        else:  # str, Optional[str] or a list of str; a NUL byte breaks every path and name
+            for item in value if isinstance(value, list) else [value]:
+                _check(key, not isinstance(item, str) or "\0" not in item, "free of NUL characters", value)
+
+
 def validate(cfg: Config) -> Config:
     """Check every value's range and the cross-field rules; raise ConfigError naming the key."""
     m, p, r, rw, j, a, lo, o, d, t = (cfg.model, cfg.parallel, cfg.rollout, cfg.reward, cfg.judge,
                                        cfg.advantage, cfg.loss, cfg.optim, cfg.data, cfg.trainer)
+    _check_leaves(cfg)
     _choice("model.preset", m.preset, MODEL_PRESETS)
+    from megatron_selfjudge.megatron.models import TRANSFORMER_IMPLS
+
     _choice("model.transformer_impl", m.transformer_impl, TRANSFORMER_IMPLS)
     _choice("model.params_dtype", m.params_dtype, PARAMS_DTYPES)
     for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
@@ -231,15 +311,22 @@ def validate(cfg: Config) -> Config:
            "divisible by model.num_attention_heads", m.hidden_size)
     _check("model.image_size", m.image_size % m.patch_size == 0,
            "divisible by model.patch_size", m.image_size)
+    _check("model.image_size", m.image_size <= MAX_IMAGE_SIZE, f"<= {MAX_IMAGE_SIZE}", m.image_size)
+    image_tokens = (m.image_size // m.patch_size) ** 2  # as the model builder sizes the context
     _check("parallel.tp", p.tp >= 1, ">= 1", p.tp)
     _check("parallel.pp", p.pp >= 1, ">= 1", p.pp)
     _choice("rollout.backend", r.backend, ROLLOUT_BACKENDS)
-    _check("rollout.n", r.n >= 2, ">= 2 (a group needs at least two rollouts)", r.n)
+    _check("rollout.n", 2 <= r.n <= MAX_GROUP_SIZE,
+           f"in [2, {MAX_GROUP_SIZE}] (a group needs at least two rollouts)", r.n)
     _check("rollout.temperature", _finite(r.temperature) and r.temperature > 0, "> 0", r.temperature)
     _check("rollout.top_p", 0 < r.top_p <= 1, "in (0, 1]", r.top_p)
     _check("rollout.max_prompt_len", r.max_prompt_len >= 1, ">= 1", r.max_prompt_len)
     _check("rollout.max_response_len", r.max_response_len >= 1, ">= 1", r.max_response_len)
     _check("rollout.max_batch_size", r.max_batch_size >= 1, ">= 1", r.max_batch_size)
+    _check("rollout.max_prompt_len", r.max_prompt_len + r.max_response_len + image_tokens <= MAX_CONTEXT_TOKENS,
+           f"such that rollout.max_prompt_len + rollout.max_response_len + image tokens "
+           f"(model.image_size / model.patch_size)^2 = {r.max_prompt_len} + {r.max_response_len} + "
+           f"{image_tokens} <= {MAX_CONTEXT_TOKENS}", r.max_prompt_len)
     _choice("reward.mode", rw.mode, REWARD_MODES)
     _choice("reward.equivalence", rw.equivalence, EQUIVALENCE_MODES)
     _check("reward.consistency_gate", 0 <= rw.consistency_gate <= 1, "in [0, 1]", rw.consistency_gate)
@@ -250,14 +337,18 @@ def validate(cfg: Config) -> Config:
         _check(f"reward.calibration.{name}", getattr(c, name) > 0, "> 0", getattr(c, name))
     for name in ("tau_h", "tau_l"):
         _check(f"reward.calibration.{name}", 0 <= getattr(c, name) <= 1, "in [0, 1]", getattr(c, name))
-    _check("reward.calibration.g_min", 0 <= c.g_min <= c.g_max, "in [0, g_max]", c.g_min)
+    _check("reward.calibration.g_min", 0 <= c.g_min <= c.g_max, "in [0, reward.calibration.g_max]", c.g_min)
     _choice("judge.kind", j.kind, JUDGE_KINDS)
     _choice("judge.unparsed", j.unparsed, UNPARSED_POLICIES)
-    _check("judge.samples", j.samples >= 1, ">= 1", j.samples)
+    _check("judge.samples", 1 <= j.samples <= MAX_JUDGE_SAMPLES, f"in [1, {MAX_JUDGE_SAMPLES}]", j.samples)
     _check("judge.temperature", j.temperature > 0, "> 0", j.temperature)
     _check("judge.top_p", 0 < j.top_p <= 1, "in (0, 1]", j.top_p)
     _check("judge.max_tokens", j.max_tokens >= 1, ">= 1", j.max_tokens)
     _check("judge.max_prompt_len", j.max_prompt_len >= 1, ">= 1", j.max_prompt_len)
+    _check("judge.max_prompt_len", j.max_prompt_len + j.max_tokens + image_tokens <= MAX_CONTEXT_TOKENS,
+           f"such that judge.max_prompt_len + judge.max_tokens + image tokens "
+           f"(model.image_size / model.patch_size)^2 = {j.max_prompt_len} + {j.max_tokens} + "
+           f"{image_tokens} <= {MAX_CONTEXT_TOKENS}", j.max_prompt_len)
     _choice("advantage.estimator", a.estimator, ESTIMATORS)
     _check("advantage.temperature", _finite(a.temperature) and a.temperature > 0, "> 0", a.temperature)
     _check("advantage.eps", a.eps > 0, "> 0", a.eps)
@@ -267,14 +358,19 @@ def validate(cfg: Config) -> Config:
     _check("loss.beta_kl", lo.beta_kl >= 0, ">= 0", lo.beta_kl)
     _check("loss.entropy_coef", lo.entropy_coef >= 0, ">= 0", lo.entropy_coef)
     _choice("loss.agg", lo.agg, LOSS_AGGS)
-    _choice("loss.backend", lo.backend, LOSS_BACKENDS)
+    from megatron_selfjudge.loss import IMPL_CHOICES
+
+    _choice("loss.impl", lo.impl, IMPL_CHOICES)
     _check("optim.lr", _finite(o.lr) and o.lr >= 0, ">= 0", o.lr)
     _check("optim.sft_lr", _finite(o.sft_lr) and o.sft_lr >= 0, ">= 0", o.sft_lr)
     _check("optim.weight_decay", o.weight_decay >= 0, ">= 0", o.weight_decay)
     _check("optim.grad_clip", o.grad_clip >= 0, ">= 0 (0 disables clipping)", o.grad_clip)
     _check("optim.adam_beta1", 0 <= o.adam_beta1 < 1, "in [0, 1)", o.adam_beta1)
     _check("optim.adam_beta2", 0 <= o.adam_beta2 < 1, "in [0, 1)", o.adam_beta2)
+    _check("optim.adam_eps", o.adam_eps > 0, "> 0 (it keeps Adam's denominator away from zero)", o.adam_eps)
     _choice("data.on_error", d.on_error, ("raise", "skip"))
+    for name in ("max_image_pixels", "max_image_bytes", "max_images_per_row"):
+        _check(f"data.{name}", getattr(d, name) >= 1, ">= 1", getattr(d, name))
     _choice("data.instruction", d.instruction, ("full", "short", "mmupt", "none"))
     from megatron_selfjudge.data.synthetic import FAMILIES
 
@@ -284,7 +380,7 @@ def validate(cfg: Config) -> Config:
     for name in ("synthetic_sft", "synthetic_test"):
         _check(f"data.{name}", getattr(d, name) >= 0, ">= 0", getattr(d, name))
     _check("data.synthetic_unlabeled", d.synthetic_unlabeled >= 1, ">= 1", d.synthetic_unlabeled)
-    _check("trainer.seed", t.seed >= 0, ">= 0", t.seed)
+    _check("data.train", d.train.strip() != "", "'synthetic' or a path", d.train)
     _check("trainer.max_steps", t.max_steps >= -1, ">= -1 (-1 = run trainer.epochs)", t.max_steps)
     _check("trainer.epochs", t.epochs >= 1, ">= 1", t.epochs)
     _check("trainer.prompts_per_step", t.prompts_per_step >= 1, ">= 1", t.prompts_per_step)
@@ -298,6 +394,16 @@ def validate(cfg: Config) -> Config:
     _check("trainer.sft_batch_size", t.sft_batch_size >= 1, ">= 1", t.sft_batch_size)
     _check("trainer.keep_checkpoints", t.keep_checkpoints >= 1, ">= 1", t.keep_checkpoints)
     _choice("trainer.resume", t.resume, RESUME_MODES)
+    _check("trainer.run_dir", t.run_dir.strip() != "", "a non-blank path", t.run_dir)
+    _check("trainer.prompts_per_step", t.prompts_per_step * r.n <= MAX_TRAJECTORIES_PER_STEP,
+           f"such that trainer.prompts_per_step * rollout.n <= {MAX_TRAJECTORIES_PER_STEP} trajectories "
+           f"per step (rollout.n={r.n})", t.prompts_per_step)
+    if d.train == "synthetic":  # files are sized when read; the synthetic split is sized here
+        _check("data.synthetic_unlabeled", d.synthetic_unlabeled >= t.prompts_per_step,
+               f">= trainer.prompts_per_step={t.prompts_per_step} (a step draws that many distinct prompts)",
+               d.synthetic_unlabeled)
+        _check("model.image_size", m.image_size >= MIN_SYNTHETIC_IMAGE_SIZE,
+               f">= {MIN_SYNTHETIC_IMAGE_SIZE} with data.train=synthetic (the size of the drawings)", m.image_size)
     return cfg
 
 
@@ -306,6 +412,22 @@ def validate(cfg: Config) -> Config:
 def embedded_default_path() -> Path:
     """Path of the embedded tiny CPU default shipped inside the package."""
     return Path(str(resources.files("megatron_selfjudge") / "configs" / "tiny.yaml"))
+
+
+def _omegaconf_message(exc: OmegaConfBaseException) -> str:
+    """OmegaConf's first message line (the rest is its object dump) and the full key it names."""
+    msg = str(exc).split("\n")[0]
+    key = getattr(exc, "full_key", None)
+    return msg + (f" (key: {key})" if key else "")
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """A PyYAML error as its problem and position (its own text spans several lines)."""
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark or exc.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        return f"{exc.problem or exc.context}{where}"
+    return str(exc)
 
 
 def _parse_override(item: str) -> DictConfig:
@@ -317,7 +439,53 @@ def _parse_override(item: str) -> DictConfig:
     try:
         return OmegaConf.from_dotlist([f"{key}={value}"])
     except OmegaConfBaseException as exc:
-        raise ConfigError(f"override {item!r}: {exc}") from None
+        raise ConfigError(f"override {item!r}: {_omegaconf_message(exc)}") from None
+    except yaml.YAMLError as exc:  # the value is parsed as YAML
+        raise ConfigError(f"override {item!r}: the value is not valid YAML: {_yaml_problem(exc)}") from None
+    except RecursionError:
+        raise ConfigError(f"override {item!r}: the value is nested too deeply") from None
+
+
+def _parse_yaml_mapping(text: str, origin: str) -> DictConfig:
+    """The YAML mapping in text; OmegaConf's loader refuses object tags and alias bombs."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)  # nodes only: nothing is constructed
+        if root is not None and not isinstance(root, yaml.MappingNode):
+            kind = "list" if isinstance(root, yaml.SequenceNode) else "scalar"
+            raise ConfigError(f"{origin} must hold a mapping of sections, not a {kind}")
+        loaded = OmegaConf.load(io.StringIO(text))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{origin} is not valid YAML: {_yaml_problem(exc)}") from None
+    except RecursionError:
+        raise ConfigError(f"{origin} is nested too deeply") from None
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{origin}: {_omegaconf_message(exc)}") from None
+    assert isinstance(loaded, DictConfig)
+    return loaded
+
+
+def _read_config_file(path: Path) -> DictConfig:
+    """A config file's mapping; every problem is a one-line ConfigError naming the file."""
+    name = f"config file {str(path)!r}"
+    if path.is_dir():
+        raise ConfigError(f"{name} is a directory, not a YAML file")
+    if not path.exists():
+        raise ConfigError(f"{name} does not exist")
+    if not path.is_file():
+        raise ConfigError(f"{name} is not a regular file")
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"{name} cannot be read: {exc.strerror or exc}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{name} is larger than {MAX_CONFIG_BYTES} bytes (a config file is a few KB)")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"{name} is not UTF-8 text (byte {exc.start}, line {line})") from None
+    return _parse_yaml_mapping(text, name)
 
 
 def _merge(base: DictConfig, other: DictConfig, origin: str) -> DictConfig:
@@ -325,9 +493,33 @@ def _merge(base: DictConfig, other: DictConfig, origin: str) -> DictConfig:
         return OmegaConf.merge(base, other)
     except OmegaConfBaseException as exc:
         # OmegaConf names the full key; keep its message and say where the value came from.
-        msg = str(exc).split("\n")[0]
-        key = getattr(exc, "full_key", None)
-        raise ConfigError(f"{origin}: {msg}" + (f" (key: {key})" if key else "")) from None
+        raise ConfigError(f"{origin}: {_omegaconf_message(exc)}") from None
+
+
+def _origin_of(key: Optional[str], sources: Sequence[Tuple[str, DictConfig]]) -> Optional[str]:
+    """The last source (file or override) that set `key`, as written before resolution."""
+    for origin, src in reversed(sources):
+        node: Any = OmegaConf.to_container(src, resolve=False)
+        for part in (key or "").split("."):
+            if not isinstance(node, dict) or part not in node:
+                break
+            node = node[part]
+        else:
+            return origin
+    return None
+
+
+def _resolve(merged: DictConfig, sources: Sequence[Tuple[str, DictConfig]]) -> Config:
+    """The merged config as dataclasses; interpolations are resolved here, so their errors too."""
+    try:
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        origin = _origin_of(getattr(exc, "full_key", None), sources)
+        raise ConfigError((f"{origin}: " if origin else "") + _omegaconf_message(exc)) from None
+    except RecursionError:
+        raise ConfigError("an interpolation (${...}) refers to itself through other keys") from None
+    assert isinstance(cfg, Config)
+    return cfg
 
 
 def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = (),
@@ -336,22 +528,14 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
     merged = OmegaConf.structured(Config)
     if path is None and embedded_default:
         path = embedded_default_path()
+    sources: list[Tuple[str, DictConfig]] = []
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        try:
-            loaded = OmegaConf.load(path)
-        except Exception as exc:  # YAML syntax errors come from several libraries
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
-        if not isinstance(loaded, DictConfig):
-            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
-        merged = _merge(merged, loaded, f"config file {str(path)!r}")
-    for item in overrides:
-        merged = _merge(merged, _parse_override(item), f"override {item!r}")
-    cfg = OmegaConf.to_object(merged)
-    assert isinstance(cfg, Config)
-    return validate(cfg)
+        sources.append((f"config file {str(path)!r}", _read_config_file(path)))
+    sources += [(f"override {item!r}", _parse_override(item)) for item in overrides]
+    for origin, src in sources:
+        merged = _merge(merged, src, origin)
+    return validate(_resolve(merged, sources))
 
 
 def to_yaml(cfg: Config) -> str:

@@ -1,10 +1,10 @@
-"""GRPO policy loss: the plain-PyTorch reference (ALGORITHM.md section 6) and dispatch to the Triton kernel.
+"""GRPO policy loss: the plain-PyTorch reference (ALGORITHM.md section 6) and the loss-implementation registry.
 
 Everything here is computed in fp32 whatever the logits' dtype (fp64 stays fp64, for
-gradcheck) and written the way the formula reads, so it can serve as the oracle the fused
-kernel (kernels/grpo_loss.py) is tested against.
+gradcheck) and written the way the formula reads, so it can serve as the oracle the Triton
+kernels (kernels/grpo_loss.py, kernels/fused_linear_grpo.py) are tested against.
 
-Definitions the kernel copies:
+Definitions the kernels share:
 
 * ``ratio = exp(clamp(logp - old_logp, -logratio_clamp, logratio_clamp))``; the clamp also
   stops the gradient outside that range (so does every clamp below).
@@ -25,19 +25,43 @@ Metrics (``policy_loss``) are token-means over the valid tokens of *this call* (
 
 Aggregation is a weighted sum, ``loss = sum(per_token_loss * token_weights(...))``, with the
 normaliser supplied by the caller so micro-batches and data-parallel ranks add up exactly.
+
+The registry (``LOSS_IMPLS``, chosen by ``loss.impl``) is the one place that says how per-token
+terms and forward-only log-probs are computed, for the update, for old/reference log-probs and
+for ``policy_loss``:
+
+* ``reference``: this module's PyTorch math on logits (megatron's vocab-parallel cross entropy
+  and entropy when the vocabulary is sharded over tensor-parallel ranks);
+* ``logits_kernel``: the Triton kernels of ``kernels/grpo_loss.py`` on logits;
+* ``fused_linear``: ``kernels/fused_linear_grpo.py``, from the hidden states before the output
+  layer and this rank's output weight, never materialising the [N, V] logits;
+* ``auto``: ``logits_kernel`` for CUDA tensors when the entropy bonus is off, else ``reference``
+  (Triton's CPU interpreter is ~1000x slower than eager; tests ask for the kernels by name).
+
+The hyper-parameter checks and clamp defaults live in ``kernels/loss_params.py``, which both this
+module and the kernels import (and which imports neither), so there is no import cycle.
 """
 from __future__ import annotations
 
+import abc
 import importlib
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import NamedTuple, Optional, Union
 
 import torch
+import torch.distributed as dist
+
+from megatron_selfjudge.kernels.loss_params import (  # noqa: F401 (re-exported: the public checks)
+    KL_CLAMP,
+    LOGRATIO_CLAMP,
+    LossParams,
+    check_loss_args,
+    check_temperature,
+)
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
-BACKENDS = ("auto", "torch", "triton")
-LOGRATIO_CLAMP = 20.0  # |log-ratio| bound before exp, for both the ratio and the k3 KL
-KL_CLAMP = 10.0  # |k3| bound
 KERNEL_MODULE = "megatron_selfjudge.kernels.grpo_loss"
+FUSED_LINEAR_MODULE = "megatron_selfjudge.kernels.fused_linear_grpo"
 
 
 class PerTokenLoss(NamedTuple):
@@ -53,12 +77,6 @@ class PerTokenLoss(NamedTuple):
 def _acc(tensor: torch.Tensor) -> torch.Tensor:
     """Compute in fp32, or in fp64 when given fp64 (so gradcheck can run on the reference)."""
     return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
-
-
-def check_temperature(temperature: float) -> None:
-    """Raise ValueError unless temperature is a finite number > 0."""
-    if not temperature > 0 or temperature == float("inf"):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
 
 
 def _scaled_log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -135,20 +153,6 @@ def per_token_policy_loss(
     return PerTokenLoss(loss=pg + beta_kl * kl, pg=pg, kl=kl, ratio=ratio, clipped=clipped)
 
 
-def check_loss_args(eps_low, eps_high, dual_clip, beta_kl, logratio_clamp, kl_clamp) -> None:
-    """Raise ValueError naming the first out-of-range loss hyper-parameter."""
-    if not 0 <= eps_low < 1:
-        raise ValueError(f"eps_low must be in [0, 1), got {eps_low!r}")
-    if not eps_high >= 0:
-        raise ValueError(f"eps_high must be >= 0, got {eps_high!r}")
-    if not dual_clip > 1:
-        raise ValueError(f"dual_clip must be > 1, got {dual_clip!r}")
-    if not beta_kl >= 0:
-        raise ValueError(f"beta_kl must be >= 0, got {beta_kl!r}")
-    if not (logratio_clamp > 0 and kl_clamp > 0):
-        raise ValueError(f"logratio_clamp and kl_clamp must be > 0, got {logratio_clamp!r}, {kl_clamp!r}")
-
-
 def _as_count(value, name: str) -> float:
     count = float(value.item() if isinstance(value, torch.Tensor) else value)
     if not count >= 0 or count == float("inf"):
@@ -192,8 +196,7 @@ def _valid_mean(x: torch.Tensor, valid: torch.Tensor, empty: float = 0.0) -> tor
     return torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, empty))
 
 
-def _metrics(per: PerTokenLoss, entropy: torch.Tensor, adv: torch.Tensor, valid: torch.Tensor,
-             dual_clip: float) -> dict[str, torch.Tensor]:
+def _metrics(per: "TokenTerms", adv: torch.Tensor, valid: torch.Tensor, dual_clip: float) -> dict[str, torch.Tensor]:
     """Token-means over valid tokens of this call (not global); ratio range 1.0 when nothing is valid."""
     ratio = per.ratio.detach()
     big, one = torch.tensor(float("inf"), device=ratio.device), torch.tensor(1.0, device=ratio.device)
@@ -204,37 +207,11 @@ def _metrics(per: PerTokenLoss, entropy: torch.Tensor, adv: torch.Tensor, valid:
         "kl": _valid_mean(per.kl, valid),
         "clip_frac": _valid_mean(per.clipped, valid),
         "dual_clip_frac": _valid_mean(((adv < 0) & (ratio > dual_clip)).float(), valid),
-        "entropy": _valid_mean(entropy, valid),
+        "entropy": _valid_mean(per.entropy, valid),
         "ratio_min": ratio_min,
         "ratio_max": ratio_max,
         "valid_tokens": valid.sum().float(),
     }
-
-
-def _kernel_available() -> bool:
-    try:
-        importlib.import_module(KERNEL_MODULE)
-    except ImportError:
-        return False
-    return True
-
-
-def _resolve_backend(backend: str, logits: torch.Tensor, entropy_coef: float) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "triton":
-        try:
-            importlib.import_module(KERNEL_MODULE)
-        except ImportError as err:
-            raise RuntimeError(f"backend='triton' needs {KERNEL_MODULE}, which failed to import ({err}); "
-                               "is triton installed? On CPU set TRITON_INTERPRET=1 before importing triton") from err
-        return "triton"
-    # auto: the kernel only on CUDA logits (Triton's CPU interpreter is ~1000x slower than eager;
-    # tests ask for it with backend="triton") and only when the entropy bonus is off.
-    if backend == "auto":
-        if logits.is_cuda and entropy_coef == 0 and _kernel_available():
-            return "triton"
-    return "torch"
 
 
 def _flatten_inputs(logits, targets, advantages, mask, old_logp, ref_logp, agg):
@@ -279,11 +256,16 @@ def policy_loss(
     agg: str = "token-mean",
     global_normalizer: float | int | torch.Tensor | None = None,
     entropy_coef: float = 0.0,
-    backend: str = "auto",
+    impl: str = "auto",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Aggregated GRPO policy loss from logits, and token-mean metrics (detached 0-d tensors)."""
+    chosen = resolve_impl(impl, logits.device, entropy_coef)
+    if chosen.from_hidden:
+        raise ValueError(f"impl={impl!r} takes hidden states and the output weight, not logits; "
+                         f"policy_loss serves {tuple(n for n, i in LOSS_IMPLS.items() if not i.from_hidden)}")
     logits, targets, adv, valid, old_logp, ref_logp = _flatten_inputs(
         logits, targets, advantages, mask, old_logp, ref_logp, agg)
+    params = LossParams(temperature, eps_low, eps_high, dual_clip, beta_kl).check()
     weights = token_weights(valid, agg, global_normalizer)
     # Padding may carry ignore-index targets or junk old/ref/advantage values; neutralise them so
     # masked tokens contribute exactly 0 (never 0 * inf) and get exactly 0 gradient.
@@ -292,35 +274,195 @@ def policy_loss(
     adv = torch.where(valid, _acc(adv.detach()), zero)
     old_logp = None if old_logp is None else torch.where(valid, _acc(old_logp.detach()), zero)
     ref_logp = None if ref_logp is None else torch.where(valid, _acc(ref_logp.detach()), zero)
-    kwargs = dict(eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, beta_kl=beta_kl)
-
-    if _resolve_backend(backend, logits, entropy_coef) == "triton":
-        per, entropy = _triton_per_token(logits, targets, adv, valid, old_logp, ref_logp, temperature, kwargs)
-    else:
-        _check_targets(logits, targets)
-        logprobs = _scaled_log_softmax(logits, temperature)  # one [B, T, V] pass serves both terms
-        per = per_token_policy_loss(_gather_targets(logprobs, targets), adv, old_logp, ref_logp, **kwargs)
-        # The entropy is always reported; it only carries a gradient when it is part of the loss.
-        with torch.set_grad_enabled(torch.is_grad_enabled() and entropy_coef != 0):
-            entropy = _entropy(logprobs)
-    loss = (per.loss * weights).sum()
-    if entropy_coef:
-        loss = loss - entropy_coef * (entropy * weights).sum()
-    return loss, _metrics(per, entropy, adv, valid, dual_clip)
-
-
-def _triton_per_token(logits, targets, adv, valid, old_logp, ref_logp, temperature, kwargs):
-    """Run the fused kernel on flattened tokens and rebuild PerTokenLoss for the shared metrics."""
-    fused_grpo_loss = importlib.import_module(KERNEL_MODULE).fused_grpo_loss
-
-    shape = valid.shape
     flat = lambda t: None if t is None else t.reshape(-1)  # noqa: E731
-    out = fused_grpo_loss(logits.reshape(-1, logits.shape[-1]), flat(targets), flat(adv), flat(valid),
-                          flat(old_logp), flat(ref_logp), temperature=temperature, compute_entropy=True, **kwargs)
-    logp = out.logprobs.detach().reshape(shape)
-    old = logp if old_logp is None else old_logp
-    ratio = torch.exp(torch.clamp(logp - old, -LOGRATIO_CLAMP, LOGRATIO_CLAMP))
-    kl = out.kl.reshape(shape)
-    per = PerTokenLoss(loss=out.loss.reshape(shape), pg=out.loss.detach().reshape(shape) - kwargs["beta_kl"] * kl.detach(),
-                       kl=kl, ratio=ratio, clipped=out.clipped.reshape(shape).float())
-    return per, out.entropy.reshape(shape)  # differentiable: the kernel's backward handles dL/dH
+    terms = chosen.per_token(logits.reshape(-1, logits.shape[-1]), flat(targets), flat(adv), flat(old_logp),
+                             flat(ref_logp), params, valid=flat(valid), entropy_grad=entropy_coef != 0)
+    terms = TokenTerms(*(t.reshape(valid.shape) for t in terms))
+    loss = (terms.loss * weights).sum()
+    if entropy_coef:
+        loss = loss - entropy_coef * (terms.entropy * weights).sum()
+    return loss, _metrics(terms, adv, valid, dual_clip)
+
+
+# ---------------------------------------------------------------- the loss-implementation registry
+
+@dataclass(frozen=True)
+class HiddenStates:
+    """What ``fused_linear`` consumes instead of logits: hidden [N, H] and this rank's output weight [V_local, H]."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+
+
+@dataclass(frozen=True)
+class VocabShard:
+    """Where this rank's vocabulary columns sit: the tensor-parallel group (None: whole vocab here) and first id."""
+
+    group: Optional[dist.ProcessGroup] = None
+    start: int = 0
+
+
+class TokenTerms(NamedTuple):
+    """Per-token fp32 results of one implementation; ``loss`` (and ``entropy`` when asked) carry the gradient."""
+
+    loss: torch.Tensor
+    logp: torch.Tensor
+    pg: torch.Tensor
+    kl: torch.Tensor
+    ratio: torch.Tensor
+    clipped: torch.Tensor
+    entropy: torch.Tensor
+
+
+Source = Union[torch.Tensor, HiddenStates]
+
+
+class LossImpl(abc.ABC):
+    """One way to compute the per-token loss terms and forward-only log-probs (see the module docstring)."""
+
+    name: str = ""
+    from_hidden: bool = False  # True: consumes HiddenStates, so the model must stop before its output layer
+    module: Optional[str] = None  # the kernel module it needs, if any
+
+    def available(self) -> bool:
+        """Whether its kernel module imports here (triton installed, interpreter or GPU)."""
+        if self.module is None:
+            return True
+        try:
+            importlib.import_module(self.module)
+        except ImportError:
+            return False
+        return True
+
+    def _kernel(self):
+        try:
+            return importlib.import_module(self.module)
+        except ImportError as err:
+            raise RuntimeError(f"loss impl {self.name!r} needs {self.module}, which failed to import ({err}); "
+                               "is triton installed? On CPU set TRITON_INTERPRET=1 before importing triton") from err
+
+    @abc.abstractmethod
+    def per_token(self, source: Source, targets: torch.Tensor, advantages: torch.Tensor,
+                  old_logp: Optional[torch.Tensor], ref_logp: Optional[torch.Tensor], params: LossParams, *,
+                  valid: Optional[torch.Tensor] = None, shard: VocabShard = VocabShard(),
+                  entropy_grad: bool = False) -> TokenTerms:
+        """Per-token terms for N tokens ([N] inputs); ``valid`` None means every token counts."""
+
+    @abc.abstractmethod
+    def logprobs(self, source: Source, targets: torch.Tensor, temperature: float, *,
+                 shard: VocabShard = VocabShard()) -> torch.Tensor:
+        """fp32 [N] log softmax(logits / T)[target], no gradient (old/reference log-probs, likelihood Judge)."""
+
+    def _terms_from_kernel(self, out, old_logp, params: LossParams) -> TokenTerms:
+        """TokenTerms from a kernel's FusedLossOutput: pg = loss - beta kl, ratio from the log-probs."""
+        logp = out.logprobs.detach()
+        old = logp if old_logp is None else old_logp
+        ratio = torch.exp(torch.clamp(logp - old, -params.logratio_clamp, params.logratio_clamp))
+        kl = out.kl.detach()
+        return TokenTerms(out.loss, logp, out.loss.detach() - params.beta_kl * kl, kl, ratio, out.clipped.float(),
+                          out.entropy)
+
+
+def _hyper(params: LossParams) -> dict:
+    return dict(temperature=params.temperature, eps_low=params.eps_low, eps_high=params.eps_high,
+                dual_clip=params.dual_clip, beta_kl=params.beta_kl, logratio_clamp=params.logratio_clamp,
+                kl_clamp=params.kl_clamp)
+
+
+class _Reference(LossImpl):
+    name = "reference"
+
+    def per_token(self, source, targets, advantages, old_logp, ref_logp, params, *, valid=None,
+                  shard=VocabShard(), entropy_grad=False):
+        logits = _logits_only(self, source)
+        loss_args = _hyper(params)
+        temperature = loss_args.pop("temperature")
+        if shard.group is None:
+            _check_targets(logits, targets)
+            logprobs = _scaled_log_softmax(logits, temperature)  # one [N, V] pass serves both terms
+            logp = _gather_targets(logprobs, targets)
+            # The entropy is always reported; it only carries a gradient when it is part of the loss.
+            with torch.set_grad_enabled(torch.is_grad_enabled() and entropy_grad):
+                entropy = _entropy(logprobs)
+        else:
+            from megatron_selfjudge.megatron.logprobs import vocab_parallel_entropy, vocab_parallel_logprobs
+
+            logp = vocab_parallel_logprobs(logits, targets, temperature, shard.group)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and entropy_grad):
+                entropy = vocab_parallel_entropy(logits, temperature, shard.group)
+        per = per_token_policy_loss(logp, advantages, old_logp, ref_logp, **loss_args)
+        return TokenTerms(per.loss, logp.detach(), per.pg.detach(), per.kl.detach(), per.ratio.detach(),
+                          per.clipped, entropy)
+
+    @torch.no_grad()
+    def logprobs(self, source, targets, temperature, *, shard=VocabShard()):
+        logits = _logits_only(self, source)
+        if shard.group is None:
+            return token_logprobs(logits, targets, temperature)
+        from megatron_selfjudge.megatron.logprobs import vocab_parallel_logprobs
+
+        return vocab_parallel_logprobs(logits, targets, temperature, shard.group)
+
+
+class _LogitsKernel(LossImpl):
+    name = "logits_kernel"
+    module = KERNEL_MODULE
+
+    def per_token(self, source, targets, advantages, old_logp, ref_logp, params, *, valid=None,
+                  shard=VocabShard(), entropy_grad=False):
+        logits = _logits_only(self, source)
+        out = self._kernel().fused_grpo_loss(
+            logits if logits.stride(-1) == 1 else logits.contiguous(), targets, advantages, valid, old_logp,
+            ref_logp, compute_entropy=True, tp_group=shard.group, vocab_start_index=shard.start, **_hyper(params))
+        return self._terms_from_kernel(out, old_logp, params)
+
+    def logprobs(self, source, targets, temperature, *, shard=VocabShard()):
+        logits = _logits_only(self, source)
+        return self._kernel().selective_logprobs(logits.contiguous(), targets, temperature, shard.group, shard.start)
+
+
+class _FusedLinear(LossImpl):
+    name = "fused_linear"
+    from_hidden = True
+    module = FUSED_LINEAR_MODULE
+
+    def per_token(self, source, targets, advantages, old_logp, ref_logp, params, *, valid=None,
+                  shard=VocabShard(), entropy_grad=False):
+        hidden = _hidden_only(self, source)
+        out = self._kernel().fused_linear_grpo_loss(
+            hidden.hidden, hidden.weight, targets, advantages, valid, old_logp, ref_logp, compute_entropy=True,
+            tp_group=shard.group, vocab_start_index=shard.start, **_hyper(params))
+        return self._terms_from_kernel(out, old_logp, params)
+
+    def logprobs(self, source, targets, temperature, *, shard=VocabShard()):
+        hidden = _hidden_only(self, source)
+        return self._kernel().fused_linear_logprobs(hidden.hidden, hidden.weight, targets, temperature,
+                                                    shard.group, shard.start)
+
+
+def _logits_only(impl: LossImpl, source: Source) -> torch.Tensor:
+    if not isinstance(source, torch.Tensor):
+        raise TypeError(f"loss impl {impl.name!r} takes logits [N, V_local], got {type(source).__name__}")
+    return source
+
+
+def _hidden_only(impl: LossImpl, source: Source) -> HiddenStates:
+    if not isinstance(source, HiddenStates):
+        raise TypeError(f"loss impl {impl.name!r} takes HiddenStates(hidden, weight), got {type(source).__name__}")
+    return source
+
+
+LOSS_IMPLS: dict[str, LossImpl] = {impl.name: impl for impl in (_Reference(), _LogitsKernel(), _FusedLinear())}
+IMPL_CHOICES = ("auto", *LOSS_IMPLS)  # what loss.impl accepts (config validation reads this)
+
+
+def resolve_impl(name: str, device: torch.device, entropy_coef: float = 0.0) -> LossImpl:
+    """The implementation ``name`` stands for on ``device`` ('auto': the logits kernel on CUDA without entropy bonus)."""
+    if name not in IMPL_CHOICES:
+        raise ValueError(f"impl must be one of {IMPL_CHOICES}, got {name!r}")
+    if name != "auto":
+        return LOSS_IMPLS[name]
+    kernel = LOSS_IMPLS["logits_kernel"]
+    if torch.device(device).type == "cuda" and entropy_coef == 0 and kernel.available():
+        return kernel
+    return LOSS_IMPLS["reference"]

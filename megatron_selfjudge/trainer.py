@@ -287,7 +287,7 @@ class Trainer:
         from megatron_selfjudge.megatron.train_step import LossSettings
 
         lo = self.cfg.loss
-        clip = dict(eps_low=lo.eps_low, eps_high=lo.eps_high, dual_clip=lo.dual_clip, backend=lo.backend)
+        clip = dict(eps_low=lo.eps_low, eps_high=lo.eps_high, dual_clip=lo.dual_clip, impl=lo.impl)
         if sft:
             return LossSettings(temperature=1.0, beta_kl=0.0, agg="token-mean", entropy_coef=0.0, **clip)
         return LossSettings(temperature=self.cfg.rollout.temperature, beta_kl=lo.beta_kl, agg=lo.agg,
@@ -348,8 +348,11 @@ class Trainer:
         return False
 
     # ---- evaluation ----
-    def evaluate(self, name: str) -> Optional[dict]:
-        """Greedy pass@1, sampled pass@1 and maj@G on the held-out split."""
+    def evaluate(self, name: str, should_stop: Optional[Callable[[], bool]] = None) -> Optional[dict]:
+        """Greedy pass@1, sampled pass@1 and maj@G on the held-out split.
+
+        `should_stop` is polled between generation batches (eval.heldout.EvalInterrupted).
+        """
         from megatron_selfjudge.eval.heldout import evaluate
 
         if not self.task.test:
@@ -358,8 +361,8 @@ class Trainer:
         res = evaluate(self.engine, self.requests(self.task.test), [rec.answer for rec in self.task.test],
                        samples=r.n, temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_response_len,
                        seed=self.cfg.trainer.seed + 10_000, equivalence=self.cfg.reward.equivalence,
-                       timeout=self.cfg.reward.symbolic_timeout,
-                       progress=self.log.info)
+                       timeout=self.cfg.reward.symbolic_timeout, batch_size=r.max_batch_size,
+                       should_stop=should_stop, progress=self.log.info)
         self.state["evals"][name] = res.as_dict()
         self.log.info(f"eval {name}: greedy {res.greedy_pass1:.3f}  sampled {res.sampled_pass1:.3f}  "
                       f"maj@{r.n} {res.maj_at_g:.3f}  boxed {res.format_ok:.3f}")
@@ -473,38 +476,74 @@ class Trainer:
         self.log.info(f"checkpoint saved at step {self.state['step']}")
 
     def resume(self) -> bool:
-        """Load the latest checkpoint (trainer.resume=auto); True if one was found."""
-        from megatron_selfjudge.megatron.checkpoint import latest_checkpoint, load_checkpoint
+        """Load the newest intact checkpoint (trainer.resume=auto); True if one was found.
+
+        A damaged checkpoint is reported and the next older one tried; a folder whose step
+        checkpoints are all unusable is refused (runtime.run_state).
+        """
+        from megatron_selfjudge.megatron.checkpoint import checkpoint_candidates, has_step_checkpoints, \
+            load_checkpoint
+        from megatron_selfjudge.runtime.run_state import load_newest_intact
 
         if self.cfg.trainer.resume != "auto":
             return False
-        path = latest_checkpoint(self.ckpt_root)
-        if path is None:
+        found = load_newest_intact(checkpoint_candidates(self.ckpt_root),
+                                   lambda path: load_checkpoint(path, self.ddp, self.optimizer),
+                                   self.log.info, has_step_checkpoints(self.ckpt_root), self.ckpt_root)
+        if found is None:
             return False
-        self.state = load_checkpoint(path, self.ddp, self.optimizer)
+        path, self.state = found
         self.sampler = PromptSampler(len(self.task.train), self.cfg.trainer.seed, **self.state["sampler"])
         self.log.info(f"resumed from {path} (step {self.state['step']}, phase {self.state['phase']})")
         return True
 
+    def write_config(self) -> None:
+        """config.yaml of the run; when resuming, first refuse meaning-changing differences from the saved one."""
+        from megatron_selfjudge.runtime.ranks import raise_if_any_rank_failed
+        from megatron_selfjudge.runtime.run_state import RunStateError, check_config_drift
+
+        error = None
+        if self.main:
+            saved = self.run_dir / "config.yaml"
+            try:
+                if self.cfg.trainer.resume == "auto":
+                    changed = check_config_drift(saved, self.cfg, self.cfg.trainer.allow_config_change)
+                    if changed:
+                        self.log.info(f"resuming with changed settings: {', '.join(changed)}")
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                saved.write_text(to_yaml(self.cfg))
+            except RunStateError as exc:  # raised below, once every rank knows
+                error = exc
+        raise_if_any_rank_failed(error, "the run-directory config check")
+
     def make_initial_copy(self, from_disk: bool) -> None:
         """Reference + Judge: one frozen copy of the policy as it enters stage 2.
 
-        A run resumed inside stage 2 rebuilds it from checkpoints/initial; otherwise the current
-        policy is copied and saved there (replacing any older run's copy).
+        A run resumed inside stage 2 rebuilds it from checkpoints/initial (and refuses to go on
+        when that copy is missing or damaged); otherwise the current policy is copied and saved
+        there (replacing any older run's copy).
         """
         from megatron_selfjudge.megatron.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
         from megatron_selfjudge.megatron.frozen import frozen_copy
 
+        from megatron_selfjudge.megatron.checkpoint import CheckpointDamaged
+        from megatron_selfjudge.runtime.run_state import RunStateError, require_initial_copy
+
         init_root = self.ckpt_root / "initial"
         # The builders re-seed the global RNG; keep the run's stream where it was.
         with torch.random.fork_rng(devices=[]):
-            if not from_disk or latest_checkpoint(init_root) is None:
+            if not from_disk:
                 save_checkpoint(init_root, 0, self.ddp, None, {"what": "initial policy: reference and Judge"},
                                 keep_last=1)
                 self.initial = frozen_copy(self.policy, self.build)
-            else:  # resumed mid-run: the policy has moved on, so rebuild the copy from disk
+            else:  # resumed mid-run: the policy has moved on, so the copy can only come from disk
+                path = require_initial_copy(init_root, self.state["step"], latest_checkpoint(init_root))
                 module = self.build()
-                load_checkpoint(latest_checkpoint(init_root), module, None, load_rng=False)
+                try:
+                    load_checkpoint(path, module, None, load_rng=False)
+                except CheckpointDamaged as exc:
+                    raise RunStateError(f"the frozen initial copy (reference and Judge) is damaged: {exc}") \
+                        from None
                 self.initial = frozen_copy(module, self.build)
         if uses_generative_judge(self.cfg):
             from megatron_selfjudge.rollout.base import build_engine
@@ -521,24 +560,40 @@ class Trainer:
         return t.epochs * (len(self.task.train) // t.prompts_per_step)
 
     def run(self) -> int:
-        """SFT -> eval before -> UPT steps (checkpointed, preemptible) -> eval after -> table."""
+        """SFT -> eval before -> UPT steps (checkpointed, preemptible) -> eval after -> table.
+
+        A stop signal (SIGTERM/SIGUSR1) is honoured within one SFT step, one UPT step or one
+        evaluation generation batch: the run saves a checkpoint and returns 0. An interrupted
+        evaluation is not recorded, so the resumed run repeats it.
+        """
+        from megatron_selfjudge.eval.heldout import EvalInterrupted
         from megatron_selfjudge.preemption import PreemptionHandler
 
         t = self.cfg.trainer
-        if self.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
+        self.write_config()
         resumed = self.resume()
         if self.task.skipped:
             self.log.info(f"data: skipped {self.task.skipped} unusable rows (data.on_error=skip)")
         with PreemptionHandler() as preempt:
+            def stopped_in_eval(name: str) -> bool:
+                """Run evaluation `name`; True when a stop signal interrupted it (a checkpoint is saved)."""
+                try:
+                    self.evaluate(name, should_stop=preempt.should_stop)
+                    return False
+                except EvalInterrupted:
+                    self.save()
+                    self.log.info(f"preempted during evaluation {name!r}: saved step {self.state['step']} and "
+                                  "exiting (the evaluation runs again on resume)")
+                    self.metrics.close()
+                    return True
+
             if self.state["phase"] == "sft" and self.run_sft(preempt):
                 self.log.info(f"preempted during SFT: saved SFT step {self.state['sft_step']} and exiting")
                 self.metrics.close()
                 return 0
             self.make_initial_copy(from_disk=resumed and self.state["step"] > 0)
-            if "before" not in self.state["evals"]:
-                self.evaluate("before")
+            if "before" not in self.state["evals"] and stopped_in_eval("before"):
+                return 0
             # Lines of steps after the checkpoint (a killed run's) are written again below.
             self.metrics.truncate_after(self.state["step"])
             total = self.total_steps()
@@ -563,7 +618,8 @@ class Trainer:
                     if t.save_every and step % t.save_every == 0 and step < total:
                         self.save()
             self.state["phase"] = "done"
-            self.evaluate("after")
+            if stopped_in_eval("after"):
+                return 0
             self.save()
         self.write_report()
         self.metrics.close()
@@ -638,11 +694,14 @@ def main(cfg: Config) -> int:
     import torch.distributed as dist
 
     from megatron_selfjudge.megatron.parallel import destroy_parallel
+    from megatron_selfjudge.runtime.lock import hold_run_dir
 
     created = setup_distributed(cfg)
     seed_everything(cfg.trainer.seed)
     try:
-        return Trainer(cfg).run()
+        # Locked before anything is written there (the Trainer opens TensorBoard, run() config.yaml).
+        with hold_run_dir(cfg.trainer.run_dir, is_main_rank()):
+            return Trainer(cfg).run()
     finally:
         destroy_parallel()
         if created and dist.is_initialized():

@@ -196,7 +196,7 @@ def _reference_aggregate(per_token, mask, agg):
 @pytest.mark.parametrize("agg", AGG_MODES)
 def test_policy_loss_matches_explicit_aggregation(agg):
     logits, targets, adv, mask, old, ref = _batch()
-    loss, metrics = policy_loss(logits, targets, adv, mask, old, ref, agg=agg, beta_kl=0.1, backend="torch", **HP)
+    loss, metrics = policy_loss(logits, targets, adv, mask, old, ref, agg=agg, beta_kl=0.1, impl="reference", **HP)
     logp = torch.log_softmax(logits, -1).gather(-1, targets[..., None]).squeeze(-1)
     per = per_token_policy_loss(logp, adv[:, None].expand_as(logp), old, ref, beta_kl=0.1, **HP)
     torch.testing.assert_close(loss, _reference_aggregate(per.loss, mask, agg), rtol=1e-6, atol=1e-6)
@@ -212,7 +212,7 @@ def test_policy_loss_matches_explicit_aggregation(agg):
     assert float(metrics["valid_tokens"]) == mask.sum()
     # the entropy bonus is subtracted: a higher entropy lowers the loss
     bonus, _ = policy_loss(logits, targets, adv, mask, old, ref, agg=agg, beta_kl=0.1, entropy_coef=0.3,
-                           backend="torch", **HP)
+                           impl="reference", **HP)
     want_bonus = loss - 0.3 * _reference_aggregate(token_entropy(logits), mask, agg)
     torch.testing.assert_close(bonus, want_bonus, rtol=1e-6, atol=1e-6)
 
@@ -220,17 +220,17 @@ def test_policy_loss_matches_explicit_aggregation(agg):
 def test_flat_logits_and_per_token_advantages_match_batched():
     logits, targets, adv, mask, old, ref = _batch()
     b, t, v = logits.shape
-    want, _ = policy_loss(logits, targets, adv, mask, old, ref, backend="torch")
+    want, _ = policy_loss(logits, targets, adv, mask, old, ref, impl="reference")
     got, _ = policy_loss(logits.reshape(b * t, v), targets.reshape(-1), adv[:, None].expand(b, t).reshape(-1),
-                         mask, old.reshape(-1), ref.reshape(-1), backend="torch")
+                         mask, old.reshape(-1), ref.reshape(-1), impl="reference")
     torch.testing.assert_close(got, want)
     # a 1-D mask is one flat token list: fine for token-mean, refused for seq-mean
     flat, _ = policy_loss(logits.reshape(b * t, v), targets.reshape(-1), adv[:, None].expand(b, t).reshape(-1),
-                          mask.reshape(-1), old.reshape(-1), ref.reshape(-1), backend="torch")
+                          mask.reshape(-1), old.reshape(-1), ref.reshape(-1), impl="reference")
     torch.testing.assert_close(flat, want)
     with pytest.raises(ValueError, match="seq-mean"):
         policy_loss(logits.reshape(b * t, v), targets.reshape(-1), torch.zeros(b * t), mask.reshape(-1),
-                    agg="seq-mean-token-mean", backend="torch")
+                    agg="seq-mean-token-mean", impl="reference")
 
 
 @pytest.mark.parametrize("agg", AGG_MODES)
@@ -242,7 +242,7 @@ def test_gradcheck_float64(agg, with_ref):
 
     def fn(z):
         return policy_loss(z, targets, adv, mask, old, ref, agg=agg, beta_kl=0.1, entropy_coef=0.05,
-                           backend="torch", **HP)[0]
+                           impl="reference", **HP)[0]
 
     assert torch.autograd.gradcheck(fn, (logits,), eps=1e-6, atol=1e-7, rtol=1e-5)
 
@@ -252,7 +252,7 @@ def test_on_policy_gradient_is_policy_gradient(agg):
     # gradcheck cannot see a stop-gradient (old moves with logp), so compare with -A * grad(logp)
     logits, targets, adv, mask, _, _ = _batch(seed=11, dtype=torch.float64)
     logits.requires_grad_(True)
-    loss, metrics = policy_loss(logits, targets, adv, mask, agg=agg, backend="torch")
+    loss, metrics = policy_loss(logits, targets, adv, mask, agg=agg, impl="reference")
     (got,) = torch.autograd.grad(loss, logits)
     logp = torch.log_softmax(logits, -1).gather(-1, targets[..., None]).squeeze(-1)
     surrogate = (token_weights(mask, agg) * -adv[:, None] * logp).sum()
@@ -266,7 +266,7 @@ def test_on_policy_gradient_is_policy_gradient(agg):
 def test_micro_batches_and_dp_ranks_sum_to_global_loss_and_grads(agg):
     logits, targets, adv, mask, old, ref = _batch(b=8, t=6, seed=2)
     logits.requires_grad_(True)
-    kw = dict(agg=agg, beta_kl=0.05, entropy_coef=0.01, backend="torch", **HP)
+    kw = dict(agg=agg, beta_kl=0.05, entropy_coef=0.01, impl="reference", **HP)
     full, _ = policy_loss(logits, targets, adv, mask, old, ref, **kw)
     (full_grad,) = torch.autograd.grad(full, logits)
 
@@ -291,7 +291,7 @@ def test_masked_tokens_get_zero_gradient_even_with_junk_padding():
     adv_tok = torch.where(mask, adv[:, None].expand_as(mask), torch.full(mask.shape, float("inf")))
     logits.requires_grad_(True)
     for agg in AGG_MODES:
-        loss, metrics = policy_loss(logits, targets, adv_tok, mask, old, ref, agg=agg, backend="torch")
+        loss, metrics = policy_loss(logits, targets, adv_tok, mask, old, ref, agg=agg, impl="reference")
         (grad,) = torch.autograd.grad(loss, logits)
         assert torch.isfinite(loss) and all(torch.isfinite(v) for v in metrics.values())
         assert torch.equal(grad[~mask], torch.zeros_like(grad[~mask]))
@@ -301,8 +301,8 @@ def test_masked_tokens_get_zero_gradient_even_with_junk_padding():
 def test_temperature_scales_logits_before_log_softmax():
     logits, targets, adv, mask, old, ref = _batch(seed=4)
     temp = 0.7
-    got, m_got = policy_loss(logits, targets, adv, mask, old, ref, temperature=temp, backend="torch")
-    want, m_want = policy_loss(logits / temp, targets, adv, mask, old, ref, temperature=1.0, backend="torch")
+    got, m_got = policy_loss(logits, targets, adv, mask, old, ref, temperature=temp, impl="reference")
+    want, m_want = policy_loss(logits / temp, targets, adv, mask, old, ref, temperature=1.0, impl="reference")
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(m_got["entropy"], m_want["entropy"])
     # by hand for one token: logp = z_t / T - log sum_j exp(z_j / T)
@@ -323,7 +323,7 @@ def test_extreme_logits_are_finite():
     assert torch.isfinite(token_entropy(logits)).all() and (token_entropy(logits) >= -1e-6).all()
     old = torch.full((3, 4), -1.0)
     loss, metrics = policy_loss(logits, targets, torch.tensor([1.0, -1.0, 2.0]), mask, old, old,
-                                entropy_coef=0.1, backend="torch")
+                                entropy_coef=0.1, impl="reference")
     (grad,) = torch.autograd.grad(loss, logits)
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
     assert all(torch.isfinite(v) for v in metrics.values())
@@ -332,7 +332,7 @@ def test_extreme_logits_are_finite():
 def test_all_masked_batch_gives_zero_loss_and_neutral_metrics():
     logits, targets, adv, mask, old, ref = _batch(seed=6)
     logits.requires_grad_(True)
-    loss, metrics = policy_loss(logits, targets, adv, torch.zeros_like(mask), old, ref, backend="torch")
+    loss, metrics = policy_loss(logits, targets, adv, torch.zeros_like(mask), old, ref, impl="reference")
     assert float(loss.detach()) == 0.0
     assert float(metrics["clip_frac"]) == 0.0 and float(metrics["ratio_min"]) == 1.0
     (grad,) = torch.autograd.grad(loss, logits)
@@ -346,7 +346,8 @@ def test_bad_arguments_raise_clear_errors():
         (dict(eps_low=1.0), "eps_low"),
         (dict(dual_clip=1.0), "dual_clip"),
         (dict(agg="sum"), "agg"),
-        (dict(backend="cuda"), "backend"),
+        (dict(impl="cuda"), "impl"),
+        (dict(impl="fused_linear"), "hidden states"),
     ]
     for kwargs, field in cases:
         with pytest.raises(ValueError, match=field):
@@ -361,7 +362,7 @@ def test_bad_arguments_raise_clear_errors():
         per_token_policy_loss(torch.zeros(3), torch.zeros(4))
 
 
-# ---------------------------------------------------------------- backend dispatch
+# ---------------------------------------------------------------- implementation dispatch
 FusedOut = namedtuple("FusedOut", "loss logprobs kl clipped entropy")
 
 
@@ -369,8 +370,9 @@ def _fake_kernel_module(calls):
     """Stand-in for kernels/grpo_loss.py with the brief's API, built on the reference: tests the wiring."""
 
     def fused_grpo_loss(logits, targets, advantages, mask, old_logp=None, ref_logp=None, *, temperature,
-                        eps_low, eps_high, dual_clip, beta_kl, compute_entropy=False, tp_group=None,
-                        vocab_start_index=0, inplace_backward=False):
+                        eps_low, eps_high, dual_clip, beta_kl, logratio_clamp=L.LOGRATIO_CLAMP,
+                        kl_clamp=L.KL_CLAMP, compute_entropy=False, tp_group=None, vocab_start_index=0,
+                        inplace_backward=False):
         calls.append(dict(shape=tuple(logits.shape), mask=mask.clone(), temperature=temperature, eps_low=eps_low,
                           eps_high=eps_high, dual_clip=dual_clip, beta_kl=beta_kl))
         logp = token_logprobs(logits, targets, temperature)
@@ -386,15 +388,15 @@ def _fake_kernel_module(calls):
 
 
 @pytest.mark.parametrize("agg", AGG_MODES)
-def test_triton_backend_wiring_matches_torch(monkeypatch, agg):
+def test_logits_kernel_wiring_matches_reference(monkeypatch, agg):
     calls = []
     monkeypatch.setitem(sys.modules, L.KERNEL_MODULE, _fake_kernel_module(calls))
     logits, targets, adv, mask, old, ref = _batch(seed=8)
     logits.requires_grad_(True)
     kw = dict(agg=agg, temperature=0.9, eps_low=0.1, eps_high=0.28, dual_clip=2.5, beta_kl=0.2, entropy_coef=0.05)
     for o, r in ((old, ref), (None, None)):
-        want, m_want = policy_loss(logits, targets, adv, mask, o, r, backend="torch", **kw)
-        got, m_got = policy_loss(logits, targets, adv, mask, o, r, backend="triton", **kw)
+        want, m_want = policy_loss(logits, targets, adv, mask, o, r, impl="reference", **kw)
+        got, m_got = policy_loss(logits, targets, adv, mask, o, r, impl="logits_kernel", **kw)
         torch.testing.assert_close(got, want)
         torch.testing.assert_close(torch.autograd.grad(got, logits)[0], torch.autograd.grad(want, logits)[0])
         assert m_got.keys() == m_want.keys()
@@ -406,30 +408,65 @@ def test_triton_backend_wiring_matches_torch(monkeypatch, agg):
         0.9, 0.1, 0.28, 2.5, 0.2)
 
 
-def test_auto_backend_choice(monkeypatch):
+def test_auto_impl_choice(monkeypatch):
     calls = []
     monkeypatch.setitem(sys.modules, L.KERNEL_MODULE, _fake_kernel_module(calls))
     logits, targets, adv, mask, old, ref = _batch(seed=9)
     # CPU logits: the reference, even with the interpreter on (it is ~1000x slower than eager).
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    policy_loss(logits, targets, adv, mask, old, ref, backend="auto")
+    policy_loss(logits, targets, adv, mask, old, ref, impl="auto")
     assert calls == []
-    policy_loss(logits, targets, adv, mask, old, ref, backend="triton")
+    policy_loss(logits, targets, adv, mask, old, ref, impl="logits_kernel")
     assert len(calls) == 1
     if torch.cuda.is_available():
         cuda = [t.cuda() for t in (logits, targets, adv, mask, old, ref)]
-        policy_loss(*cuda, backend="auto", entropy_coef=0.1)  # entropy bonus: the reference
+        policy_loss(*cuda, impl="auto", entropy_coef=0.1)  # entropy bonus: the reference
         assert len(calls) == 1
-        policy_loss(*cuda, backend="auto")
+        policy_loss(*cuda, impl="auto")
         assert len(calls) == 2
 
 
-def test_triton_backend_import_failure_is_clear(monkeypatch):
+def test_logits_kernel_import_failure_is_clear(monkeypatch):
     monkeypatch.setitem(sys.modules, L.KERNEL_MODULE, None)  # makes the import raise ImportError
     logits, targets, adv, mask, old, ref = _batch(seed=10)
     with pytest.raises(RuntimeError, match="grpo_loss"):
-        policy_loss(logits, targets, adv, mask, old, ref, backend="triton")
+        policy_loss(logits, targets, adv, mask, old, ref, impl="logits_kernel")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    loss, _ = policy_loss(logits, targets, adv, mask, old, ref, backend="auto")  # falls back to the reference
-    want, _ = policy_loss(logits, targets, adv, mask, old, ref, backend="torch")
+    loss, _ = policy_loss(logits, targets, adv, mask, old, ref, impl="auto")  # falls back to the reference
+    want, _ = policy_loss(logits, targets, adv, mask, old, ref, impl="reference")
     assert torch.equal(loss, want)
+
+
+def test_registry_names_and_auto_resolution(monkeypatch):
+    """One list of names: the registry's, 'auto' on top; auto takes the logits kernel only for CUDA."""
+    assert L.IMPL_CHOICES == ("auto", "reference", "logits_kernel", "fused_linear")
+    assert [impl.from_hidden for impl in L.LOSS_IMPLS.values()] == [False, False, True]
+    monkeypatch.setitem(sys.modules, L.KERNEL_MODULE, _fake_kernel_module([]))
+    cuda = torch.device("cuda")  # only the device type is read: no GPU needed
+    assert L.resolve_impl("auto", cuda).name == "logits_kernel"
+    assert L.resolve_impl("auto", cuda, entropy_coef=0.1).name == "reference"
+    assert L.resolve_impl("auto", torch.device("cpu")).name == "reference"
+    assert L.resolve_impl("fused_linear", torch.device("cpu")) is L.LOSS_IMPLS["fused_linear"]
+    monkeypatch.setitem(sys.modules, L.KERNEL_MODULE, None)
+    assert L.resolve_impl("auto", cuda).name == "reference"  # kernel not importable: the reference
+    with pytest.raises(ValueError, match="impl must be one of"):
+        L.resolve_impl("torch", cuda)
+
+
+def test_config_accepts_exactly_the_registry_names():
+    from megatron_selfjudge.config import ConfigError, load_config
+
+    for name in L.IMPL_CHOICES:
+        assert load_config(overrides=[f"loss.impl={name}"]).loss.impl == name
+    with pytest.raises(ConfigError, match="loss.impl"):
+        load_config(overrides=["loss.impl=triton"])
+
+
+def test_impls_reject_the_other_kind_of_input():
+    logits = torch.randn(3, 5)
+    hidden = L.HiddenStates(torch.randn(3, 4), torch.randn(5, 4))
+    targets, zeros = torch.tensor([0, 1, 4]), torch.zeros(3)
+    with pytest.raises(TypeError, match="HiddenStates"):
+        L.LOSS_IMPLS["fused_linear"].logprobs(logits, targets, 1.0)
+    with pytest.raises(TypeError, match="logits"):
+        L.LOSS_IMPLS["reference"].per_token(hidden, targets, zeros, None, None, L.LossParams())

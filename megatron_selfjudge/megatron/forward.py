@@ -16,14 +16,14 @@ result to the other stages and the DP shards are all-gathered, so every rank ret
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from contextlib import contextmanager, nullcontext
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 
 from megatron_selfjudge import loss as loss_ref
 from megatron_selfjudge.megatron.batching import PolicyBatch, data_parallel_shard, micro_batches_by_tokens
-from megatron_selfjudge.megatron.logprobs import vocab_parallel_logprobs
 
 DEFAULT_IMAGE_TOKEN_INDEX = -200
 
@@ -91,8 +91,56 @@ def check_fits(batch: PolicyBatch, info: ModelInfo) -> None:
                          f"language_max_sequence_length is {info.max_seq_len}; it would be truncated")
 
 
-def stage_forward(model: torch.nn.Module, micro: PolicyBatch, info: ModelInfo) -> torch.Tensor:
-    """This pipeline stage's output for one micro-batch: logits [b, s, V/tp] on the last stage."""
+class _OutputLayerBypass:
+    """Stands in for a ColumnParallelLinear output layer's forward: its prepared input, and the weight it got."""
+
+    def __init__(self, layer: torch.nn.Module):
+        self.layer = layer
+        self.weight: Optional[torch.Tensor] = None
+
+    def __call__(self, input_: torch.Tensor, weight: Optional[torch.Tensor] = None,
+                 runtime_gather_output: Optional[bool] = None) -> tuple[torch.Tensor, None]:
+        from megatron.core.tensor_parallel import (
+            copy_to_tensor_model_parallel_region,
+            gather_from_sequence_parallel_region,
+        )
+
+        layer = self.layer
+        if getattr(layer, "bias", None) is not None:
+            raise ValueError("loss.impl=fused_linear does not support an output layer with a bias")
+        self.weight = layer.weight if weight is None else weight
+        # The same input preparation as ColumnParallelLinear.forward: the fused loss's d_hidden is this
+        # rank's vocab shard's part, summed over ranks by these regions' backward.
+        if layer.sequence_parallel:
+            return gather_from_sequence_parallel_region(input_, tensor_parallel_output_grad=True,
+                                                        group=layer.tp_group), None
+        if getattr(layer, "disable_grad_reduce", False):
+            return input_, None
+        return copy_to_tensor_model_parallel_region(input_, group=layer.tp_group), None
+
+
+def output_layer(model: torch.nn.Module) -> Optional[torch.nn.Module]:
+    """The last stage's output layer of a (wrapped) megatron model (a multimodal model's language model's), or None."""
+    bare = unwrap_model(model)
+    language = getattr(bare, "language_model", bare)
+    return getattr(language, "output_layer", None)
+
+
+@contextmanager
+def bypass_output_layer(model: torch.nn.Module) -> Iterator[_OutputLayerBypass]:
+    """Within this block the model returns hidden states [b, s, H]; the bypass records the output weight."""
+    layer = output_layer(model)
+    if layer is None:
+        raise ValueError("the model has no output layer on this pipeline stage to bypass")
+    bypass = _OutputLayerBypass(layer)
+    layer.forward = bypass  # an instance attribute shadows the class's forward for this block only
+    try:
+        yield bypass
+    finally:
+        del layer.forward
+
+
+def _run_model(model: torch.nn.Module, micro: PolicyBatch, info: ModelInfo) -> torch.Tensor:
     positions = torch.arange(micro.tokens.shape[1], device=info.device).expand_as(micro.tokens)
     if not info.is_llava:
         return model(micro.tokens, positions, None)
@@ -109,9 +157,24 @@ def stage_forward(model: torch.nn.Module, micro: PolicyBatch, info: ModelInfo) -
     return output
 
 
+def stage_forward(model: torch.nn.Module, micro: PolicyBatch, info: ModelInfo,
+                  from_hidden: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """This pipeline stage's output for one micro-batch, and the output weight when ``from_hidden``.
+
+    On the last stage the output is logits [b, s, V/tp], or with ``from_hidden`` the hidden states
+    [b, s, H] that the output layer would have multiplied with the returned weight [V/tp, H].
+    """
+    from megatron.core import parallel_state
+
+    bypass = from_hidden and parallel_state.is_pipeline_last_stage()
+    with bypass_output_layer(model) if bypass else nullcontext() as layer:
+        output = _run_model(model, micro, info)
+    return output, (layer.weight if bypass else None)
+
+
 def response_logits(logits: torch.Tensor, micro: PolicyBatch,
                     info: ModelInfo) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Logits [N, V/tp] of the N response labels, with their (rows, cols) in the text layout."""
+    """Logits [N, V/tp] (or hidden states [N, H]) of the N response labels, with their (rows, cols) in the text layout."""
     if logits.dim() != 3 or logits.shape[0] != micro.size:
         raise ValueError(f"expected batch-first logits [{micro.size}, s, V], got {tuple(logits.shape)}")
     rows, cols = micro.loss_mask.bool().nonzero(as_tuple=True)
@@ -120,6 +183,20 @@ def response_logits(logits: torch.Tensor, micro: PolicyBatch,
         raise ValueError(f"a response label maps to decoder position {int(positions.max())} but the logits "
                          f"hold {logits.shape[1]} positions")
     return logits[rows, positions], rows, cols
+
+
+def loss_source(output: torch.Tensor, micro: PolicyBatch, info: ModelInfo,
+                weight: Optional[torch.Tensor]) -> tuple[loss_ref.Source, loss_ref.VocabShard, torch.Tensor, torch.Tensor]:
+    """What the loss implementation reads for the response labels, this rank's vocab shard, and (rows, cols)."""
+    from megatron.core import parallel_state
+
+    selected, rows, cols = response_logits(output, micro, info)
+    source = selected if weight is None else loss_ref.HiddenStates(selected, weight)
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    local_vocab = selected.shape[-1] if weight is None else weight.shape[0]
+    shard = loss_ref.VocabShard(parallel_state.get_tensor_model_parallel_group() if tp > 1 else None,
+                                parallel_state.get_tensor_model_parallel_rank() * local_vocab)
+    return source, shard, rows, cols
 
 
 def run_schedule(model: torch.nn.Module, micro_batches: list[PolicyBatch], forward_step_func: Callable,
@@ -145,26 +222,6 @@ def split_micro_batches(batch: PolicyBatch, info: ModelInfo, max_tokens: int) ->
     costs = batch.token_costs(info.image_token_index, info.image_seq_len).tolist()
     groups = micro_batches_by_tokens(costs, max_tokens)
     return groups, [batch.select(g, info.image_token_index).to(info.device) for g in groups]
-
-
-def tp_vocab_start(logits: torch.Tensor) -> int:
-    """First vocab id of this rank's logits shard."""
-    from megatron.core import parallel_state
-
-    return parallel_state.get_tensor_model_parallel_rank() * logits.shape[-1]
-
-
-def selected_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float, backend: str) -> torch.Tensor:
-    """fp32 log-probs of targets under vocab-parallel logits [N, V/tp] (no grad), torch or Triton."""
-    from megatron.core import parallel_state
-
-    if loss_ref._resolve_backend(backend, logits, 0.0) == "triton":
-        from megatron_selfjudge.kernels.grpo_loss import selective_logprobs
-
-        tp = parallel_state.get_tensor_model_parallel_world_size()
-        group = parallel_state.get_tensor_model_parallel_group() if tp > 1 else None
-        return selective_logprobs(logits.contiguous(), targets, temperature, group, tp_vocab_start(logits))
-    return vocab_parallel_logprobs(logits, targets, temperature)
 
 
 def comm_device() -> torch.device:
@@ -206,16 +263,18 @@ def compute_logprobs(
     temperature: float = 1.0,
     max_tokens: int = 4096,
     shard_data_parallel: bool = True,
-    backend: str = "torch",
+    impl: str = "auto",
 ) -> torch.Tensor:
     """fp32 [B, T] log p(labels) under softmax(logits / T) where loss_mask is 1, else 0; same on every rank.
 
     With `shard_data_parallel` each DP rank scores its share of rows and the shares are gathered
     (the batch must be identical on all ranks); otherwise every rank scores all of `batch`.
+    `impl` names the loss implementation (loss.LOSS_IMPLS, or 'auto') that computes the log-probs.
     """
     from megatron.core import parallel_state
 
     info = model_info(model)
+    chosen = loss_ref.resolve_impl(impl, info.device)
     was_training = model.training
     model.eval()
     rows = list(range(batch.size))
@@ -227,12 +286,12 @@ def compute_logprobs(
 
     def forward_step(data_iterator, chunk):
         micro = next(data_iterator)
-        output = stage_forward(chunk, micro, info)
+        output, weight = stage_forward(chunk, micro, info, from_hidden=chosen.from_hidden)
 
-        def loss_func(logits):
-            selected, r, c = response_logits(logits, micro, info)
-            logp = selected_logprobs(selected, micro.labels[r, c], temperature, backend)
-            return logits.new_zeros(()), torch.tensor(r.numel(), dtype=torch.int), {"logp": logp, "rows": r, "cols": c}
+        def loss_func(output):
+            source, shard, r, c = loss_source(output, micro, info, weight)
+            logp = chosen.logprobs(source, micro.labels[r, c], temperature, shard=shard)
+            return output.new_zeros(()), torch.tensor(r.numel(), dtype=torch.int), {"logp": logp, "rows": r, "cols": c}
 
         return output, loss_func
 
@@ -252,6 +311,6 @@ def compute_logprobs(
 
 
 def sequence_logprobs(model: torch.nn.Module, batch: PolicyBatch, *, temperature: float = 1.0,
-                      max_tokens: int = 4096) -> torch.Tensor:
+                      max_tokens: int = 4096, impl: str = "auto") -> torch.Tensor:
     """fp32 [B]: summed log-prob of each row's masked labels (a likelihood judge's score)."""
-    return compute_logprobs(model, batch, temperature=temperature, max_tokens=max_tokens).sum(dim=1)
+    return compute_logprobs(model, batch, temperature=temperature, max_tokens=max_tokens, impl=impl).sum(dim=1)

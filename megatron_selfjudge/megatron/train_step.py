@@ -7,10 +7,12 @@ its own part of the global loss; megatron's schedule is told not to rescale it
 (`calculate_per_token_loss`, set by optimizer.build_optimizer) and DDP sums gradients across
 ranks, so the accumulated gradient is the gradient of the exact global aggregation.
 
-Per-token terms come from vocab-parallel logits divided by the temperature: with the torch
-backend through `logprobs.vocab_parallel_logprobs` + `loss.per_token_policy_loss` (the reference
-math), with the Triton backend through `kernels.grpo_loss.fused_grpo_loss`, which reduces over
-the tensor-parallel group itself. The logits are never gathered over the vocabulary.
+Per-token terms come from vocab-parallel logits divided by the temperature, computed by the
+loss implementation `settings.impl` names (the registry in `loss.py`): `reference` (megatron's
+vocab-parallel cross entropy + `loss.per_token_policy_loss`), `logits_kernel` (the Triton kernels
+of `kernels/grpo_loss.py`) or `fused_linear` (`kernels/fused_linear_grpo.py`, from the hidden
+states and the output weight, so the logits never exist). The logits are never gathered over the
+vocabulary.
 """
 from __future__ import annotations
 
@@ -23,7 +25,6 @@ import torch.distributed as dist
 from megatron_selfjudge import loss as loss_ref
 from megatron_selfjudge.megatron import forward as fwd
 from megatron_selfjudge.megatron.batching import PolicyBatch, data_parallel_shard, prompt_mini_batches
-from megatron_selfjudge.megatron.logprobs import vocab_parallel_entropy, vocab_parallel_logprobs
 
 # Per micro-batch sums, reduced over micro-batches and DP ranks before any division.
 _SUM_KEYS = ("loss", "pg", "kl", "clipped", "entropy", "tokens")
@@ -40,17 +41,19 @@ class LossSettings:
     beta_kl: float
     agg: str  # one of loss.AGG_MODES
     entropy_coef: float
-    backend: str  # one of loss.BACKENDS
+    impl: str  # one of loss.IMPL_CHOICES
 
     def __post_init__(self) -> None:
         if self.agg not in loss_ref.AGG_MODES:
             raise ValueError(f"agg must be one of {loss_ref.AGG_MODES}, got {self.agg!r}")
-        if self.backend not in loss_ref.BACKENDS:
-            raise ValueError(f"backend must be one of {loss_ref.BACKENDS}, got {self.backend!r}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
-        loss_ref.check_loss_args(self.eps_low, self.eps_high, self.dual_clip, self.beta_kl,
-                                  loss_ref.LOGRATIO_CLAMP, loss_ref.KL_CLAMP)
+        if self.impl not in loss_ref.IMPL_CHOICES:
+            raise ValueError(f"impl must be one of {loss_ref.IMPL_CHOICES}, got {self.impl!r}")
+        self.params()
+
+    def params(self) -> loss_ref.LossParams:
+        """The per-token loss hyper-parameters, checked."""
+        return loss_ref.LossParams(self.temperature, self.eps_low, self.eps_high, self.dual_clip,
+                                   self.beta_kl).check()
 
 
 def global_normalizer(loss_mask: torch.Tensor, agg: str) -> float:
@@ -65,49 +68,32 @@ def global_normalizer(loss_mask: torch.Tensor, agg: str) -> float:
     return float(total.item())
 
 
-def _per_token_terms(logits, targets, adv, old, ref, settings: LossSettings):
-    """(loss, pg, kl, ratio, clipped, entropy) per selected token; loss/entropy carry the gradient."""
-    from megatron.core import parallel_state
+def micro_batch_loss(output: torch.Tensor, micro: PolicyBatch, settings: LossSettings, normalizer: float,
+                     info: fwd.ModelInfo, output_weight: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
+    """This micro-batch's share of the global loss, and summed stats.
 
-    kwargs = dict(eps_low=settings.eps_low, eps_high=settings.eps_high, dual_clip=settings.dual_clip,
-                  beta_kl=settings.beta_kl)
-    if loss_ref._resolve_backend(settings.backend, logits, settings.entropy_coef) == "triton":
-        from megatron_selfjudge.kernels.grpo_loss import fused_grpo_loss
-
-        tp = parallel_state.get_tensor_model_parallel_world_size()
-        out = fused_grpo_loss(logits.contiguous(), targets, adv, None, old, ref, temperature=settings.temperature,
-                              compute_entropy=True, tp_group=parallel_state.get_tensor_model_parallel_group()
-                              if tp > 1 else None, vocab_start_index=fwd.tp_vocab_start(logits), **kwargs)
-        logp = out.logprobs.detach()
-        ratio = torch.exp(torch.clamp(logp - (logp if old is None else old), -loss_ref.LOGRATIO_CLAMP,
-                                      loss_ref.LOGRATIO_CLAMP))
-        pg = out.loss.detach() - settings.beta_kl * out.kl.detach()
-        return out.loss, pg, out.kl.detach(), ratio, out.clipped, out.entropy
-    logp = vocab_parallel_logprobs(logits, targets, settings.temperature)
-    per = loss_ref.per_token_policy_loss(logp, adv, old, ref, **kwargs)
-    with torch.set_grad_enabled(torch.is_grad_enabled() and settings.entropy_coef != 0):
-        entropy = vocab_parallel_entropy(logits, settings.temperature)
-    return per.loss, per.pg.detach(), per.kl.detach(), per.ratio.detach(), per.clipped, entropy
-
-
-def micro_batch_loss(logits: torch.Tensor, micro: PolicyBatch, settings: LossSettings, normalizer: float,
-                     info: fwd.ModelInfo) -> tuple[torch.Tensor, dict]:
-    """This micro-batch's share of the global loss from its logits [b, s, V/tp], and summed stats."""
+    `output` is the last stage's logits [b, s, V/tp], or its hidden states [b, s, H] when
+    `output_weight` (this rank's output-layer weight [V/tp, H]) is given (a hidden-state impl).
+    """
     if micro.advantages is None:
         raise ValueError("advantages are required for the policy update")
-    selected, rows, cols = fwd.response_logits(logits, micro, info)
+    impl = loss_ref.resolve_impl(settings.impl, output.device, settings.entropy_coef)
+    if impl.from_hidden != (output_weight is not None):
+        raise ValueError(f"loss impl {impl.name!r} needs {'hidden states and the output weight' if impl.from_hidden else 'logits'}")
+    source, shard, rows, cols = fwd.loss_source(output, micro, info, output_weight)
     weights = loss_ref.token_weights(micro.loss_mask, settings.agg, normalizer)[rows, cols]
     adv = micro.advantages.float()[rows]
     old = None if micro.old_logp is None else micro.old_logp.float()[rows, cols]
     ref = None if micro.ref_logp is None else micro.ref_logp.float()[rows, cols]
-    per_loss, pg, kl, ratio, clipped, entropy = _per_token_terms(
-        selected, micro.labels[rows, cols], adv, old, ref, settings)
-    loss = (per_loss * weights).sum()
+    terms = impl.per_token(source, micro.labels[rows, cols], adv, old, ref, settings.params(), shard=shard,
+                           entropy_grad=settings.entropy_coef != 0)
+    loss = (terms.loss * weights).sum()
     if settings.entropy_coef:
-        loss = loss - settings.entropy_coef * (entropy * weights).sum()
-    stats = torch.stack([loss.detach(), pg.sum(), kl.sum(), clipped.float().sum(), entropy.detach().sum(),
-                         torch.tensor(float(rows.numel()), device=loss.device)]).double()
+        loss = loss - settings.entropy_coef * (terms.entropy * weights).sum()
+    stats = torch.stack([loss.detach(), terms.pg.sum(), terms.kl.sum(), terms.clipped.float().sum(),
+                         terms.entropy.detach().sum(), torch.tensor(float(rows.numel()), device=loss.device)]).double()
     inf = torch.tensor(float("inf"), device=loss.device, dtype=torch.float64)
+    ratio = terms.ratio
     extremes = torch.stack([ratio.min().double() if ratio.numel() else inf,
                             -ratio.max().double() if ratio.numel() else inf])
     return loss, {"sums": stats, "neg_extremes": extremes}
@@ -133,15 +119,16 @@ def forward_backward(model: torch.nn.Module, batch: PolicyBatch, settings: LossS
     Call zero_grads() first (train_step does).
     """
     info = fwd.model_info(model)
+    from_hidden = loss_ref.resolve_impl(settings.impl, info.device, settings.entropy_coef).from_hidden
     normalizer = global_normalizer(batch.loss_mask, settings.agg)
     _, micro_batches = fwd.split_micro_batches(batch, info, max_tokens)
 
     def forward_step(data_iterator, chunk):
         micro = next(data_iterator)
-        output = fwd.stage_forward(chunk, micro, info)
+        output, weight = fwd.stage_forward(chunk, micro, info, from_hidden=from_hidden)
 
-        def loss_func(logits):
-            loss, stats = micro_batch_loss(logits, micro, settings, normalizer, info)
+        def loss_func(output):
+            loss, stats = micro_batch_loss(output, micro, settings, normalizer, info, weight)
             # 3-tuple + calculate_per_token_loss: the schedule keeps the loss as is.
             return loss, torch.tensor(int(micro.loss_mask.sum()), dtype=torch.int), stats
 

@@ -207,7 +207,7 @@ def test_aggregation_modes_through_token_weights(agg):
     assert_outputs_close(got, want)
     as_bt = lambda key: batch[key].view(batch_size, length, *batch[key].shape[1:])  # noqa: E731
     total = ref_loss.policy_loss(as_bt("logits"), as_bt("targets"), as_bt("advantages"), as_bt("mask"),
-                                 batch["old_logp"], batch["ref_logp"], agg=agg, backend="torch")[0]
+                                 batch["old_logp"], batch["ref_logp"], agg=agg, impl="reference")[0]
     torch.testing.assert_close((got["loss"] * weights).sum(), total.detach(), **TOL)
 
 
@@ -288,22 +288,22 @@ def test_selective_logprobs_matches_reference_without_grad():
     torch.testing.assert_close(got, ref_loss.token_logprobs(logits.detach(), batch["targets"], 1.3), **TOL)
 
 
-def test_policy_loss_triton_backend_equals_torch_backend():
+def test_policy_loss_logits_kernel_equals_reference():
     batch_size, length = 3, 8
     batch, _ = make_batch(n=batch_size * length, seed=12, masked=0.3)
     results = {}
-    for backend in ("torch", "triton"):
+    for impl in ("reference", "logits_kernel"):
         logits = batch["logits"].view(batch_size, length, -1).clone().requires_grad_()
         loss, metrics = ref_loss.policy_loss(
             logits, batch["targets"].view(batch_size, length), batch["advantages"].view(batch_size, length),
             batch["mask"].view(batch_size, length), batch["old_logp"], batch["ref_logp"], temperature=0.8,
-            agg="seq-mean-token-mean", backend=backend)
+            agg="seq-mean-token-mean", impl=impl)
         loss.backward()
-        results[backend] = (loss.detach(), logits.grad, metrics)
-    torch.testing.assert_close(results["triton"][0], results["torch"][0], **TOL)
-    torch.testing.assert_close(results["triton"][1], results["torch"][1], **TOL)
-    for key, value in results["torch"][2].items():
-        torch.testing.assert_close(torch.as_tensor(results["triton"][2][key]).float(), torch.as_tensor(value).float(),
+        results[impl] = (loss.detach(), logits.grad, metrics)
+    torch.testing.assert_close(results["logits_kernel"][0], results["reference"][0], **TOL)
+    torch.testing.assert_close(results["logits_kernel"][1], results["reference"][1], **TOL)
+    for key, value in results["reference"][2].items():
+        torch.testing.assert_close(torch.as_tensor(results["logits_kernel"][2][key]).float(), torch.as_tensor(value).float(),
                                    **TOL, msg=lambda m: f"metric {key}: {m}")
 
 

@@ -32,6 +32,7 @@ GROUP_IDS = [row // 4 for row in range(ROWS)]  # 2 prompts x 4 rollouts -> 2 min
 MAX_TOKENS = 60  # several micro-batches per mini-batch
 AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 ENTROPY_COEF = 0.01
+IMPLS = ("reference", "logits_kernel")  # loss.LOSS_IMPLS; the first is the oracle
 
 
 def loss_settings(**overrides):
@@ -39,7 +40,7 @@ def loss_settings(**overrides):
     from megatron_selfjudge.megatron.train_step import LossSettings
 
     kwargs = dict(temperature=TEMPERATURE, eps_low=0.2, eps_high=0.2, dual_clip=3.0, beta_kl=0.05,
-                  agg="token-mean", entropy_coef=0.0, backend="torch")
+                  agg="token-mean", entropy_coef=0.0, impl="reference")
     kwargs.update(overrides)
     return LossSettings(**kwargs)
 
@@ -103,20 +104,20 @@ def _grpo_update_worker(rank: int, world: int, layouts: list) -> dict:
             "ref": ref, "params": _gathered_params(ddp), "optimizer": _optimizer_kinds(optimizer),
         }
         if tp > 1:
-            results[(tp, pp)]["backends"] = _backend_grads(ddp, optimizer, batch.with_logprobs(old, ref))
+            results[(tp, pp)]["impls"] = _impl_grads(ddp, optimizer, batch.with_logprobs(old, ref))
         destroy_parallel()
     return results
 
 
-def _backend_grads(ddp, optimizer, batch) -> dict:
-    """Loss and TP-gathered gradients of one forward_backward with each loss backend."""
+def _impl_grads(ddp, optimizer, batch) -> dict:
+    """Loss and TP-gathered gradients of one forward_backward with each loss implementation."""
     from megatron_selfjudge.megatron.train_step import forward_backward, zero_grads
 
     out = {}
-    for backend in ("torch", "triton"):
+    for impl in IMPLS:
         zero_grads(ddp, optimizer)
-        loss = forward_backward(ddp, batch, loss_settings(backend=backend), max_tokens=MAX_TOKENS)["loss"]
-        out[backend] = (loss, _gathered_params(ddp, grads=True))
+        loss = forward_backward(ddp, batch, loss_settings(impl=impl), max_tokens=MAX_TOKENS)["loss"]
+        out[impl] = (loss, _gathered_params(ddp, grads=True))
     return out
 
 
@@ -132,7 +133,7 @@ def _main_grads(ddp) -> dict:
 
 
 def _oracle_checks() -> dict:
-    """Megatron path vs loss.policy_loss on the same logits, for each aggregation and backend."""
+    """Megatron path vs loss.policy_loss on the same logits, for each aggregation and loss implementation."""
     from megatron_selfjudge import loss as loss_ref
     from megatron_selfjudge.megatron.forward import model_info
     from megatron_selfjudge.megatron.optimizer import build_optimizer
@@ -152,20 +153,20 @@ def _oracle_checks() -> dict:
     batch = batch.with_logprobs(logp + 0.3 * torch.randn(logp.shape, generator=g),
                                 logp + 0.3 * torch.randn(logp.shape, generator=g))
     out = {"cases": {}}
-    cases = [(agg, "torch", MAX_TOKENS, 0.0) for agg in AGGS] + [
-        ("token-mean", "torch", 10_000, 0.0), ("token-mean", "triton", MAX_TOKENS, 0.0),
-        ("token-mean", "torch", MAX_TOKENS, ENTROPY_COEF)]
-    for agg, backend, max_tokens, entropy_coef in cases:
+    cases = [(agg, "reference", MAX_TOKENS, 0.0) for agg in AGGS] + [
+        ("token-mean", "reference", 10_000, 0.0), ("token-mean", "reference", MAX_TOKENS, ENTROPY_COEF)] + [
+        ("token-mean", impl, MAX_TOKENS, coef) for impl in IMPLS[1:] for coef in (0.0, ENTROPY_COEF)]
+    for agg, impl, max_tokens, entropy_coef in cases:
         zero_grads(ddp, optimizer)
-        settings = loss_settings(agg=agg, backend=backend, entropy_coef=entropy_coef)
+        settings = loss_settings(agg=agg, impl=impl, entropy_coef=entropy_coef)
         metrics = forward_backward(ddp, batch, settings, max_tokens=max_tokens)
         plain.zero_grad()
         loss, ref_metrics = loss_ref.policy_loss(
             label_logits(full_logits(plain, batch), batch), batch.labels.clamp(min=0), batch.advantages,
             batch.loss_mask, batch.old_logp, batch.ref_logp, temperature=TEMPERATURE, beta_kl=0.05, agg=agg,
-            entropy_coef=entropy_coef, backend="torch")
+            entropy_coef=entropy_coef, impl="reference")
         loss.backward()
-        out["cases"][(agg, backend, max_tokens, entropy_coef)] = {
+        out["cases"][(agg, impl, max_tokens, entropy_coef)] = {
             "metrics": metrics, "ref_loss": float(loss.detach()),
             "ref_metrics": {k: float(v) for k, v in ref_metrics.items()},
             "grads": _main_grads(ddp), "ref_grads": {n: p.grad.clone() for n, p in plain.named_parameters()}}
@@ -235,18 +236,22 @@ def test_layout_gives_same_update_as_single_process(layout, parallel_runs, refer
 
 
 @pytest.mark.slow
-def test_tp2_triton_kernel_backend_matches_torch(parallel_runs):
+def test_tp2_every_loss_impl_matches_the_reference(parallel_runs):
     for runs in parallel_runs:
-        (loss_torch, grads_torch), (loss_triton, grads_triton) = runs[(2, 1)]["backends"].values()
-        assert abs(loss_triton - loss_torch) < TOL
-        for name, grad in grads_torch.items():
-            torch.testing.assert_close(grads_triton[name], grad, atol=TOL, rtol=0, msg=name)
+        impls = runs[(2, 1)]["impls"]
+        loss_ref, grads_ref = impls["reference"]
+        for impl in IMPLS[1:]:
+            loss, grads = impls[impl]
+            assert abs(loss - loss_ref) < TOL, impl
+            assert grads.keys() == grads_ref.keys()
+            for name, grad in grads_ref.items():
+                torch.testing.assert_close(grads[name], grad, atol=TOL, rtol=0, msg=f"{impl}: {name}")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("agg, entropy_coef", [(agg, 0.0) for agg in AGGS] + [("token-mean", ENTROPY_COEF)])
 def test_megatron_loss_and_grads_equal_loss_py(agg, entropy_coef, reference_run):
-    case = reference_run["cases"][(agg, "torch", MAX_TOKENS, entropy_coef)]
+    case = reference_run["cases"][(agg, "reference", MAX_TOKENS, entropy_coef)]
     metrics, ref_metrics = case["metrics"], case["ref_metrics"]
     assert abs(metrics["loss"] - case["ref_loss"]) < TOL
     for key in ("pg_loss", "kl", "clip_frac", "entropy", "ratio_min", "ratio_max"):
@@ -258,10 +263,12 @@ def test_megatron_loss_and_grads_equal_loss_py(agg, entropy_coef, reference_run)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", [("token-mean", "torch", 10_000, 0.0), ("token-mean", "triton", MAX_TOKENS, 0.0)],
-                         ids=["one-micro-batch", "triton-kernel"])
-def test_micro_batching_and_kernel_backend_match(variant, reference_run):
-    base = reference_run["cases"][("token-mean", "torch", MAX_TOKENS, 0.0)]
+@pytest.mark.parametrize("variant", [("token-mean", "reference", 10_000, 0.0)] + [
+    ("token-mean", impl, MAX_TOKENS, coef) for impl in IMPLS[1:] for coef in (0.0, ENTROPY_COEF)],
+    ids=lambda v: f"{v[1]}-{v[2]}-tokens-entropy-{v[3]}")
+def test_micro_batching_and_every_loss_impl_match(variant, reference_run):
+    """Same loss and parameter gradients (fp32, 1e-5) whatever the micro-batching or loss.impl."""
+    base = reference_run["cases"][("token-mean", "reference", MAX_TOKENS, variant[3])]
     case = reference_run["cases"][variant]
     assert abs(case["metrics"]["loss"] - base["metrics"]["loss"]) < TOL
     for name, grad in base["grads"].items():
@@ -282,7 +289,7 @@ def test_prompt_and_image_positions_get_zero_gradient(reference_run):
 
 
 @pytest.mark.parametrize("overrides, match", [
-    ({"agg": "sum"}, "agg"), ({"backend": "cuda"}, "backend"), ({"temperature": 0.0}, "temperature"),
+    ({"agg": "sum"}, "agg"), ({"impl": "triton"}, "impl"), ({"temperature": 0.0}, "temperature"),
     ({"eps_low": 1.0}, "eps_low"), ({"dual_clip": 1.0}, "dual_clip"), ({"beta_kl": -0.1}, "beta_kl"),
 ])
 def test_loss_settings_reject_bad_values(overrides, match):
@@ -302,7 +309,7 @@ def test_build_optimizer_rejects_bad_hyperparameters(overrides, match):
 
 
 def _gpu_worker(rank: int, world: int) -> dict:
-    """bf16 policy on CUDA: one step per loss backend, plus a reference copy's offload round trip."""
+    """bf16 policy on CUDA: one step per loss implementation, plus a reference copy's offload round trip."""
     import torch.distributed as dist
 
     from megatron_selfjudge.megatron.forward import compute_logprobs
@@ -316,34 +323,36 @@ def _gpu_worker(rank: int, world: int) -> dict:
     dist.init_process_group("nccl", rank=rank, world_size=world)
     initialize_parallel(tp=1, pp=1, seed=1)
     out = {}
-    for backend in ("torch", "triton"):
+    for impl in IMPLS:
         build = llava_builder(params_dtype=torch.bfloat16)
         policy = build().cuda()
         reference = frozen_copy(policy, lambda: build().cuda())
         ddp, optimizer = build_optimizer(policy, lr=LR)
         batch = make_batch(seed=0, rows=ROWS)
-        old = compute_logprobs(ddp, batch, temperature=TEMPERATURE, backend=backend)
+        old = compute_logprobs(ddp, batch, temperature=TEMPERATURE, impl=impl)
         reference.offload()
         on_host = all(p.device.type == "cpu" for p in reference.module.parameters())
-        metrics = train_step(ddp, optimizer, batch.with_logprobs(old, old), loss_settings(backend=backend))
+        metrics = train_step(ddp, optimizer, batch.with_logprobs(old, old), loss_settings(impl=impl))
         reference.onload()
-        ref = reference.logprobs(batch, temperature=TEMPERATURE, backend=backend)
-        new = compute_logprobs(ddp, batch, temperature=TEMPERATURE, backend=backend)
-        out[backend] = {"metrics": metrics, "moved": float((new - old).abs().max()), "old": old.cpu(),
+        ref = reference.logprobs(batch, temperature=TEMPERATURE, impl=impl)
+        new = compute_logprobs(ddp, batch, temperature=TEMPERATURE, impl=impl)
+        out[impl] = {"metrics": metrics, "moved": float((new - old).abs().max()), "old": old.cpu(),
                         "ref_vs_old": float((ref - old).abs().max()), "on_host": on_host}
     return out
 
 
 @pytest.mark.gpu
 @pytest.mark.slow
-def test_cuda_bf16_step_with_triton_kernel():
+def test_cuda_bf16_step_with_every_loss_impl():
     runs = run_distributed(_gpu_worker, 1, timeout=300)[0]
-    torch_run, triton_run = runs["torch"], runs["triton"]
+    torch_run = runs["reference"]
     for run in runs.values():
         assert all(torch.isfinite(torch.tensor(v)) for v in run["metrics"].values())
         assert run["metrics"]["ratio_min"] == pytest.approx(1.0, abs=2e-2) and run["moved"] > 0
         # Offloaded to host, then back: the reference still scores like the initial policy.
         assert run["on_host"] and run["ref_vs_old"] < 1e-3
-    torch.testing.assert_close(triton_run["old"], torch_run["old"], atol=2e-2, rtol=0)
-    assert triton_run["metrics"]["loss"] == pytest.approx(torch_run["metrics"]["loss"], rel=2e-2, abs=2e-3)
-    assert triton_run["metrics"]["grad_norm"] == pytest.approx(torch_run["metrics"]["grad_norm"], rel=5e-2)
+    for impl in IMPLS[1:]:
+        run = runs[impl]
+        torch.testing.assert_close(run["old"], torch_run["old"], atol=2e-2, rtol=0, msg=impl)
+        assert run["metrics"]["loss"] == pytest.approx(torch_run["metrics"]["loss"], rel=2e-2, abs=2e-3), impl
+        assert run["metrics"]["grad_norm"] == pytest.approx(torch_run["metrics"]["grad_norm"], rel=5e-2), impl

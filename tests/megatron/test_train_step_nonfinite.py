@@ -22,7 +22,7 @@ def _worker(rank: int, world: int) -> dict:
         policy = llava_builder()()
         ddp, optimizer = build_optimizer(policy, lr=1e-2)
         settings = LossSettings(temperature=1.0, eps_low=0.2, eps_high=0.2, dual_clip=3.0, beta_kl=0.0,
-                                agg="token-mean", entropy_coef=0.0, backend="torch")
+                                agg="token-mean", entropy_coef=0.0, impl="reference")
         before = {k: v.detach().clone() for k, v in policy.state_dict().items() if isinstance(v, torch.Tensor)}
         bad = make_batch(seed=3)
         bad.advantages[2] = float("nan")
