@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 from typing import Sequence
 
+from megatron_selfjudge import config
 from megatron_selfjudge.data import datasets, synthetic
 
 
@@ -18,12 +19,22 @@ def _write_synthetic(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def _check(args: argparse.Namespace) -> int:
-    result = datasets.load_records(args.path, schema=args.schema, on_error="skip")
+    limits = datasets.ImageLimits(roots=tuple(args.image_root), max_pixels=args.max_image_pixels,
+                                  max_bytes=args.max_image_bytes, max_per_row=args.max_images_per_row)
+    # A file that cannot be read at all raises DatasetError: `selfjudge` prints it in one line, exit 2.
+    result = datasets.load_records(args.path, schema=args.schema, on_error="skip", limits=limits)
     labelled = sum(r.answer is not None for r in result.records)
-    print(f"{args.path}: schema {datasets.detect_schema(args.path) if args.schema == 'auto' else args.schema}, "
-          f"{len(result.records)} usable rows ({labelled} with answers), {result.skipped} skipped")
-    for msg in result.errors[:20]:
+    print(f"{args.path}: schema {result.schema}, {len(result.records)} usable rows "
+          f"({labelled} with answers), {result.skipped} skipped")
+    for msg in result.errors:
         print(f"  skipped: {msg}")
     return 1 if result.skipped else 0
 
@@ -43,7 +54,13 @@ def main(argv: Sequence[str]) -> int:
     p.set_defaults(func=_write_synthetic)
     p = sub.add_parser("check", help="load a parquet/JSONL file and report unusable rows")
     p.add_argument("path")
-    p.add_argument("--schema", default="auto", choices=["auto", "geometry3k", "mmr1", "geoqa", "jsonl"])
+    p.add_argument("--schema", default="auto", choices=list(datasets.SCHEMAS))
+    p.add_argument("--image-root", action="append", default=[],
+                   help="a folder image paths may point into besides the file's own (data.image_roots)")
+    defaults = config.DataConfig()
+    for name in ("max_image_pixels", "max_image_bytes", "max_images_per_row"):
+        p.add_argument(f"--{name.replace('_', '-')}", type=_positive_int, default=getattr(defaults, name),
+                       help=f"as data.{name} (default %(default)s)")
     p.set_defaults(func=_check)
     args = parser.parse_args(list(argv))
     return args.func(args)

@@ -11,19 +11,33 @@ Schemas read (``schema="auto"`` picks one from the file):
   ``problem`` or ``question``, optional ``answer``, ``id``/``uid``; relative paths are
   resolved against the JSONL file's folder.
 
-Every row becomes a ``PromptRecord`` with decoded RGB images and the question with its
-``<image>`` tags removed (collate puts the image placeholders back). A row with a missing
-or null field, or an image that cannot be decoded, raises ``DatasetError`` naming the file
-and the row; with ``on_error="skip"`` it is skipped and counted instead. A required column
-that is absent from a parquet file fails the whole file in either mode. Field values are
-only ever read as data (no eval).
+Every row becomes a ``PromptRecord`` with its images and the question with its ``<image>``
+tags removed (collate puts the image placeholders back). A row with a missing or null field,
+or an image that cannot be decoded, raises ``DatasetError`` naming the file and the row; with
+``on_error="skip"`` it is skipped and counted instead. A required column that is absent from
+a parquet file, or a file that cannot be read as its format, fails the whole file in either
+mode. Field values are only ever read as data (no eval).
+
+Rows are untrusted input, so ``ImageLimits`` (from ``data.*`` of the config) bounds them:
+
+- an image path must resolve (symlinks followed) inside the data file's folder or one of
+  ``data.image_roots``; any other path is refused with one message whether or not it exists;
+- an image whose header declares more than ``data.max_image_pixels`` pixels, or whose encoded
+  form exceeds ``data.max_image_bytes``, is refused before it is decoded; a row may hold at
+  most ``data.max_images_per_row`` images;
+- records keep images encoded and decode them on each access (``LazyImages``), reduced early
+  towards the model's image size, so resident memory holds compressed bytes, not pixels.
+  Each image is decoded once at load to find broken rows before training starts.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
 import re
+import warnings
+from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -32,12 +46,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from megatron_selfjudge.config import DataConfig
+
 from .prompts import strip_image_tags
 from .synthetic import Example
 
 SCHEMAS = ("auto", "geometry3k", "mmr1", "geoqa", "jsonl")
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _META_FIELDS = ("choices", "ground_truth", "family", "reasoning")
+# Raster formats of the published sets. Pillow's other openers are left out: EPS, for one,
+# hands the file to Ghostscript, which is no thing to run on untrusted rows.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+_DATA_DEFAULTS = DataConfig()
 
 
 class DatasetError(ValueError):
@@ -48,12 +68,69 @@ class _RowError(Exception):
     """Raised inside a row parser; the loader adds the file name and row number."""
 
 
+@dataclass(frozen=True)
+class ImageLimits:
+    """Where a row's image files may live and how large its images may be (see the module doc)."""
+
+    roots: tuple[str, ...] = tuple(_DATA_DEFAULTS.image_roots)  # besides the data file's folder
+    max_pixels: int = _DATA_DEFAULTS.max_image_pixels
+    max_bytes: int = _DATA_DEFAULTS.max_image_bytes
+    max_per_row: int = _DATA_DEFAULTS.max_images_per_row
+    target_size: int | None = None  # the model's image side: decoding reduces towards it
+
+    @classmethod
+    def from_config(cls, data: DataConfig, image_size: int | None = None) -> "ImageLimits":
+        """The limits of a run's ``data`` section; image_size is ``model.image_size``."""
+        return cls(roots=tuple(data.image_roots), max_pixels=data.max_image_pixels,
+                   max_bytes=data.max_image_bytes, max_per_row=data.max_images_per_row,
+                   target_size=image_size)
+
+
+@dataclass(frozen=True)
+class _RowContext:
+    """What the row parsers of one file need: its folder, the resolved roots and the limits."""
+
+    base_dir: Path
+    roots: tuple[Path, ...]
+    limits: ImageLimits
+
+
+@dataclass(frozen=True)
+class _ImageSource:
+    """One image of a row, still encoded: its bytes, or a file path confined at every read."""
+
+    where: str  # e.g. "field 'images'[0]", for messages
+    data: bytes | None = None
+    path: str | None = None
+
+
+class LazyImages(SequenceABC):
+    """A record's images, kept encoded; each access decodes (within the limits) a fresh RGB image."""
+
+    def __init__(self, sources: Sequence[_ImageSource], context: _RowContext, source_file: str, row: int):
+        self._sources = tuple(sources)
+        self._context = context
+        self._origin = f"{source_file} row {row}"
+
+    def __len__(self) -> int:
+        return len(self._sources)
+
+    def __getitem__(self, index: int | slice) -> Image.Image | list[Image.Image]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        source = self._sources[index]
+        try:
+            return _decode(source, self._context)
+        except _RowError as err:  # the file changed since it was checked at load
+            raise DatasetError(f"{self._origin}: {err}") from None
+
+
 @dataclass
 class PromptRecord:
     """One prompt: its images, the question (image tags removed) and the answer if known."""
 
     uid: str
-    images: list[Image.Image]
+    images: Sequence[Image.Image]  # a list, or LazyImages for rows read from files
     question: str
     answer: str | None
     source_file: str
@@ -68,6 +145,7 @@ class LoadResult:
     records: list[PromptRecord]
     skipped: int = 0
     errors: list[str] = field(default_factory=list)  # one message per skipped row
+    schema: str = ""  # the schema the file was read with
 
     def __len__(self) -> int:
         return len(self.records)
@@ -110,41 +188,104 @@ def _optional_answer(row: dict, name: str, required: bool) -> str | None:
     return str(value).strip()
 
 
-def _open_image(data: bytes | None, path: str | None, base_dir: Path, where: str) -> Image.Image:
-    """Decode image bytes, or read the file at path (relative to base_dir) when bytes are absent."""
+def _confined_path(value: Any, context: _RowContext, where: str) -> Path:
+    """The real path of a row's image file, refused unless it lies inside the allowed roots."""
+    if not isinstance(value, str):
+        raise _RowError(f"{where}: 'path' must be a string, got {type(value).__name__}")
+    if "\x00" in value:
+        raise _RowError(f"{where}: 'path' contains a NUL byte")
+    joined = context.base_dir / value  # an absolute value replaces the base
+    real = Path(os.path.realpath(joined))
+    if not any(real.is_relative_to(root) for root in context.roots):
+        # One message whether or not the target exists: a row must not probe the file system.
+        raise _RowError(f"{where}: image path {value!r} is outside the data folder and "
+                        "data.image_roots")
+    if not real.is_file():
+        raise _RowError(f"{where}: image file not found: {joined}")
+    return real
+
+
+def _too_large(where: str, size: int, limits: ImageLimits) -> None:
+    if size > limits.max_bytes:
+        raise _RowError(f"{where}: image of {size} bytes exceeds data.max_image_bytes ({limits.max_bytes})")
+
+
+def _read_bytes(source: _ImageSource, context: _RowContext) -> bytes:
+    """The encoded image: the row's bytes, or the confined file's (read no further than the cap)."""
+    if source.data is not None:
+        _too_large(source.where, len(source.data), context.limits)
+        return source.data
+    real = _confined_path(source.path, context, source.where)
     try:
-        if data is not None:
-            if not isinstance(data, (bytes, bytearray)):
-                raise _RowError(f"{where}: 'bytes' must be binary, got {type(data).__name__}")
-            img = Image.open(io.BytesIO(data))
-        elif path:
-            full = Path(path) if Path(path).is_absolute() else base_dir / path
-            if not full.is_file():
-                raise _RowError(f"{where}: image file not found: {full}")
-            img = Image.open(full)
-        else:
-            raise _RowError(f"{where}: has neither image bytes nor a path")
+        _too_large(source.where, real.stat().st_size, context.limits)
+        with real.open("rb") as fh:
+            data = fh.read(context.limits.max_bytes + 1)  # the file may have grown since stat
+    except OSError as err:
+        raise _RowError(f"{source.where}: cannot read image file ({err.strerror})") from None
+    _too_large(source.where, len(data), context.limits)
+    return data
+
+
+def _decode(source: _ImageSource, context: _RowContext) -> Image.Image:
+    """Decode one image into RGB, refusing oversized ones from their header, before decoding."""
+    where, limits = source.where, context.limits
+    data = _read_bytes(source, context)
+    try:
+        with warnings.catch_warnings():
+            # The pixel cap below replaces Pillow's warning; its hard limit (twice its warning
+            # level) still raises DecompressionBombError, handled as the same refusal.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)  # reads the header only
+        width, height = img.size
+        if width * height > limits.max_pixels:
+            raise _RowError(f"{where}: image of {width} x {height} = {width * height} pixels exceeds "
+                            f"data.max_image_pixels ({limits.max_pixels})")
+        target = limits.target_size
+        if target and img.format == "JPEG":
+            img.draft("RGB", (target, target))  # DCT scaling: decode at 1/2, 1/4 or 1/8 directly
         img.load()  # decode now, so a truncated file fails here and not inside collate
-        return img.convert("RGB")
+        img = img.convert("RGB")
+        if target:
+            factor = min(img.width // target, img.height // target)
+            if factor >= 2:  # whole-factor box reduction; collate's resize makes the final size
+                img = img.reduce(factor)
+        return img
     except _RowError:
         raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+    except Image.DecompressionBombError as err:
+        raise _RowError(f"{where}: image exceeds data.max_image_pixels ({limits.max_pixels}): "
+                        f"{err}") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as err:
         raise _RowError(f"{where}: not a readable image ({type(err).__name__}: {err})") from err
 
 
-def _image_struct(value: Any, base_dir: Path, where: str) -> Image.Image:
+def _image_source(value: Any, context: _RowContext, where: str) -> _ImageSource:
+    """A checked image of a row: decoded once here (and dropped) so broken rows surface at load."""
     if isinstance(value, str):  # JSONL: a bare path
-        return _open_image(None, value, base_dir, where)
+        value = {"path": value}
     if not isinstance(value, dict):
         raise _RowError(f"{where}: expected a {{bytes, path}} struct, got {type(value).__name__}")
-    return _open_image(value.get("bytes"), value.get("path"), base_dir, where)
+    data, path = value.get("bytes"), value.get("path")
+    if data is not None:
+        if not isinstance(data, (bytes, bytearray)):
+            raise _RowError(f"{where}: 'bytes' must be binary, got {type(data).__name__}")
+        source = _ImageSource(where, data=bytes(data))
+    elif path is not None and path != "":
+        source = _ImageSource(where, path=path)
+    else:
+        raise _RowError(f"{where}: has neither image bytes nor a path")
+    _decode(source, context)
+    return source
 
 
-def _image_list(row: dict, name: str, base_dir: Path) -> list[Image.Image]:
+def _image_list(row: dict, name: str, context: _RowContext) -> list[_ImageSource]:
     value = _require(row, name)
     if not isinstance(value, list) or not value:
         raise _RowError(f"field {name!r} must be a non-empty list of images")
-    return [_image_struct(v, base_dir, f"field {name!r}[{k}]") for k, v in enumerate(value)]
+    limit = context.limits.max_per_row
+    if len(value) > limit:
+        raise _RowError(f"field {name!r} holds {len(value)} images > data.max_images_per_row ({limit})")
+    return [_image_source(v, context, f"field {name!r}[{k}]") for k, v in enumerate(value)]
 
 
 def _uid(row: dict, stem: str, index: int) -> str:
@@ -160,13 +301,13 @@ def _meta(row: dict) -> dict:
 
 
 # ---------------------------------------------------------------- row parsers per schema
-def _parse_images_problem_answer(row: dict, base_dir: Path, require_answer: bool) -> tuple:
-    return (_image_list(row, "images", base_dir), _question(row, "problem"),
+def _parse_images_problem_answer(row: dict, context: _RowContext, require_answer: bool) -> tuple:
+    return (_image_list(row, "images", context), _question(row, "problem"),
             _optional_answer(row, "answer", require_answer))
 
 
-def _parse_geoqa(row: dict, base_dir: Path, require_answer: bool) -> tuple:
-    images = [_image_struct(_require(row, "image"), base_dir, "field 'image'")]
+def _parse_geoqa(row: dict, context: _RowContext, require_answer: bool) -> tuple:
+    images = [_image_source(_require(row, "image"), context, "field 'image'")]
     solution = row.get("solution")
     if require_answer:
         solution = _text(row, "solution")
@@ -180,11 +321,11 @@ def _parse_geoqa(row: dict, base_dir: Path, require_answer: bool) -> tuple:
     return images, _question(row, "problem"), answer
 
 
-def _parse_jsonl(row: dict, base_dir: Path, require_answer: bool) -> tuple:
+def _parse_jsonl(row: dict, context: _RowContext, require_answer: bool) -> tuple:
     if "images" in row:
-        images = _image_list(row, "images", base_dir)
+        images = _image_list(row, "images", context)
     elif "image" in row:
-        images = [_image_struct(_require(row, "image"), base_dir, "field 'image'")]
+        images = [_image_source(_require(row, "image"), context, "field 'image'")]
     else:
         raise _RowError("missing field 'images' (or 'image')")
     if "problem" not in row and "question" not in row:
@@ -193,7 +334,7 @@ def _parse_jsonl(row: dict, base_dir: Path, require_answer: bool) -> tuple:
     return images, question, _optional_answer(row, "answer", require_answer)
 
 
-_PARSERS: dict[str, Callable[[dict, Path, bool], tuple]] = {
+_PARSERS: dict[str, Callable[[dict, _RowContext, bool], tuple]] = {
     "geometry3k": _parse_images_problem_answer,
     "mmr1": _parse_images_problem_answer,
     "geoqa": _parse_geoqa,
@@ -237,7 +378,8 @@ def _parquet_rows(path: Path, schema: str, answer_column: str | None,
     try:
         index = 0
         with pq.ParquetFile(path) as pfile:
-            for batch in pfile.iter_batches(batch_size=256):
+            # Small batches: a batch's encoded images are held twice (Arrow and Python).
+            for batch in pfile.iter_batches(batch_size=32):
                 for row in batch.to_pylist():
                     yield index, row
                     index += 1
@@ -245,23 +387,46 @@ def _parquet_rows(path: Path, schema: str, answer_column: str | None,
         raise DatasetError(f"{path}: parquet read failed near row {index} ({err})") from err
 
 
+def _jsonl_line(number: int, line: bytes) -> dict | _RowError:
+    """One JSONL line as a row, or the row error that says why it is not one."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return _RowError(f"line {number} is not UTF-8 text "
+                         f"(byte 0x{line[err.start]:02x} at column {err.start + 1})")
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as err:
+        return _RowError(f"invalid JSON on line {number} ({err.msg} at column {err.colno})")
+    except RecursionError:
+        return _RowError(f"invalid JSON on line {number} (nested too deeply)")
+    if not isinstance(row, dict):
+        return _RowError(f"line {number} is not a JSON object (got {type(row).__name__})")
+    return row
+
+
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict | _RowError]]:
-    with path.open(encoding="utf-8") as fh:
-        index = 0
-        for line in fh:
-            if not line.strip():
-                continue  # blank lines are not rows
-            try:
-                row = json.loads(line)
-                yield index, (row if isinstance(row, dict) else _RowError("line is not a JSON object"))
-            except json.JSONDecodeError as err:
-                yield index, _RowError(f"invalid JSON ({err})")
-            index += 1
+    # Bytes, decoded line by line: one line in another encoding is one bad row, not a failed file.
+    try:
+        with path.open("rb") as fh:
+            index = 0
+            for number, line in enumerate(fh, start=1):
+                if number == 1 and line.startswith(b"\xef\xbb\xbf"):
+                    line = line[3:]  # a UTF-8 byte-order mark
+                if not line.strip():
+                    continue  # blank lines are not rows
+                yield index, _jsonl_line(number, line)
+                index += 1
+    except OSError as err:
+        raise DatasetError(f"{path}: cannot read ({err.strerror or err})") from None
 
 
 def load_records(path: str | Path, *, schema: str = "auto", on_error: str = "raise",
-                 require_answer: bool = False, max_rows: int | None = None) -> LoadResult:
-    """Read a dataset file into PromptRecords; bad rows raise DatasetError or are skipped."""
+                 require_answer: bool = False, max_rows: int | None = None,
+                 limits: ImageLimits | None = None) -> LoadResult:
+    """Read a dataset file into PromptRecords; bad rows raise DatasetError or are skipped.
+
+    limits defaults to the ``data`` defaults of the config (confined paths, capped images)."""
     path = Path(path)
     if schema not in SCHEMAS:
         raise ValueError(f"schema: unknown {schema!r}; choose one of {SCHEMAS}")
@@ -276,14 +441,19 @@ def load_records(path: str | Path, *, schema: str = "auto", on_error: str = "rai
     rows = _jsonl_rows(path) if schema == "jsonl" else _parquet_rows(path, schema, answer_column,
                                                                    require_answer)
     parse = _PARSERS[schema]
-    result = LoadResult(records=[])
+    limits = ImageLimits() if limits is None else limits
+    # Real paths (symlinks resolved) on both sides of the containment check.
+    roots = tuple(Path(os.path.realpath(r)) for r in (path.parent, *limits.roots))
+    # Absolute now, so a later change of the working directory cannot move a record's images.
+    context = _RowContext(base_dir=path.parent.absolute(), roots=roots, limits=limits)
+    result = LoadResult(records=[], schema=schema)
     for index, row in rows:
         if max_rows is not None and len(result.records) >= max_rows:
             break
         try:
             if isinstance(row, _RowError):
                 raise row
-            images, question, answer = parse(row, path.parent, require_answer)
+            sources, question, answer = parse(row, context, require_answer)
         except _RowError as err:
             message = f"{path} row {index}: {err}"
             if on_error == "raise":
@@ -291,6 +461,7 @@ def load_records(path: str | Path, *, schema: str = "auto", on_error: str = "rai
             result.skipped += 1
             result.errors.append(message)
             continue
+        images = LazyImages(sources, context, str(path), index)
         result.records.append(PromptRecord(uid=_uid(row, path.stem, index), images=images,
                                            question=question, answer=answer,
                                            source_file=str(path), row=index, meta=_meta(row)))
