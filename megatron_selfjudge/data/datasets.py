@@ -154,6 +154,12 @@ class LoadResult:
         return iter(self.records)
 
 
+def _one_line(err: BaseException) -> str:
+    """A library's error text on one printable line (Arrow's thrift messages end in newlines)."""
+    text = "".join(c if c.isprintable() else " " for c in str(err))
+    return " ".join(text.split())
+
+
 # ---------------------------------------------------------------- field readers
 def _require(row: dict, name: str) -> Any:
     if name not in row:
@@ -201,7 +207,7 @@ def _confined_path(value: Any, context: _RowContext, where: str) -> Path:
         raise _RowError(f"{where}: image path {value!r} is outside the data folder and "
                         "data.image_roots")
     if not real.is_file():
-        raise _RowError(f"{where}: image file not found: {joined}")
+        raise _RowError(f"{where}: image file not found: {str(joined)!r}")
     return real
 
 
@@ -254,9 +260,9 @@ def _decode(source: _ImageSource, context: _RowContext) -> Image.Image:
         raise
     except Image.DecompressionBombError as err:
         raise _RowError(f"{where}: image exceeds data.max_image_pixels ({limits.max_pixels}): "
-                        f"{err}") from None
+                        f"{_one_line(err)}") from None
     except (OSError, ValueError, SyntaxError, EOFError) as err:
-        raise _RowError(f"{where}: not a readable image ({type(err).__name__}: {err})") from err
+        raise _RowError(f"{where}: not a readable image ({type(err).__name__}: {_one_line(err)})") from err
 
 
 def _image_source(value: Any, context: _RowContext, where: str) -> _ImageSource:
@@ -348,8 +354,8 @@ _REQUIRED_COLUMNS = {"geometry3k": ("images", "problem"), "mmr1": ("images", "pr
 def _parquet_schema(path: Path) -> pa.Schema:
     try:
         return pq.read_schema(path)
-    except (pa.ArrowException, OSError) as err:
-        raise DatasetError(f"{path}: not a readable parquet file ({err})") from err
+    except (pa.ArrowException, OSError, ValueError) as err:  # ValueError: names that are not UTF-8
+        raise DatasetError(f"{path}: not a readable parquet file ({_one_line(err)})") from None
 
 
 def detect_schema(path: str | Path) -> str:
@@ -366,8 +372,27 @@ def detect_schema(path: str | Path) -> str:
                        f"(columns: {sorted(names)})")
 
 
+def _batch_rows(batch: pa.RecordBatch) -> list[dict | _RowError]:
+    """A record batch as row dicts; a row whose text is not UTF-8 becomes a row error."""
+    try:
+        return batch.to_pylist()
+    except UnicodeDecodeError:
+        pass  # parquet does not validate string columns: find the bad rows one by one
+    rows: list[dict | _RowError] = []
+    for i in range(batch.num_rows):
+        row: dict = {}
+        for name, column in zip(batch.schema.names, batch.columns):
+            try:
+                row[name] = column[i].as_py()
+            except UnicodeDecodeError:
+                row = _RowError(f"column {name!r} holds text that is not UTF-8")
+                break
+        rows.append(row)
+    return rows
+
+
 def _parquet_rows(path: Path, schema: str, answer_column: str | None,
-                  require_answer: bool) -> Iterator[tuple[int, dict]]:
+                  require_answer: bool) -> Iterator[tuple[int, dict | _RowError]]:
     names = _parquet_schema(path).names
     required = list(_REQUIRED_COLUMNS[schema]) + ([answer_column] if require_answer and answer_column else [])
     missing = [c for c in required if c not in names]
@@ -380,11 +405,11 @@ def _parquet_rows(path: Path, schema: str, answer_column: str | None,
         with pq.ParquetFile(path) as pfile:
             # Small batches: a batch's encoded images are held twice (Arrow and Python).
             for batch in pfile.iter_batches(batch_size=32):
-                for row in batch.to_pylist():
+                for row in _batch_rows(batch):
                     yield index, row
                     index += 1
-    except (pa.ArrowException, OSError) as err:
-        raise DatasetError(f"{path}: parquet read failed near row {index} ({err})") from err
+    except (pa.ArrowException, OSError, ValueError) as err:
+        raise DatasetError(f"{path}: parquet read failed near row {index} ({_one_line(err)})") from None
 
 
 def _jsonl_line(number: int, line: bytes) -> dict | _RowError:

@@ -305,3 +305,40 @@ def test_broken_parquet_is_one_line_naming_the_file(tmp_path, content):
     path.write_bytes(content)
     msg = _error(path, on_error="skip")
     assert msg.startswith(f"{path}: not a readable parquet file") and "\n" not in msg
+
+
+def test_parquet_text_that_is_not_utf8_is_a_row_error(tmp_path):
+    # Parquet does not validate string columns on read: plant invalid bytes in an uncompressed file.
+    table = pa.table({"images": [[{"bytes": _small_png(), "path": None}]] * 3,
+                      "problem": ["<image>one", "<image>two ZZ here", "<image>three"], "answer": ["1"] * 3},
+                     schema=GEO3K)
+    path = tmp_path / "text.parquet"
+    pq.write_table(table, path, compression="none", use_dictionary=False, write_statistics=False)
+    raw = path.read_bytes()
+    assert raw.count(b"ZZ") == 1
+    path.write_bytes(raw.replace(b"ZZ", b"\xff\xfe"))
+    assert _error(path) == f"{path} row 1: column 'problem' holds text that is not UTF-8"
+    result = load_records(path, on_error="skip")
+    assert [r.question for r in result.records] == ["one", "three"] and result.skipped == 1
+
+
+def test_arrow_errors_are_flattened_to_one_line(tmp_path):
+    # A damaged footer makes Arrow's thrift reader answer with a message that ends in a newline.
+    good = _parquet(tmp_path / "good.parquet", [[{"bytes": _small_png(), "path": None}]] * 4).read_bytes()
+    footer = len(good) - 8 - struct.unpack("<I", good[-8:-4])[0]  # start of the thrift metadata
+    damaged = tmp_path / "footer.parquet"
+    damaged.write_bytes(good[:footer] + b"\xff" * 16 + good[footer + 16:])
+    msg = _error(damaged)
+    assert msg.startswith(f"{damaged}: not a readable parquet file") and "\n" not in msg.strip() \
+        and msg == msg.strip()
+
+
+def test_parquet_column_names_that_are_not_utf8(tmp_path):
+    table = pa.table({"images": [[{"bytes": _small_png(), "path": None}]], "problem": ["q"], "noteZZ": ["x"]})
+    path = tmp_path / "names.parquet"
+    pq.write_table(table, path)
+    raw = path.read_bytes()
+    assert raw.count(b"noteZZ") == 2  # the footer's schema and column chunk (Arrow's copy is base64)
+    path.write_bytes(raw.replace(b"noteZZ", b"note\xc3\x28"))
+    msg = _error(path, on_error="skip")
+    assert msg.startswith(f"{path}: not a readable parquet file (") and "\n" not in msg
