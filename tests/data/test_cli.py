@@ -78,5 +78,8 @@ def test_train_on_a_broken_file_exits_2_with_one_line(tmp_path, bad_files):
                                f"data.train={bad_files[which]}", f"trainer.run_dir={tmp_path / which}"],
                               capture_output=True, text=True, timeout=300, env=env)
         assert proc.returncode == 2, proc.stderr[-2000:]
-        lines = proc.stderr.strip().splitlines()
-        assert len(lines) == 1 and str(bad_files[which]) in lines[0] and expected in lines[0], proc.stderr
+        # The error is the last line and the only one of its kind (progress lines come before it).
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("selfjudge:")]
+        assert "Traceback" not in proc.stderr and errors == proc.stderr.strip().splitlines()[-1:], proc.stderr
+        assert errors[0].startswith("selfjudge: data error: ") and str(bad_files[which]) in errors[0]
+        assert expected in errors[0]
