@@ -34,30 +34,59 @@ def _correct(answer: Optional[str], label: Optional[str], equivalence: str, time
                                                                            timeout=timeout)
 
 
+class EvalInterrupted(Exception):
+    """A stop request (preemption) ended an evaluation early; nothing of it is recorded."""
+
+
 def evaluate(engine: RolloutEngine, requests: Sequence[RolloutRequest], labels: Sequence[str], *,
              samples: int, temperature: float, top_p: float, max_new_tokens: int, seed: int,
-             equivalence: str = "symbolic", timeout: float = 5.0, progress: Optional[Callable[[str], None]] = None) -> EvalResult:
-    """Generate greedily and with G samples per prompt, and grade against `labels`."""
+             equivalence: str = "symbolic", timeout: float = 5.0, batch_size: Optional[int] = None,
+             should_stop: Optional[Callable[[], bool]] = None,
+             progress: Optional[Callable[[str], None]] = None) -> EvalResult:
+    """Generate greedily and with G samples per prompt, and grade against `labels`.
+
+    Generation runs in calls of at most `batch_size` rows (one call per pass when None), each
+    graded as it returns. `should_stop` is polled before every call (a collective when it is
+    PreemptionHandler.should_stop: every rank polls at the same points); when it returns True,
+    EvalInterrupted is raised. So a stop request waits at most one generation batch and its
+    grading. The k-th sampled call draws from seed + 1 + k: results depend on batch_size.
+    """
     if len(requests) != len(labels):
         raise ValueError(f"{len(requests)} requests but {len(labels)} labels")
+    if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool)
+                                   or batch_size < 1):
+        raise ValueError(f"batch_size must be an int >= 1 or None, got {batch_size!r}")
+    rows = batch_size or max(1, len(requests) * samples)
+
+    def poll() -> None:
+        if should_stop is not None and should_stop():
+            raise EvalInterrupted("evaluation interrupted by a stop request")
+
     if progress:
         progress(f"eval: greedy on {len(requests)} prompts")
-    greedy = engine.generate(requests, SamplingConfig(n=1, greedy=True, temperature=temperature,
-                                                      max_new_tokens=max_new_tokens, seed=seed))
-    greedy_ok = [_correct(extract_boxed(t.text), lab, equivalence, timeout) for t, lab in zip(greedy, labels)]
+    greedy_ok = []
+    for start in range(0, len(requests), rows):
+        poll()
+        greedy = engine.generate(requests[start:start + rows], SamplingConfig(
+            n=1, greedy=True, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed))
+        greedy_ok += [_correct(extract_boxed(t.text), lab, equivalence, timeout)
+                      for t, lab in zip(greedy, labels[start:start + rows])]
     if progress:
         progress(f"eval: {samples} samples on {len(requests)} prompts")
-    sampled = engine.generate(requests, SamplingConfig(n=samples, temperature=temperature, top_p=top_p,
-                                                       max_new_tokens=max_new_tokens, seed=seed + 1))
     sample_ok, maj_ok, boxed = 0, 0, 0
-    for i, label in enumerate(labels):
-        answers = [extract_boxed(t.text) for t in sampled[i * samples:(i + 1) * samples]]
-        boxed += sum(a is not None for a in answers)
-        sample_ok += sum(_correct(a, label, equivalence, timeout) for a in answers)
-        classes = answer_classes(answers, equivalence, timeout=timeout)
-        winner = majority_class(classes)
-        if winner is not None:
-            maj_ok += _correct(answers[classes.index(winner)], label, equivalence, timeout)
+    per_call = max(1, rows // samples)  # a prompt's G samples stay in one call
+    for k, start in enumerate(range(0, len(requests), per_call)):
+        poll()
+        sampled = engine.generate(requests[start:start + per_call], SamplingConfig(
+            n=samples, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed + 1 + k))
+        for i, label in enumerate(labels[start:start + per_call]):
+            answers = [extract_boxed(t.text) for t in sampled[i * samples:(i + 1) * samples]]
+            boxed += sum(a is not None for a in answers)
+            sample_ok += sum(_correct(a, label, equivalence, timeout) for a in answers)
+            classes = answer_classes(answers, equivalence, timeout=timeout)
+            winner = majority_class(classes)
+            if winner is not None:
+                maj_ok += _correct(answers[classes.index(winner)], label, equivalence, timeout)
     n = max(1, len(labels))
     return EvalResult(n=len(labels), samples=samples, greedy_pass1=sum(greedy_ok) / n,
                       sampled_pass1=sample_ok / (n * samples), maj_at_g=maj_ok / n,

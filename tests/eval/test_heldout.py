@@ -1,6 +1,7 @@
+import pytest
 import torch
 
-from megatron_selfjudge.eval.heldout import EvalResult, evaluate, format_table
+from megatron_selfjudge.eval.heldout import EvalInterrupted, EvalResult, evaluate, format_table
 from megatron_selfjudge.rollout.base import RolloutEngine, RolloutRequest, Trajectory
 
 
@@ -47,3 +48,47 @@ def test_metrics_by_hand():
     assert res.format_ok == 11 / 12
     table = format_table({"before": res, "after": EvalResult(**res.as_dict())})
     assert table.count("| 0.333 | 0.417 | 0.667 |") == 2
+
+
+class CountingEngine(ScriptedEngine):
+    """ScriptedEngine that records the rows of every generate call."""
+
+    def __init__(self, greedy: dict, sampled: dict):
+        super().__init__(greedy, sampled)
+        self.calls = []
+
+    def generate(self, requests, sampling):
+        self.calls.append((sampling.greedy, len(requests) * sampling.n, sampling.seed))
+        return super().generate(requests, sampling)
+
+
+def _engine_and_requests(n_prompts: int, samples: int):
+    uids = [f"p{i}" for i in range(n_prompts)]
+    engine = CountingEngine(greedy={u: box("1") for u in uids},
+                            sampled={u: [box("1")] * (samples - 1) + [box("2")] for u in uids})
+    return engine, [RolloutRequest(uid=u, prompt_ids=[1]) for u in uids], ["1"] * n_prompts
+
+
+def test_batches_bound_each_generation_call():
+    engine, reqs, labels = _engine_and_requests(5, samples=4)
+    res = evaluate(engine, reqs, labels, samples=4, temperature=1.0, top_p=1.0, max_new_tokens=8, seed=3,
+                   batch_size=8)
+    # Greedy: 5 rows in batches of <= 8; sampled: 20 rows, 2 prompts (8 rows) per call.
+    assert [rows for greedy, rows, _ in engine.calls] == [5, 8, 8, 4]
+    assert len({seed for greedy, _, seed in engine.calls if not greedy}) == 3  # a distinct stream per batch
+    assert (res.greedy_pass1, res.sampled_pass1, res.maj_at_g, res.format_ok) == (1.0, 0.75, 1.0, 1.0)
+
+
+def test_stop_request_interrupts_between_batches():
+    engine, reqs, labels = _engine_and_requests(6, samples=2)
+    polls = []
+
+    def should_stop() -> bool:
+        polls.append(len(engine.calls))
+        return len(engine.calls) == 3  # signal arrives during the third generation batch
+
+    with pytest.raises(EvalInterrupted):
+        evaluate(engine, reqs, labels, samples=2, temperature=1.0, top_p=1.0, max_new_tokens=8, seed=0,
+                 batch_size=2, should_stop=should_stop)
+    assert len(engine.calls) == 3  # stopped right after the batch in flight, nothing more generated
+    assert polls == [0, 1, 2, 3]  # polled before every batch
