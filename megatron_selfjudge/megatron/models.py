@@ -17,7 +17,7 @@ import torch
 
 from megatron_selfjudge.megatron import cpu
 
-TRANSFORMER_IMPLS = ("local", "transformer_engine")
+TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")  # what model.transformer_impl accepts
 _LANGUAGE_STREAM = "language"
 _VISION_STREAM = "vision"
 
@@ -72,17 +72,36 @@ def _check_positive(**values: int) -> None:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
-def _check_impl(transformer_impl: str) -> None:
-    if transformer_impl not in TRANSFORMER_IMPLS:
-        raise ValueError(f"transformer_impl must be one of {TRANSFORMER_IMPLS}, got {transformer_impl!r}")
-    if transformer_impl == "transformer_engine":
-        try:
-            import transformer_engine  # noqa: F401
-        except ImportError as exc:
-            raise RuntimeError(
-                "transformer_impl='transformer_engine' needs Transformer Engine, which is not installed; "
-                "use transformer_impl='local'"
-            ) from exc
+def transformer_engine_available() -> bool:
+    """Whether Transformer Engine's PyTorch modules import here."""
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # an installed TE whose CUDA libraries fail to load raises OSError/RuntimeError too
+        return False
+    return True
+
+
+def resolve_transformer_impl(requested: str, te_available: bool, cuda_available: bool) -> str:
+    """The layer implementation to build: 'auto' is transformer_engine when TE imports and CUDA is present, else local.
+
+    Raises ValueError for an unknown name and RuntimeError (one line) when transformer_engine is
+    requested where it cannot run.
+    """
+    if requested not in TRANSFORMER_IMPLS:
+        raise ValueError(f"transformer_impl must be one of {TRANSFORMER_IMPLS}, got {requested!r}")
+    if requested == "auto":
+        return "transformer_engine" if te_available and cuda_available else "local"
+    if requested == "transformer_engine" and not te_available:
+        raise RuntimeError("model.transformer_impl=transformer_engine needs Transformer Engine, which does not "
+                           "import here; use model.transformer_impl=auto or local")
+    if requested == "transformer_engine" and not cuda_available:
+        raise RuntimeError("model.transformer_impl=transformer_engine needs CUDA, which is not available here; "
+                           "use model.transformer_impl=auto or local")
+    return requested
+
+
+def _resolve_impl(transformer_impl: str) -> str:
+    return resolve_transformer_impl(transformer_impl, transformer_engine_available(), torch.cuda.is_available())
 
 
 def transformer_config(
@@ -139,7 +158,7 @@ def build_gpt(
     max_seq_len: int,
     pre_process: bool = True,
     post_process: bool = True,
-    transformer_impl: str = "local",
+    transformer_impl: str = "auto",
     params_dtype: torch.dtype = torch.float32,
     seed: int = 0,
     position_embedding_type: str = "rope",
@@ -149,7 +168,7 @@ def build_gpt(
 
     cpu.activate()
     _check_positive(vocab_size=vocab_size, max_seq_len=max_seq_len)
-    _check_impl(transformer_impl)
+    transformer_impl = _resolve_impl(transformer_impl)
     config = transformer_config(num_layers, hidden_size, num_attention_heads, ffn_hidden_size, params_dtype)
     torch.manual_seed(_stream_seed(seed, _LANGUAGE_STREAM, 0))
     model = GPTModel(
@@ -214,7 +233,7 @@ def build_tiny_llava(
     pre_process: bool = True,
     post_process: bool = True,
     add_encoder: Optional[bool] = None,
-    transformer_impl: str = "local",
+    transformer_impl: str = "auto",
     params_dtype: torch.dtype = torch.float32,
     seed: int = 0,
 ):
@@ -236,7 +255,7 @@ def build_tiny_llava(
         raise ValueError(f"img_size ({img_size}) must be a multiple of patch_dim ({patch_dim})")
     if 0 <= image_token_index < vocab_size:
         raise ValueError(f"image_token_index ({image_token_index}) must lie outside the vocab [0, {vocab_size})")
-    _check_impl(transformer_impl)
+    transformer_impl = _resolve_impl(transformer_impl)
     if add_encoder is None:
         add_encoder = pre_process
     language = transformer_config(num_layers, hidden_size, num_attention_heads, ffn_hidden_size, params_dtype)

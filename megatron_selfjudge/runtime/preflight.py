@@ -1,0 +1,496 @@
+"""Pre-flight checks: refuse in seconds, with one line, a run that would otherwise crash or hang later.
+
+`trainer.main` runs them in two phases, before any model is built:
+
+- `check_launch` (before the process group exists) reads only the config and this machine's
+  software and GPUs, which every rank of a job sees alike, so every rank fails the same way at once
+  and none is left waiting for another: the layout (world size vs tp*pp; attention heads, FFN width
+  and vocabulary divisible by tp, layers by pp), what this platform cannot run (bf16/fp16 weights
+  or a Triton loss without CUDA, Transformer Engine where it does not import), NCCL for CUDA runs,
+  and GPUs visible vs the processes started on this node (LOCAL_WORLD_SIZE).
+- `check_ranks` (once the process group exists) covers what can differ between ranks and nodes:
+  the data files present here, the run directory writable here and the same folder on every rank
+  (each rank writes a probe file named by its rank, rank 0 looks for all of them), and this GPU's
+  free memory against `estimate_memory`. One rank's failure is raised on every rank
+  (`runtime.ranks`), so no rank hangs in the next collective.
+
+`selfjudge env` runs the same checks and prints each one's verdict instead of raising.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from megatron_selfjudge.config import Config
+
+GIB = 1024 ** 3
+PROBE_PREFIX = ".preflight-rank"
+_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+class PreflightError(RuntimeError):
+    """A pre-flight check failed; the message is one line naming the key or resource to change."""
+
+
+# --- what the checks read about the process and the machine ----------------------------------
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise PreflightError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+@dataclass(frozen=True)
+class Platform:
+    """This process's place in the job and the machine's GPUs and libraries (`detect`; tests build it)."""
+
+    world_size: int = 1
+    rank: int = 0
+    local_world_size: int = 1
+    local_rank: int = 0
+    cuda: bool = False
+    gpu_count: int = 0
+    nccl: bool = False
+    transformer_engine: bool = False
+    host: str = field(default_factory=socket.gethostname)
+
+    @classmethod
+    def detect(cls) -> "Platform":
+        """Read torchrun's variables (one process when unset), CUDA, NCCL and Transformer Engine."""
+        import torch
+        import torch.distributed as dist
+
+        from megatron_selfjudge.megatron.models import transformer_engine_available
+
+        if dist.is_available() and dist.is_initialized():
+            world, rank = dist.get_world_size(), dist.get_rank()
+        else:
+            world, rank = _env_int("WORLD_SIZE", 1), _env_int("RANK", 0)
+        cuda = torch.cuda.is_available()
+        return cls(world_size=world, rank=rank, local_world_size=_env_int("LOCAL_WORLD_SIZE", 1),
+                   local_rank=_env_int("LOCAL_RANK", 0), cuda=cuda,
+                   gpu_count=torch.cuda.device_count() if cuda else 0,
+                   nccl=dist.is_available() and dist.is_nccl_available(),
+                   transformer_engine=transformer_engine_available())
+
+
+@dataclass(frozen=True)
+class Check:
+    """One check's verdict: what was found (ok) or the one-line refusal."""
+
+    name: str
+    ok: bool
+    message: str
+
+
+def _run(checks: Sequence[tuple[str, Callable[[], str]]]) -> list[Check]:
+    out = []
+    for name, fn in checks:
+        try:
+            out.append(Check(name, True, fn()))
+        except PreflightError as exc:
+            out.append(Check(name, False, str(exc)))
+    return out
+
+
+def require(checks: Sequence[Check]) -> None:
+    """Raise the first failed check's message as a PreflightError."""
+    for check in checks:
+        if not check.ok:
+            raise PreflightError(check.message)
+
+
+# --- phase 1: config and platform ----------------------------------------------------------
+
+def check_layout(tp: int, pp: int, world_size: int) -> str:
+    """World size must hold a whole number of tp*pp model replicas."""
+    mp = tp * pp
+    if mp > world_size:
+        raise PreflightError(
+            f"parallel.tp={tp} x parallel.pp={pp} needs {mp} processes but the run has {world_size} "
+            f"(WORLD_SIZE={world_size}); start it with torchrun --nproc-per-node {mp} (or a multiple) "
+            "or lower parallel.tp / parallel.pp")
+    if world_size % mp:
+        raise PreflightError(
+            f"world size {world_size} is not a multiple of parallel.tp={tp} x parallel.pp={pp} = {mp}: "
+            "the data-parallel size world / (tp*pp) must be whole")
+    return f"world size {world_size} = tp {tp} x pp {pp} x dp {world_size // mp}"
+
+
+def check_split(cfg: Config, vocab_size: int) -> str:
+    """Megatron splits heads, FFN width and vocabulary evenly over tp ranks and layers over pp stages."""
+    m, tp, pp = cfg.model, cfg.parallel.tp, cfg.parallel.pp
+    for key, value, by, what in (
+            ("model.num_attention_heads", m.num_attention_heads, tp, "parallel.tp"),
+            ("model.ffn_hidden_size", m.ffn_hidden_size, tp, "parallel.tp"),
+            ("model.num_layers", m.num_layers, pp, "parallel.pp")):
+        if value % by:
+            raise PreflightError(f"{key}={value} is not divisible by {what}={by}")
+    if vocab_size % tp:
+        raise PreflightError(
+            f"the vocabulary of {vocab_size} tokens is not divisible by parallel.tp={tp}: the embedding and "
+            "output layer are split evenly over tensor-parallel ranks (pad the vocabulary to a multiple of tp)")
+    return (f"{m.num_attention_heads} heads, FFN {m.ffn_hidden_size} and vocabulary {vocab_size} over tp {tp}; "
+            f"{m.num_layers} layers over pp {pp}")
+
+
+def check_params_dtype(params_dtype: str, cuda: bool) -> str:
+    """Half-precision weights need CUDA here: megatron-core's CPU path runs float32 only."""
+    if params_dtype != "float32" and not cuda:
+        raise PreflightError(
+            f"model.params_dtype={params_dtype} needs CUDA: on CPU megatron-core's layers mix it with float32 "
+            "and fail; set model.params_dtype=float32 for CPU runs")
+    return params_dtype
+
+
+def check_loss_impl(impl: str, cuda: bool) -> str:
+    """A loss implementation with a Triton kernel runs only on CUDA logits in a training run."""
+    from megatron_selfjudge.loss import LOSS_IMPLS
+
+    kernel = LOSS_IMPLS[impl].module if impl in LOSS_IMPLS else None
+    if kernel is not None and not cuda:
+        raise PreflightError(
+            f"loss.impl={impl} runs a Triton kernel, which needs CUDA (on CPU it runs only in the kernel tests, "
+            "under the Triton interpreter); use loss.impl=auto or reference")
+    return impl
+
+
+def check_transformer_impl(requested: str, te_available: bool, cuda: bool) -> str:
+    """Resolve model.transformer_impl (auto -> transformer_engine with TE and CUDA, else local)."""
+    from megatron_selfjudge.megatron.models import resolve_transformer_impl
+
+    try:
+        resolved = resolve_transformer_impl(requested, te_available, cuda)
+    except (ValueError, RuntimeError) as exc:
+        raise PreflightError(str(exc)) from None
+    return resolved if resolved == requested else f"{requested} -> {resolved}"
+
+
+def check_nccl(cuda: bool, nccl: bool) -> str:
+    """CUDA runs communicate over NCCL."""
+    if not cuda:
+        return "not needed (CPU run over gloo)"
+    if not nccl:
+        raise PreflightError("this CUDA run needs NCCL, but this torch build has none "
+                             "(torch.distributed.is_nccl_available() is False); use a CUDA build of torch with NCCL")
+    return "available"
+
+
+def check_gpus(cuda: bool, gpu_count: int, local_world_size: int, local_rank: int) -> str:
+    """Each process on a node drives its own GPU (LOCAL_RANK), so the node needs LOCAL_WORLD_SIZE of them."""
+    if not cuda:
+        return "none (CPU run)"
+    needed = max(local_world_size, local_rank + 1)
+    if gpu_count < needed:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        shown = f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else ""
+        raise PreflightError(
+            f"{local_world_size} processes on this node (LOCAL_WORLD_SIZE, LOCAL_RANK={local_rank}) but {gpu_count} "
+            f"GPU(s) visible{shown}; start torchrun with --nproc-per-node {gpu_count} or request more GPUs")
+    return f"{gpu_count} visible for {local_world_size} process(es) on this node"
+
+
+def policy_vocab_size(cfg: Config) -> int:
+    """Vocabulary the policy is built with (the character tokenizer of the tiny presets)."""
+    from megatron_selfjudge.data.tokenizer import CharTokenizer
+
+    return CharTokenizer().vocab_size
+
+
+def launch_checks(cfg: Config, platform: Platform, vocab_size: int) -> list[Check]:
+    """Phase 1 verdicts: config against the platform, identical on every rank of a job."""
+    p = platform
+    return _run([
+        ("layout", lambda: check_layout(cfg.parallel.tp, cfg.parallel.pp, p.world_size)),
+        ("tp/pp split", lambda: check_split(cfg, vocab_size)),
+        ("params dtype", lambda: check_params_dtype(cfg.model.params_dtype, p.cuda)),
+        ("loss impl", lambda: check_loss_impl(cfg.loss.impl, p.cuda)),
+        ("transformer impl", lambda: check_transformer_impl(cfg.model.transformer_impl, p.transformer_engine, p.cuda)),
+        ("NCCL", lambda: check_nccl(p.cuda, p.nccl)),
+        ("GPUs", lambda: check_gpus(p.cuda, p.gpu_count, p.local_world_size, p.local_rank)),
+    ])
+
+
+# --- memory estimate ------------------------------------------------------------------------
+
+def _layer_params(hidden: int, ffn: int) -> int:
+    # Local-spec layer: two LayerNorms (weight+bias), QKV and output projections, a two-layer MLP, all with bias.
+    return 4 * hidden * hidden + 2 * hidden * ffn + 9 * hidden + ffn
+
+
+def image_tokens(cfg: Config) -> int:
+    """Embeddings one image adds to a sequence (0 for the text-only preset)."""
+    m = cfg.model
+    return (m.image_size // m.patch_size) ** 2 if m.preset == "tiny-llava" else 0
+
+
+def parameter_count(cfg: Config, vocab_size: int) -> int:
+    """Parameters of the whole policy of a tiny preset (local spec, untied embeddings), from the config."""
+    m = cfg.model
+    h = m.hidden_size
+    count = m.num_layers * _layer_params(h, m.ffn_hidden_size) + 2 * h + 2 * vocab_size * h  # + final norm
+    if m.preset == "tiny-llava":
+        hv = m.vision_hidden_size
+        patches = image_tokens(cfg)
+        count += 3 * m.patch_size ** 2 * hv          # patch conv, no bias
+        count += (patches + 1) * hv + hv + 2 * hv    # position embeddings (with class token), class token, ln_pre
+        count += m.vision_num_layers * _layer_params(hv, 4 * hv)
+        count += hv * h + h + h * h + h              # MLP projector
+    elif m.preset != "tiny-gpt":
+        raise ValueError(f"parameter_count knows the tiny presets, not model.preset={m.preset!r}")
+    return count
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes one GPU needs at least (activations other than the logits not counted)."""
+
+    parts: dict
+
+    @property
+    def total(self) -> int:
+        """Sum of the parts."""
+        return sum(self.parts.values())
+
+    def describe(self) -> str:
+        """One line: each part and the total."""
+        items = ", ".join(f"{k} {format_bytes(v)}" for k, v in self.parts.items())
+        return f"{items}: at least {format_bytes(self.total)} per rank"
+
+
+def format_bytes(n: float) -> str:
+    """GiB with two decimals, or MiB below one GiB."""
+    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 1024 ** 2:.1f} MiB"
+
+
+def estimate_memory(cfg: Config, num_params: int, vocab_size: int, world_size: int) -> MemoryEstimate:
+    """Memory one rank needs for the config: a pure function of the config and the parameter count.
+
+    Weights and the frozen reference/Judge copy in params_dtype and the fp32 gradient buffer of
+    megatron's DDP are split over tp*pp; Adam's two fp32 moments (plus fp32 master weights for
+    bf16/fp16) are split further over data-parallel ranks by the distributed optimizer. The KV
+    cache is the larger of the rollout's and the generative Judge's (the engines take turns),
+    one engine batch of full-length sequences; the logits are one micro-batch's, fp32 with their
+    gradient.
+    """
+    m, p, r, t, j = cfg.model, cfg.parallel, cfg.rollout, cfg.trainer, cfg.judge
+    mp = p.tp * p.pp
+    dp = max(1, world_size // mp)
+    width = _BYTES[m.params_dtype]
+    local = -(-num_params // mp)
+    adam = 8 + (4 if m.params_dtype != "float32" else 0)
+    shard = dp if (p.use_distributed_optimizer and dp > 1) else 1
+    kv_row = 2 * -(-m.num_layers // p.pp) * (m.hidden_size // p.tp) * width  # K and V per token of one sequence
+    extra = image_tokens(cfg)
+    rollout_kv = min(r.max_batch_size, t.prompts_per_step * r.n) * (r.max_prompt_len + r.max_response_len + extra)
+    kv = rollout_kv
+    if cfg.reward.mode in ("judge", "judge_raw") and j.kind == "generative":
+        judge_rows = min(r.max_batch_size, t.prompts_per_step * r.n * j.samples)
+        kv = max(kv, judge_rows * (j.max_prompt_len + j.max_tokens + extra))
+    return MemoryEstimate(parts={
+        "weights": local * width,
+        "grads": local * 4,
+        "optimizer": -(-local * adam // shard),
+        "frozen copy": local * width,
+        "KV cache": kv * kv_row,
+        "logits": t.micro_batch_tokens * -(-vocab_size // p.tp) * 8,
+    })
+
+
+def check_memory(estimate: MemoryEstimate, free_bytes: Optional[int], where: str) -> str:
+    """The estimate must fit in the free memory of this rank's device."""
+    if free_bytes is None:
+        return f"{estimate.describe()} (free memory unknown)"
+    if free_bytes < estimate.total:
+        raise PreflightError(
+            f"{where} has {format_bytes(free_bytes)} free but the config needs {estimate.describe()}; lower "
+            "rollout.max_batch_size or trainer.micro_batch_tokens, or raise parallel.tp / parallel.pp")
+    return f"{estimate.describe()}; {format_bytes(free_bytes)} free on {where}"
+
+
+def free_memory(platform: Platform) -> tuple[Optional[int], str]:
+    """Free bytes of this rank's GPU, or of the host shared by this node's processes on CPU; and its name."""
+    if platform.cuda:
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(platform.local_rank)
+        return free, f"GPU {platform.local_rank} ({torch.cuda.get_device_name(platform.local_rank)})"
+    import psutil
+
+    # On CPU the node's processes share the host memory: give each its share.
+    return psutil.virtual_memory().available // max(1, platform.local_world_size), "host memory (this process's share)"
+
+
+# --- phase 2: per rank, once the process group exists -----------------------------------------
+
+def check_data(cfg: Config) -> str:
+    """data.train / data.eval, unless synthetic, must be readable files on this node."""
+    found = []
+    for key, value in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
+        if value is None or value == "synthetic":
+            continue
+        path = Path(value)
+        state = ("does not exist" if not path.exists() else "is not a file" if not path.is_file()
+                 else "is not readable" if not os.access(path, os.R_OK) else None)
+        if state:
+            raise PreflightError(f"{key}={value!r} {state} on this node")
+        found.append(f"{key} {value}")
+    return ", ".join(found) or "synthetic"
+
+
+def probe_path(run_dir: str | Path, rank: int) -> Path:
+    """This rank's probe file in the run directory."""
+    return Path(run_dir) / f"{PROBE_PREFIX}{rank:05d}"
+
+
+def write_probe(run_dir: str | Path, rank: int, token: str) -> str:
+    """Create the run directory and this rank's probe file holding `token` (the writability check)."""
+    from megatron_selfjudge.runtime.lock import describe_os_error
+
+    path = probe_path(run_dir, rank)
+    try:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        path.write_text(token)
+    except OSError as exc:
+        mapped = describe_os_error(exc, run_dir)
+        raise PreflightError(str(mapped) if mapped else f"trainer.run_dir={str(run_dir)!r} is not writable: "
+                             f"{exc.strerror or exc}") from None
+    return f"{run_dir} writable"
+
+
+def missing_probes(run_dir: str | Path, tokens: Sequence[Optional[str]]) -> list[int]:
+    """Ranks whose probe file this process does not see with the token that rank wrote."""
+    missing = []
+    for rank, token in enumerate(tokens):
+        try:
+            ok = token is not None and probe_path(run_dir, rank).read_text() == token
+        except (OSError, UnicodeDecodeError):
+            ok = False
+        if not ok:
+            missing.append(rank)
+    return missing
+
+
+def check_shared(run_dir: str | Path, tokens: Sequence[Optional[str]], hosts: Sequence[str]) -> str:
+    """Rank 0 must see every rank's probe file: the run directory is one folder for all of them."""
+    missing = missing_probes(run_dir, tokens)
+    if missing:
+        where = sorted({hosts[r] for r in missing})
+        raise PreflightError(
+            f"trainer.run_dir={str(run_dir)!r} is not one folder for every rank: rank 0 ({hosts[0]}) does not see "
+            f"the probe files of rank(s) {_ranges(missing)} on {', '.join(where)}; put the run directory on a "
+            "filesystem every node shares")
+    return f"shared by all {len(tokens)} ranks"
+
+
+def _ranges(ranks: Sequence[int]) -> str:
+    parts, start = [], None
+    for i, r in enumerate(ranks):
+        if start is None:
+            start = r
+        if i + 1 == len(ranks) or ranks[i + 1] != r + 1:
+            parts.append(str(start) if start == r else f"{start}-{r}")
+            start = None
+    return ",".join(parts)
+
+
+@dataclass
+class RankProbe:
+    """This rank's phase-2 verdicts and the probe file it wrote (removed by `remove`)."""
+
+    checks: list
+    run_dir: Path
+    rank: int
+    token: Optional[str]
+
+    def remove(self) -> None:
+        """Delete this rank's probe file."""
+        if self.token is not None:
+            with contextlib.suppress(OSError):  # the run directory may have gone read-only meanwhile
+                probe_path(self.run_dir, self.rank).unlink(missing_ok=True)
+
+
+def rank_checks(cfg: Config, platform: Platform, estimate: MemoryEstimate) -> RankProbe:
+    """Phase 2 verdicts of this rank alone (data, run directory, memory); writes this rank's probe file."""
+    token = f"{platform.host}:{os.getpid()}:{secrets.token_hex(8)}"
+
+    def memory() -> str:
+        free, where = free_memory(platform)
+        return check_memory(estimate, free, where)
+
+    checks = _run([("data files", lambda: check_data(cfg)),
+                   ("run directory", lambda: write_probe(cfg.trainer.run_dir, platform.rank, token)),
+                   ("memory", memory)])
+    written = next(c.ok for c in checks if c.name == "run directory")
+    return RankProbe(checks, Path(cfg.trainer.run_dir), platform.rank, token if written else None)
+
+
+def shared_check(probe: RankProbe, platform: Platform) -> Check:
+    """The shared-run-directory verdict on every rank (a collective; trivially true for one rank)."""
+    import torch.distributed as dist
+
+    if platform.world_size == 1:
+        return Check("shared run directory", True, "one rank")
+    gathered: list = [None] * platform.world_size
+    dist.all_gather_object(gathered, (probe.token, platform.host))
+    verdict = None
+    if platform.rank == 0:
+        verdict = _run([("shared run directory", lambda: check_shared(
+            probe.run_dir, [g[0] for g in gathered], [g[1] for g in gathered]))])[0]
+    box = [verdict]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# --- what trainer.main calls --------------------------------------------------------------------
+
+@dataclass
+class Preflight:
+    """Phase-1 results carried into phase 2."""
+
+    platform: Platform
+    checks: list
+    estimate: MemoryEstimate
+
+    def summary(self) -> list[str]:
+        """Lines for the run's log: the verdicts, then the memory estimate."""
+        verdicts = "; ".join(f"{c.name}: {c.message}" for c in self.checks if c.name != "memory")
+        memory = [f"pre-flight memory: {c.message}" for c in self.checks if c.name == "memory"]
+        return [f"pre-flight ok: {verdicts}", *memory]
+
+
+def check_launch(cfg: Config, platform: Optional[Platform] = None) -> Preflight:
+    """Phase 1 (before the process group): raise the first failure as a PreflightError on every rank."""
+    platform = platform or Platform.detect()
+    vocab = policy_vocab_size(cfg)
+    checks = launch_checks(cfg, platform, vocab)
+    require(checks)
+    estimate = estimate_memory(cfg, parameter_count(cfg, vocab), vocab, platform.world_size)
+    return Preflight(platform, checks, estimate)
+
+
+def check_ranks(cfg: Config, pre: Preflight) -> list[Check]:
+    """Phase 2 (a collective, process group up): one rank's failure stops every rank, in seconds."""
+    from megatron_selfjudge.runtime.ranks import raise_if_any_rank_failed
+
+    platform = pre.platform
+    probe = rank_checks(cfg, platform, pre.estimate)
+    try:
+        failed = next((c for c in probe.checks if not c.ok), None)
+        prefix = f"rank {platform.rank} ({platform.host}): " if platform.world_size > 1 else ""
+        raise_if_any_rank_failed(PreflightError(prefix + failed.message) if failed else None, "pre-flight checks")
+        shared = shared_check(probe, platform)
+        require([shared])
+    finally:
+        probe.remove()
+    pre.checks.extend(probe.checks + [shared])
+    return pre.checks
