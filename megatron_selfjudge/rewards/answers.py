@@ -321,6 +321,9 @@ def _worker_main() -> None:
     import logging
     from functools import lru_cache
 
+    from megatron_selfjudge.runtime.children import start_parent_watchdog
+
+    start_parent_watchdog(os.getppid())  # exit with the run, even mid-comparison (runtime.children)
     proto = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # stray prints from libraries must not corrupt the protocol
     logging.getLogger("math_verify").setLevel(logging.CRITICAL)
