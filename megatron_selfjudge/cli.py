@@ -1,6 +1,8 @@
-"""`selfjudge` command line: train, bench, data.
+"""`selfjudge` command line: train, env, bench, data.
 
 Single process:  selfjudge train [--config FILE] [key=value ...]
+Bug reports:     selfjudge env [--config FILE] [key=value ...]
+Check a config:  selfjudge config check [--config FILE] [key=value ...]  (resolved YAML, or the error; exit 2)
 Multi-process:   torchrun --nproc-per-node N -m megatron_selfjudge.cli train parallel.tp=2 ...
 With no --config, `train` runs the embedded tiny default on CPU.
 """
@@ -15,7 +17,9 @@ from typing import Optional, Sequence
 from megatron_selfjudge.config import ConfigError, load_config
 from megatron_selfjudge.data.datasets import DatasetError
 from megatron_selfjudge.runtime.lock import RunDirError
+from megatron_selfjudge.runtime.preflight import PreflightError
 from megatron_selfjudge.runtime.ranks import RankFailedError
+from megatron_selfjudge.runtime.run_state import CheckpointDamaged, RunStateError
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -31,11 +35,24 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return trainer.main(cfg)
 
 
+def _cmd_config_check(args: argparse.Namespace) -> int:
+    from megatron_selfjudge.config import to_yaml
+
+    print(to_yaml(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from megatron_selfjudge.kernels import bench
 
     bench.main(args.bench_args)  # prints the table and writes the JSON
     return 0
+
+
+def _cmd_env(args: argparse.Namespace) -> int:
+    from megatron_selfjudge import env_report
+
+    return env_report.main(args.config, args.overrides)
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
@@ -54,10 +71,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=_cmd_train)
 
+    p = sub.add_parser("config", help="`config check`: load and validate a config without building a model")
+    p_sub = p.add_subparsers(dest="config_command", required=True)
+    p = p_sub.add_parser("check", help="print the resolved YAML (exit 0) or the one-line error (exit 2)")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_config_check)
+
     p = sub.add_parser("bench", help="benchmarks; `selfjudge bench kernels --help` for options")
     p.add_argument("what", choices=["kernels"])
     p.add_argument("bench_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("env", help="versions, GPUs, launch layout and the pre-flight verdicts, for bug reports")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_env)
 
     p = sub.add_parser("data", help="write the synthetic task (`data synthetic --out DIR`) or check a file")
     p.add_argument("data_args", nargs=argparse.REMAINDER)
@@ -84,8 +111,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (DatasetError, FileNotFoundError) as exc:
         print(f"selfjudge: data error: {exc}", file=sys.stderr)
         return 2
+    except PreflightError as exc:
+        print(f"selfjudge: pre-flight check failed: {exc}", file=sys.stderr)
+        return 2
     except (RunDirError, RankFailedError) as exc:  # RankFailedError: the failing rank printed the cause
         print(f"selfjudge: {exc}", file=sys.stderr)
+        return 2
+    except RunStateError as exc:
+        print(f"selfjudge: cannot resume: {exc}", file=sys.stderr)
+        return 2
+    except CheckpointDamaged as exc:
+        print(f"selfjudge: damaged checkpoint: {exc}", file=sys.stderr)
         return 2
 
 

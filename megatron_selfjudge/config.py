@@ -426,7 +426,7 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
     if isinstance(exc, yaml.MarkedYAMLError):
         mark = exc.problem_mark or exc.context_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        return f"{exc.problem or exc.context}{where}"
+        return ", ".join(part for part in (exc.context, exc.problem) if part) + where
     return str(exc)
 
 
@@ -434,7 +434,7 @@ def _parse_override(item: str) -> DictConfig:
     if "=" not in item:
         raise ConfigError(f"override {item!r} is not of the form key=value (e.g. loss.beta_kl=0.02)")
     key, value = item.split("=", 1)
-    if not key or key.startswith(".") or key.endswith("."):
+    if "" in key.split("."):
         raise ConfigError(f"override {item!r} has an empty or malformed key")
     try:
         return OmegaConf.from_dotlist([f"{key}={value}"])
@@ -494,6 +494,8 @@ def _merge(base: DictConfig, other: DictConfig, origin: str) -> DictConfig:
     except OmegaConfBaseException as exc:
         # OmegaConf names the full key; keep its message and say where the value came from.
         raise ConfigError(f"{origin}: {_omegaconf_message(exc)}") from None
+    except TypeError as exc:  # e.g. a mapping merged into a list field ("Cannot merge incompatible ...")
+        raise ConfigError(f"{origin}: {exc}") from None
 
 
 def _origin_of(key: Optional[str], sources: Sequence[Tuple[str, DictConfig]]) -> Optional[str]:
@@ -546,3 +548,54 @@ def to_yaml(cfg: Config) -> str:
 def to_dict(cfg: Config) -> dict:
     """Resolved config as a plain nested dict."""
     return dataclasses.asdict(cfg)
+
+
+# --- resume -----------------------------------------------------------------------------
+
+# Keys that may differ between a run and its resume without changing what the run learns.
+# Everything else (the task, the model, the reward, the loss, the optimiser, the seeds, the batch
+# layout in prompts) changes the run's meaning and is drift.
+RESUME_SAFE_KEYS = frozenset({
+    "trainer.max_steps",  # extending or shortening a run: the steps taken so far are unchanged
+    "trainer.epochs",  # the same, for runs sized in epochs (max_steps = -1)
+    "trainer.save_every",  # checkpoint cadence only
+    "trainer.keep_checkpoints",  # checkpoint retention only
+    "trainer.run_dir",  # a moved run directory is the same run
+    "trainer.resume",  # how this start treats existing checkpoints, not what they hold
+    # Token budget per micro-batch: the loss is normalised over all micro-batches of an update,
+    # so the update is the same up to floating-point rounding.
+    "trainer.micro_batch_tokens",
+    # Sequences decoded together: the sampling distribution is the same, only the order in which
+    # random numbers are drawn (hence the exact samples) may change.
+    "rollout.max_batch_size",
+    "loss.impl",  # implementations of one loss, tested against the reference
+    # A run that started with `raise` had no bad row, so `skip` reads the same rows; a run that
+    # skipped rows fails loudly under `raise` instead of training on other rows.
+    "data.on_error",
+    # A compute limit: only comparisons that hit it (scored as not equivalent) are affected.
+    "reward.symbolic_timeout",
+    "trainer.allow_config_change",  # the permission itself (runtime/run_state.py)
+})
+
+
+def config_drift(saved: Config, current: Config) -> List[Tuple[str, Any, Any]]:
+    """(dotted key, saved value, current value) of every changed leaf outside RESUME_SAFE_KEYS."""
+    now = dict(leaf_items(current))
+    return [(key, old, now[key]) for key, old in leaf_items(saved)
+            if key not in RESUME_SAFE_KEYS and now.get(key) != old]
+
+
+def load_saved_config(path: str | Path) -> Config:
+    """The validated config of a run directory (its config.yaml) or of a saved config file."""
+    path = Path(path)
+    file = path / "config.yaml" if path.is_dir() else path
+    if not file.is_file():
+        raise ConfigError(f"saved config {str(file)!r} does not exist")
+    try:
+        cfg = load_config(file, embedded_default=False)
+    except ConfigError as exc:
+        msg = str(exc)
+        raise ConfigError(msg if str(file) in msg else f"saved config {str(file)!r}: {msg}") from None
+    if not file.read_bytes().strip():  # to_yaml never writes an empty file
+        raise ConfigError(f"saved config {str(file)!r} is empty (damaged)")
+    return cfg

@@ -497,8 +497,8 @@ class Trainer:
         self.log.info(f"resumed from {path} (step {self.state['step']}, phase {self.state['phase']})")
         return True
 
-    def write_config(self) -> None:
-        """config.yaml of the run; when resuming, first refuse meaning-changing differences from the saved one."""
+    def check_config(self) -> None:
+        """When resuming, refuse meaning-changing differences from the saved config.yaml (rank 0 reads it)."""
         from megatron_selfjudge.runtime.ranks import raise_if_any_rank_failed
         from megatron_selfjudge.runtime.run_state import RunStateError, check_config_drift
 
@@ -510,11 +510,15 @@ class Trainer:
                     changed = check_config_drift(saved, self.cfg, self.cfg.trainer.allow_config_change)
                     if changed:
                         self.log.info(f"resuming with changed settings: {', '.join(changed)}")
-                self.run_dir.mkdir(parents=True, exist_ok=True)
-                saved.write_text(to_yaml(self.cfg))
             except RunStateError as exc:  # raised below, once every rank knows
                 error = exc
         raise_if_any_rank_failed(error, "the run-directory config check")
+
+    def write_config(self) -> None:
+        """config.yaml (resolved); written only once the run is known to start or resume."""
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
 
     def make_initial_copy(self, from_disk: bool) -> None:
         """Reference + Judge: one frozen copy of the policy as it enters stage 2.
@@ -570,8 +574,13 @@ class Trainer:
         from megatron_selfjudge.preemption import PreemptionHandler
 
         t = self.cfg.trainer
+        self.check_config()
+        # Inside stage 2 the frozen copy comes from disk: load it before anything is written, so a
+        # missing or damaged copy is refused with the run directory untouched.
+        in_stage2 = self.resume() and self.state["step"] > 0
+        if in_stage2:
+            self.make_initial_copy(from_disk=True)
         self.write_config()
-        resumed = self.resume()
         if self.task.skipped:
             self.log.info(f"data: skipped {self.task.skipped} unusable rows (data.on_error=skip)")
         with PreemptionHandler() as preempt:
@@ -591,7 +600,8 @@ class Trainer:
                 self.log.info(f"preempted during SFT: saved SFT step {self.state['sft_step']} and exiting")
                 self.metrics.close()
                 return 0
-            self.make_initial_copy(from_disk=resumed and self.state["step"] > 0)
+            if not in_stage2:
+                self.make_initial_copy(from_disk=False)
             if "before" not in self.state["evals"] and stopped_in_eval("before"):
                 return 0
             # Lines of steps after the checkpoint (a killed run's) are written again below.
@@ -667,7 +677,8 @@ class _Printer:
     def info(self, msg: str) -> None:
         """One log line."""
         if self.enabled:
-            self.console.print(f"[selfjudge] {msg}", highlight=False, markup=False)
+            # soft_wrap: one log line stays one line in Slurm logs, whatever the terminal width.
+            self.console.print(f"[selfjudge] {msg}", highlight=False, markup=False, soft_wrap=True)
 
     def progress(self, title: str, total: int, done: int):
         """Context manager yielding advance(description) for a rich progress bar."""
@@ -694,11 +705,20 @@ def main(cfg: Config) -> int:
     import torch.distributed as dist
 
     from megatron_selfjudge.megatron.parallel import destroy_parallel
+    from megatron_selfjudge.runtime import preflight
+    from megatron_selfjudge.runtime.children import guard_children
     from megatron_selfjudge.runtime.lock import hold_run_dir
 
+    guard_children()  # checkpoint writers and other helpers die with this process
+    # Config against the platform, before any collective: every rank refuses alike, in seconds.
+    checked = preflight.check_launch(cfg)
     created = setup_distributed(cfg)
     seed_everything(cfg.trainer.seed)
     try:
+        preflight.check_ranks(cfg, checked)  # data, run directory, memory: one rank's failure stops all
+        log = _Printer(is_main_rank())
+        for line in checked.summary():
+            log.info(line)
         # Locked before anything is written there (the Trainer opens TensorBoard, run() config.yaml).
         with hold_run_dir(cfg.trainer.run_dir, is_main_rank()):
             return Trainer(cfg).run()

@@ -70,6 +70,7 @@ import torch.distributed as dist
 
 from megatron_selfjudge.megatron import cpu, dcp_metadata
 from megatron_selfjudge.runtime.ranks import any_rank, raise_if_any_rank_failed
+from megatron_selfjudge.runtime.run_state import CheckpointDamaged
 
 logger = logging.getLogger(__name__)
 
@@ -269,10 +270,6 @@ def _rng_file(ckpt: Path, rank: int) -> Path:
 
 
 # ----------------------------------------------------------------------------- safe loading
-
-class CheckpointDamaged(RuntimeError):
-    """A checkpoint file is missing, truncated, altered or unreadable; the message names the file."""
-
 
 @contextlib.contextmanager
 def _weights_only_loads() -> Iterator[None]:
