@@ -194,6 +194,11 @@ def _optional_answer(row: dict, name: str, required: bool) -> str | None:
     return str(value).strip()
 
 
+def _shown(value: str, limit: int = 200) -> str:
+    """A row's text for a message: quoted, and cut when long (paths can be kilobytes)."""
+    return repr(value) if len(value) <= limit else repr(value[:limit]) + f"... ({len(value)} characters)"
+
+
 def _confined_path(value: Any, context: _RowContext, where: str) -> Path:
     """The real path of a row's image file, refused unless it lies inside the allowed roots."""
     if not isinstance(value, str):
@@ -204,10 +209,14 @@ def _confined_path(value: Any, context: _RowContext, where: str) -> Path:
     real = Path(os.path.realpath(joined))
     if not any(real.is_relative_to(root) for root in context.roots):
         # One message whether or not the target exists: a row must not probe the file system.
-        raise _RowError(f"{where}: image path {value!r} is outside the data folder and "
+        raise _RowError(f"{where}: image path {_shown(value)} is outside the data folder and "
                         "data.image_roots")
-    if not real.is_file():
-        raise _RowError(f"{where}: image file not found: {str(joined)!r}")
+    try:
+        found = real.is_file()
+    except OSError as err:  # e.g. a name longer than the OS allows
+        raise _RowError(f"{where}: cannot read image file {_shown(value)} ({err.strerror})") from None
+    if not found:
+        raise _RowError(f"{where}: image file not found: {_shown(str(joined))}")
     return real
 
 

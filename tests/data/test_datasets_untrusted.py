@@ -142,11 +142,14 @@ def test_extra_image_roots_and_symlinked_data_folder(tree, monkeypatch):
 
 def test_path_values_of_the_wrong_kind(tree):
     rows = [{"images": [{"path": 7}], "problem": "q"}, {"images": ["bad\x00name.png"], "problem": "q"},
-            {"images": [["nested"]], "problem": "q"}]
+            {"images": [["nested"]], "problem": "q"}, {"images": ["sub/" * 3000 + "x.png"], "problem": "q"}]
     result = load_records(_jsonl(tree / "data" / "k.jsonl", rows), on_error="skip")
-    assert result.skipped == 3
+    assert result.skipped == 4
     assert "'path' must be a string" in result.errors[0]
     assert "row 1" in result.errors[1] and "NUL" in result.errors[1]
+    # A name the OS refuses is a row error, and a long value is shortened in the message.
+    assert "row 3: field 'images'[0]: cannot read image file 'sub/sub/" in result.errors[3]
+    assert "(File name too long)" in result.errors[3] and len(result.errors[3]) < 500
 
 
 # ---------------------------------------------------------------- size limits
