@@ -17,6 +17,62 @@ NEG_INF = tl.constexpr(float("-inf"))
 
 
 @triton.jit
+def _rebase(m, s, w, shift):
+    """Re-express a softmax partial (s = sum e^(z-m), w = sum e^(z-m) (z-m)) relative to shift >= m.
+
+    s' = s e^(m-shift), w' = e^(m-shift) (w + (m-shift) s). The select comes before the product so
+    that 0 * -inf is never formed (an empty partial has s = 0 and m = -inf). Elementwise: per row,
+    per token block or per rank.
+    """
+    alpha = tl.exp2((m - shift) * LOG2E)
+    return s * alpha, alpha * (w + tl.where(s > 0, m - shift, 0.0) * s)
+
+
+@triton.jit
+def _shift_of(m):
+    """The shift for a running max m: m itself, or 0 while everything seen is -inf (no -inf - -inf NaN)."""
+    return tl.where(m == NEG_INF, 0.0, m)
+
+
+@triton.jit
+def _dlogits(logq, is_target, c_logp, c_ent, ent, HAS_G_ENT: tl.constexpr):
+    """d L / d z for z = logits / T: c_logp (onehot - p) - c_ent p (log p + H), with p = exp(logq).
+
+    c_logp = dL/dlogp_target and c_ent = dL/dH of the row (scalars, or [BLOCK_N, 1] columns that
+    broadcast over a tile); p == 0 (z = -inf) contributes 0, not 0 * inf.
+    """
+    p = tl.exp2(logq * LOG2E)
+    d = tl.where(is_target, c_logp - c_logp * p, -c_logp * p)
+    if HAS_G_ENT:
+        d -= c_ent * p * (tl.where(p > 0, logq, 0.0) + ent)
+    return d
+
+
+@triton.jit
+def _grad_coefficients(offs, inside, valid_ptr, dloss_ptr, dkl_ptr,
+                       g_loss_ptr, g_loss_stride, g_logp_ptr, g_logp_stride, g_kl_ptr, g_kl_stride,
+                       g_ent_ptr, g_ent_stride,
+                       HAS_G_LOSS: tl.constexpr, HAS_G_LOGP: tl.constexpr, HAS_G_KL: tl.constexpr,
+                       HAS_G_ENT: tl.constexpr):
+    """(c_logp, c_ent) of tokens ``offs``: the upstream gradients of the loss, logp, kl and entropy outputs
+    (strided [N] tensors; stride 0 for an expanded one) times the loss's d/dlogp; 0 for masked tokens."""
+    keep = (tl.load(valid_ptr + offs, mask=inside, other=0) != 0).to(tl.float32)
+    c_logp = keep * 0.0
+    if HAS_G_LOSS:
+        c_logp += tl.load(g_loss_ptr + offs * g_loss_stride, mask=inside, other=0.0) * \
+            tl.load(dloss_ptr + offs, mask=inside, other=0.0)
+    if HAS_G_LOGP:
+        c_logp += tl.load(g_logp_ptr + offs * g_logp_stride, mask=inside, other=0.0) * keep
+    if HAS_G_KL:
+        c_logp += tl.load(g_kl_ptr + offs * g_kl_stride, mask=inside, other=0.0) * \
+            tl.load(dkl_ptr + offs, mask=inside, other=0.0)
+    c_ent = keep * 0.0
+    if HAS_G_ENT:
+        c_ent = tl.load(g_ent_ptr + offs * g_ent_stride, mask=inside, other=0.0) * keep
+    return c_logp, c_ent
+
+
+@triton.jit
 def row_stats_kernel(
     logits_ptr, row_stride, targets_ptr, valid_ptr, stats_ptr,
     V, vocab_start, inv_temp,
@@ -44,16 +100,12 @@ def row_stats_kernel(
             cols = start + tl.arange(0, BLOCK_V)
             z = tl.load(base + cols, mask=cols < V, other=NEG_INF).to(tl.float32) * inv_temp
             m_new = tl.maximum(m, tl.max(z, axis=0))
-            # Shift by 0 while everything seen is -inf so that -inf - -inf never makes a NaN.
-            shift = tl.where(m_new == NEG_INF, 0.0, m_new)
-            alpha = tl.exp2((m - shift) * LOG2E)
+            shift = _shift_of(m_new)
+            s, w = _rebase(m, s, w, shift)
             e = tl.exp2((z - shift) * LOG2E)
             if WITH_ENTROPY:
-                # Re-base the partial from m to the new shift: sum e'(z - m') = alpha * (w + (m - m') s).
-                # The selects come before the products so that 0 * -inf is never even formed.
-                w = alpha * (w + tl.where(s > 0, m - shift, 0.0) * s)
                 w += tl.sum(e * tl.where(e > 0, z - shift, 0.0), axis=0)
-            s = s * alpha + tl.sum(e, axis=0)
+            s += tl.sum(e, axis=0)
             m = m_new
         tgt = tl.load(targets_ptr + row).to(tl.int64) - vocab_start
         found = (tgt >= 0) & (tgt < V)
@@ -105,7 +157,7 @@ def token_loss_kernel(
         m = tl.load(parts_ptr + (rank * n_tokens + offs) * 5, mask=inside, other=0.0)
         row_max = tl.maximum(row_max, m)
     # A row that is -inf on every rank has no softmax; shifting by 0 keeps the arithmetic NaN-free.
-    shift = tl.where(row_max == NEG_INF, 0.0, row_max)
+    shift = _shift_of(row_max)
     total = tl.zeros([BLOCK_N], tl.float32)
     rebased = tl.zeros([BLOCK_N], tl.float32)
     target = tl.zeros([BLOCK_N], tl.float32)
@@ -113,11 +165,10 @@ def token_loss_kernel(
     for rank in range(world):
         part = parts_ptr + (rank * n_tokens + offs) * 5
         m = tl.load(part, mask=inside, other=0.0)
-        s = tl.load(part + 1, mask=inside, other=1.0)
-        scale = tl.exp2((m - shift) * LOG2E)
-        total += s * scale
-        # Re-base the rank's sum e (z - m_r) to the global max: + (m_r - M) s_r (select first: no 0 * -inf).
-        rebased += scale * (tl.load(part + 2, mask=inside, other=0.0) + tl.where(s > 0, m - shift, 0.0) * s)
+        s_rank, w_rank = _rebase(m, tl.load(part + 1, mask=inside, other=1.0), tl.load(part + 2, mask=inside, other=0.0),
+                                 shift)
+        total += s_rank
+        rebased += w_rank
         target += tl.load(part + 3, mask=inside, other=0.0)
         found += tl.load(part + 4, mask=inside, other=0.0)
     log_sum = tl.log(total)
@@ -187,17 +238,9 @@ def row_grad_kernel(
     in-place variant (grad_ptr == logits_ptr) safe row by row.
     """
     row = tl.program_id(0).to(tl.int64)
-    keep = (tl.load(valid_ptr + row) != 0).to(tl.float32)
-    c_logp = 0.0
-    if HAS_G_LOSS:
-        c_logp += tl.load(g_loss_ptr + row * g_loss_stride) * tl.load(dloss_ptr + row)
-    if HAS_G_LOGP:
-        c_logp += tl.load(g_logp_ptr + row * g_logp_stride) * keep
-    if HAS_G_KL:
-        c_logp += tl.load(g_kl_ptr + row * g_kl_stride) * tl.load(dkl_ptr + row)
-    c_ent = 0.0
-    if HAS_G_ENT:
-        c_ent = tl.load(g_ent_ptr + row * g_ent_stride) * keep
+    c_logp, c_ent = _grad_coefficients(row, True, valid_ptr, dloss_ptr, dkl_ptr, g_loss_ptr, g_loss_stride,
+                                       g_logp_ptr, g_logp_stride, g_kl_ptr, g_kl_stride, g_ent_ptr, g_ent_stride,
+                                       HAS_G_LOSS, HAS_G_LOGP, HAS_G_KL, HAS_G_ENT)
     gbase = grad_ptr + row * grad_stride
     if (c_logp == 0.0) & (c_ent == 0.0):
         for start in range(0, V, BLOCK_V):
@@ -214,10 +257,118 @@ def row_grad_kernel(
             in_row = cols < V
             # Padding lanes load -inf so p == 0 there (0.0 could overflow exp for a very negative max).
             z = tl.load(base + cols, mask=in_row, other=NEG_INF).to(tl.float32) * inv_temp
-            logq = (z - row_max) - log_sum
-            p = tl.exp2(logq * LOG2E)
-            d = tl.where(cols == tgt, c_logp - c_logp * p, -c_logp * p)
-            if HAS_G_ENT:
-                # dH/dz_j = -p_j (log p_j + H); p == 0 (z = -inf) contributes 0, not 0 * inf.
-                d -= c_ent * p * (tl.where(p > 0, logq, 0.0) + ent)
+            d = _dlogits((z - row_max) - log_sum, cols == tgt, c_logp, c_ent, ent, HAS_G_ENT)
             tl.store(gbase + cols, (d * inv_temp).to(grad_ptr.dtype.element_ty), mask=in_row)
+
+
+# ---------------------------------------------------------------- fused linear: hidden states in, no logits
+
+@triton.jit
+def _logits_tile(h_ptr, h_stride, w_ptr, w_stride, rows, row_ok, cols, col_ok, H, inv_temp,
+                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                 DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
+    """z = (hidden[rows] @ weight[cols]^T) / T as an fp32 [BLOCK_N, BLOCK_V] tile, through tl.dot.
+
+    Out-of-range rows/columns read zeros (the caller masks columns to -inf). DOT_FP32 casts the
+    operands to fp32 first (Triton's interpreter needs it); IEEE asks for exact fp32 products
+    instead of TF32 when the operands are fp32 on a GPU.
+    """
+    acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_H):
+        ks = k0 + tl.arange(0, BLOCK_H)
+        k_ok = ks < H
+        h = tl.load(h_ptr + rows[:, None] * h_stride + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + cols[:, None] * w_stride + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        if DOT_FP32:
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
+        if IEEE:
+            acc = tl.dot(h, tl.trans(w), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(h, tl.trans(w), acc)
+    return acc * inv_temp
+
+
+@triton.jit
+def linear_row_stats_kernel(
+    h_ptr, h_stride, w_ptr, w_stride, targets_ptr, valid_ptr, stats_ptr,
+    N, V, H, vocab_start, inv_temp,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, HAS_VALID: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
+):
+    """``row_stats_kernel``'s (m, s, w, t, found) for BLOCK_N tokens, from hidden states and this shard's weight.
+
+    Each program streams the vocabulary in BLOCK_V columns; every logits tile is computed by
+    ``_logits_tile`` in fp32 and folded into the online softmax at once, so no logits reach memory.
+    """
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    inside = rows < N
+    keep = inside
+    if HAS_VALID:
+        keep = inside & (tl.load(valid_ptr + rows, mask=inside, other=0) != 0)
+    tgt = tl.load(targets_ptr + rows, mask=inside, other=0).to(tl.int64) - vocab_start
+    found = (tgt >= 0) & (tgt < V)
+    tgt = tl.where(found, tgt, -1)  # a target in another shard must not meet this tile's padding columns
+    m = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK_N], tl.float32)
+    w = tl.zeros([BLOCK_N], tl.float32)
+    t = tl.zeros([BLOCK_N], tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_ok = cols < V
+        z = _logits_tile(h_ptr, h_stride, w_ptr, w_stride, rows, keep, cols, col_ok, H, inv_temp,
+                         BLOCK_N, BLOCK_V, BLOCK_H, DOT_FP32, IEEE)
+        z = tl.where(col_ok[None, :], z, NEG_INF)
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        shift = _shift_of(m_new)
+        s, w = _rebase(m, s, w, shift)
+        e = tl.exp2((z - shift[:, None]) * LOG2E)
+        if WITH_ENTROPY:
+            w += tl.sum(e * tl.where(e > 0, z - shift[:, None], 0.0), axis=1)
+        s += tl.sum(e, axis=1)
+        m = m_new
+        t += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
+    out = stats_ptr + rows * 5
+    # Masked rows get row_stats_kernel's neutral (0, 1, 0, 0, 0).
+    tl.store(out, tl.where(keep, m, 0.0), mask=inside)
+    tl.store(out + 1, tl.where(keep, s, 1.0), mask=inside)
+    tl.store(out + 2, tl.where(keep, w, 0.0), mask=inside)
+    tl.store(out + 3, tl.where(keep, t, 0.0), mask=inside)
+    tl.store(out + 4, tl.where(keep, found.to(tl.float32), 0.0), mask=inside)
+
+
+@triton.jit
+def linear_dlogits_kernel(
+    h_ptr, h_stride, w_ptr, w_stride, grad_ptr, grad_stride, targets_ptr, valid_ptr, softmax_ptr, dloss_ptr,
+    dkl_ptr, g_loss_ptr, g_loss_stride, g_logp_ptr, g_logp_stride, g_kl_ptr, g_kl_stride, g_ent_ptr, g_ent_stride,
+    row_start, row_stop, V, H, vocab_start, inv_temp,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, HAS_G_LOSS: tl.constexpr,
+    HAS_G_LOGP: tl.constexpr, HAS_G_KL: tl.constexpr, HAS_G_ENT: tl.constexpr, DOT_FP32: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """dL/dlogits of one [BLOCK_N, BLOCK_V] tile of the token chunk [row_start, row_stop), recomputed from h and W.
+
+    Row r of the chunk is written to grad_ptr + (r - row_start) * grad_stride: the caller's chunk
+    buffer, from which d_hidden = g @ W and d_weight += g^T @ h are two plain GEMMs. The formula
+    is ``row_grad_kernel``'s (``_dlogits``, ``_grad_coefficients``), rounded once to the buffer's dtype.
+    """
+    rows = row_start + tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    inside = rows < row_stop
+    col_ok = cols < V
+    c_logp, c_ent = _grad_coefficients(rows, inside, valid_ptr, dloss_ptr, dkl_ptr, g_loss_ptr, g_loss_stride,
+                                       g_logp_ptr, g_logp_stride, g_kl_ptr, g_kl_stride, g_ent_ptr, g_ent_stride,
+                                       HAS_G_LOSS, HAS_G_LOGP, HAS_G_KL, HAS_G_ENT)
+    row_max = tl.load(softmax_ptr + rows * 4, mask=inside, other=0.0)
+    log_sum = tl.load(softmax_ptr + rows * 4 + 1, mask=inside, other=0.0)
+    ent = tl.load(softmax_ptr + rows * 4 + 2, mask=inside, other=0.0)
+    tgt = tl.load(targets_ptr + rows, mask=inside, other=0).to(tl.int64) - vocab_start
+    live = inside & ((c_logp != 0.0) | (c_ent != 0.0))  # masked tokens: zeros, and their h is never read
+    z = _logits_tile(h_ptr, h_stride, w_ptr, w_stride, rows, live, cols, col_ok, H, inv_temp,
+                     BLOCK_N, BLOCK_V, BLOCK_H, DOT_FP32, IEEE)
+    z = tl.where(col_ok[None, :], z, NEG_INF)
+    d = _dlogits((z - row_max[:, None]) - log_sum[:, None], cols[None, :] == tgt[:, None], c_logp[:, None],
+                 c_ent[:, None], ent[:, None], HAS_G_ENT)
+    d = tl.where(live[:, None], d * inv_temp, 0.0)
+    out = grad_ptr + (rows - row_start)[:, None] * grad_stride + cols[None, :]
+    tl.store(out, d.to(grad_ptr.dtype.element_ty), mask=inside[:, None] & col_ok[None, :])

@@ -134,20 +134,30 @@ def _forward(logits, targets, valid, advantages, old_logp, ref_logp, params: Los
     n, vocab = logits.shape
     device = logits.device
     stats = torch.empty((n, 5), dtype=torch.float32, device=device)
-    # loss, logprobs, kl, clipped, entropy, dloss/dlogp, dkl/dlogp: all written by token_loss_kernel.
-    out = [torch.empty(n, dtype=torch.float32, device=device) for _ in range(7)]
-    softmax = torch.empty((n, 4), dtype=torch.float32, device=device)
-    kernels = _kernels()
     if n:
-        kernels.row_stats_kernel[(n,)](
+        _kernels().row_stats_kernel[(n,)](
             logits, logits.stride(0), targets, valid if valid is not None else targets, stats,
             vocab, vocab_start, 1.0 / params.temperature,
             HAS_VALID=valid is not None, WITH_ENTROPY=with_entropy, **_launch_config(vocab, device, block_v))
+    return finish_forward(stats, valid, advantages, old_logp, ref_logp, params, tp_group)
+
+
+def finish_forward(stats: torch.Tensor, valid, advantages, old_logp, ref_logp, params: LossParams,
+                   tp_group) -> _Forward:
+    """From this shard's [N, 5] row statistics: the one collective, then the per-token loss in one launch.
+
+    Shared by every op whose vocabulary pass ends in ``row_stats_kernel``'s layout (the logits-in
+    kernel here, the fused linear op of ``fused_linear_grpo.py``): one copy of the loss math.
+    """
+    n, device = stats.shape[0], stats.device
+    # loss, logprobs, kl, clipped, entropy, dloss/dlogp, dkl/dlogp: all written by token_loss_kernel.
+    out = [torch.empty(n, dtype=torch.float32, device=device) for _ in range(7)]
+    softmax = torch.empty((n, 4), dtype=torch.float32, device=device)
     parts = gather_partials(stats, tp_group)
     if n:
         with_loss = advantages is not None
         dummy = out[0]  # pointer for the inputs a constexpr flag switches off
-        kernels.token_loss_kernel[(-(-n // TOKEN_BLOCK),)](
+        _kernels().token_loss_kernel[(-(-n // TOKEN_BLOCK),)](
             parts, parts.shape[0], n, valid if valid is not None else dummy,
             advantages if with_loss else dummy, dummy if old_logp is None else old_logp,
             dummy if ref_logp is None else ref_logp,
@@ -157,6 +167,21 @@ def _forward(logits, targets, valid, advantages, old_logp, ref_logp, params: Los
             HAS_OLD=old_logp is not None, HAS_REF=ref_logp is not None)
     _check_found(softmax[:, 3])
     return _Forward(*out[:5], softmax, *out[5:])
+
+
+def upstream_args(g_loss, g_logp, g_kl, g_entropy, placeholder: torch.Tensor) -> list:
+    """(pointer, stride) pairs of the four upstream [N] gradients for the backward kernels; None -> placeholder."""
+    args = []
+    for g in (g_loss, g_logp, g_kl, g_entropy):
+        # Strided [N] gradients as they come (stride 0 for an expanded one); None switches a term off.
+        args += [placeholder, 0] if g is None else [g.float(), g.float().stride(0)]
+    return args
+
+
+def upstream_flags(g_loss, g_logp, g_kl, g_entropy) -> dict:
+    """The backward kernels' constexpr switches for the upstream gradients that exist."""
+    return dict(HAS_G_LOSS=g_loss is not None, HAS_G_LOGP=g_logp is not None, HAS_G_KL=g_kl is not None,
+                HAS_G_ENT=g_entropy is not None)
 
 
 class _FusedGRPOLoss(torch.autograd.Function):
@@ -183,15 +208,10 @@ class _FusedGRPOLoss(torch.autograd.Function):
         grad = logits if inplace else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         n, vocab = logits.shape
         if n:
-            upstream = []
-            for g in (g_loss, g_logp, g_kl, g_entropy):
-                # Strided [N] gradients as they come (stride 0 for an expanded one); None switches a term off.
-                upstream += [dloss, 0] if g is None else [g.float(), g.float().stride(0)]
             _kernels().row_grad_kernel[(n,)](
-                logits, logits.stride(0), grad, grad.stride(0), targets, valid, softmax, dloss, dkl, *upstream,
-                vocab, vocab_start, 1.0 / temperature,
-                HAS_G_LOSS=g_loss is not None, HAS_G_LOGP=g_logp is not None, HAS_G_KL=g_kl is not None,
-                HAS_G_ENT=g_entropy is not None, **_launch_config(vocab, logits.device, block_v))
+                logits, logits.stride(0), grad, grad.stride(0), targets, valid, softmax, dloss, dkl,
+                *upstream_args(g_loss, g_logp, g_kl, g_entropy, dloss), vocab, vocab_start, 1.0 / temperature,
+                **upstream_flags(g_loss, g_logp, g_kl, g_entropy), **_launch_config(vocab, logits.device, block_v))
         return grad, None, None, None, None, None, None, None, None, None, None, None
 
 
