@@ -105,8 +105,10 @@ def load_task(cfg: Config) -> Task:
                        [prompts.sft_target(ex) for ex in splits["train_sft"]]))
         return Task(train=datasets.examples_to_records(splits["train_unlabeled"], "synthetic:train_unlabeled"),
                     test=datasets.examples_to_records(splits["test"], "synthetic:test"), sft=sft)
-    train = datasets.load_records(d.train, on_error=d.on_error)
-    test = datasets.load_records(d.eval, on_error=d.on_error, require_answer=True) if d.eval else None
+    limits = datasets.ImageLimits.from_config(d, image_size=cfg.model.image_size)
+    train = datasets.load_records(d.train, on_error=d.on_error, limits=limits)
+    test = (datasets.load_records(d.eval, on_error=d.on_error, require_answer=True, limits=limits)
+            if d.eval else None)
     skipped = train.skipped + (test.skipped if test else 0)
     if not train.records:
         raise datasets.DatasetError(f"data.train: {d.train!r} holds no usable rows ({train.skipped} skipped)")
@@ -567,8 +569,9 @@ class Trainer:
         """SFT -> eval before -> UPT steps (checkpointed, preemptible) -> eval after -> table.
 
         A stop signal (SIGTERM/SIGUSR1) is honoured within one SFT step, one UPT step or one
-        evaluation generation batch: the run saves a checkpoint and returns 0. An interrupted
-        evaluation is not recorded, so the resumed run repeats it.
+        generation batch of the final evaluation: the run saves a checkpoint and returns 0. An
+        interrupted evaluation is not recorded, so the resumed run repeats it. During the first
+        evaluation ("before") the stop waits for the first UPT step (see stopped_in_eval).
         """
         from megatron_selfjudge.eval.heldout import EvalInterrupted
         from megatron_selfjudge.preemption import PreemptionHandler
@@ -586,8 +589,12 @@ class Trainer:
         with PreemptionHandler() as preempt:
             def stopped_in_eval(name: str) -> bool:
                 """Run evaluation `name`; True when a stop signal interrupted it (a checkpoint is saved)."""
+                # Before the first update the optimizer holds no state, and megatron-core 0.16.1
+                # writes a checkpoint of such an optimizer that it cannot load (no Adam moments, a
+                # zero step dropped): there a stop waits for the first step's check instead.
+                can_save = self.state["step"] > 0
                 try:
-                    self.evaluate(name, should_stop=preempt.should_stop)
+                    self.evaluate(name, should_stop=preempt.should_stop if can_save else None)
                     return False
                 except EvalInterrupted:
                     self.save()
