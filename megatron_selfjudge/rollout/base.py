@@ -10,12 +10,12 @@ import abc
 import importlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 
 __all__ = [
-    "FINISH_REASONS", "RolloutEngine", "RolloutRequest", "SamplingConfig", "Trajectory",
+    "FINISH_REASONS", "EngineStateError", "RolloutEngine", "RolloutRequest", "SamplingConfig", "Trajectory",
     "available_engines", "build_engine", "check_requests", "default_stop_ids", "register_engine",
 ]
 
@@ -143,16 +143,85 @@ def check_requests(requests: Sequence[RolloutRequest]) -> None:
         seen.add(req.uid)
 
 
+class EngineStateError(RuntimeError):
+    """The engine was asked to generate while asleep, closed, or on weights older than the policy's."""
+
+
 class RolloutEngine(abc.ABC):
-    """A backend that samples G responses per prompt from the current policy."""
+    """A backend that samples G responses per prompt from the current policy.
+
+    Life cycle, driven by the trainer's weight-sync stage (rollout/weight_sync.py):
+    `update_weights(named_tensors, version)` after every policy update (HF-named tensors, streamed
+    in buckets; None for an engine that reads the trainer's own parameters, `shares_weights`),
+    `sleep()` to free the engine's memory while the trainer updates and `wake_up()` before the
+    next rollout, `close()` at the end. `weights_version` is the version last loaded; the stage
+    refuses to roll out when it differs from the policy's.
+    """
+
+    #: True when generate() reads the trainer's parameters in place: update_weights gets None.
+    shares_weights: bool = False
+    _weights_version: int = 0
+    _asleep: bool = False
+    _closed: bool = False
 
     @abc.abstractmethod
     def generate(self, requests: Sequence[RolloutRequest], sampling: SamplingConfig) -> list[Trajectory]:
         """Sample `sampling.n` trajectories per request, ordered by request then sample index."""
 
-    @abc.abstractmethod
-    def sync_from(self, model: Any) -> None:
-        """Make the next generate() use `model`'s current weights (copy them if not shared)."""
+    def _load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """Load HF-named tensors into the engine's copy of the policy; return the bytes loaded.
+
+        Every engine that does not share the trainer's weights implements it.
+        """
+        raise NotImplementedError(f"{type(self).__name__} neither shares the trainer's weights nor loads them")
+
+    def update_weights(self, named_tensors: Optional[Iterable[tuple[str, torch.Tensor]]], version: int) -> int:
+        """Take the policy's weights of `version` (a non-decreasing int); returns the bytes received."""
+        self._check_open()
+        if not _is_int(version) or version < self._weights_version:
+            raise ValueError(f"weights version {version!r} is older than the loaded {self._weights_version}")
+        if self.shares_weights:
+            if named_tensors is not None:
+                raise ValueError(f"{type(self).__name__} shares the trainer's weights: pass named_tensors=None")
+            loaded = 0
+        else:
+            if named_tensors is None:
+                raise ValueError(f"{type(self).__name__} holds its own weights: pass the named tensors")
+            loaded = self._load_weights(named_tensors)
+        self._weights_version = version
+        return loaded
+
+    @property
+    def weights_version(self) -> int:
+        """Version of the weights the next generate() uses."""
+        return self._weights_version
+
+    def sleep(self) -> None:
+        """Free what the engine holds between rollouts (KV cache, its weight copy); wake_up() restores it."""
+        self._check_open()
+        self._asleep = True
+
+    def wake_up(self) -> None:
+        """Undo sleep() before the next generate()."""
+        self._check_open()
+        self._asleep = False
+
+    def close(self) -> None:
+        """Release the engine for good; any later call raises EngineStateError."""
+        self._closed = True
+
+    def check_ready(self, version: Optional[int] = None) -> None:
+        """Raise EngineStateError unless the engine is open, awake and (if given) holds `version`."""
+        self._check_open()
+        if self._asleep:
+            raise EngineStateError(f"{type(self).__name__} is asleep: call wake_up() before generate()")
+        if version is not None and version != self._weights_version:
+            raise EngineStateError(f"{type(self).__name__} holds weights version {self._weights_version}, the "
+                                   f"policy is at {version}: push the weights (update_weights) first")
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EngineStateError(f"{type(self).__name__} is closed")
 
 
 def register_engine(name: str, factory: Callable[..., RolloutEngine]) -> None:

@@ -15,10 +15,13 @@ What is megatron-core's and what is ours:
   batch (correct only for batch size 1), so `_LlavaWrapper` subclasses the GPT wrapper and
   advances the offset by one row's image embeddings instead.
 
-Sampling is deterministic for a seed and identical on every rank of a model-parallel group:
-each TP rank holds the same gathered logits and draws from its own generator seeded per call;
-the last pipeline stage samples and broadcasts the tokens and log-probs to the other stages.
-All ranks of a TP/PP group must call generate() with the same requests and sampling config.
+Sampling is deterministic per sample and identical on every rank of a model-parallel group:
+every sampled sequence has its own CPU generator seeded by (seed, uid, sample index)
+(`sampling.row_seed`), which advances once per token that sequence generates, so a sample does
+not depend on the batch it is decoded in or on the data-parallel rank that decodes it. Each TP
+rank holds the same gathered logits and the same generators; the last pipeline stage samples
+and broadcasts the tokens and log-probs to the other stages. All ranks of a TP/PP group must
+call generate() with the same requests and sampling config.
 """
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ from megatron_selfjudge.rollout.base import (
     check_requests,
     default_stop_ids,
 )
-from megatron_selfjudge.rollout.sampling import make_generator, sample_tokens
+from megatron_selfjudge.rollout.sampling import make_generator, row_seed, sample_tokens
 
 
 @dataclass
@@ -181,9 +184,12 @@ class MegatronRolloutEngine(RolloutEngine):
     """In-process rollouts from a megatron-core GPTModel or LLaVAModel (this rank's TP/PP shard).
 
     The engine holds a reference to the policy module, so optimizer steps are seen by the next
-    generate() without any copy; `sync_from` only re-points the engine when the trainer swaps the
-    module object. The module's train/eval mode is restored after each call.
+    generate() without any copy (`shares_weights`: update_weights only records the version). The
+    KV cache lives for one generate() call, so sleep() has nothing to free. The module's
+    train/eval mode is restored after each call.
     """
+
+    shares_weights = True
 
     def __init__(
         self,
@@ -201,27 +207,28 @@ class MegatronRolloutEngine(RolloutEngine):
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.image_processor = image_processor
-        self.model = None
-        self.sync_from(model)
-
-    # ---- RolloutEngine ----
-    def sync_from(self, model: Any) -> None:
-        """Point the engine at `model`; weights are shared, so nothing is copied."""
         if isinstance(model, (list, tuple)):
             raise ValueError("virtual pipeline (a list of model chunks) is not supported for generation")
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a megatron-core module, got {type(model).__name__}")
         self.model = model
 
+    # ---- RolloutEngine ----
+    def close(self) -> None:
+        """Drop the reference to the policy."""
+        super().close()
+        self.model = None
+
     def generate(self, requests: Sequence[RolloutRequest], sampling: SamplingConfig) -> list[Trajectory]:
         """Sample `sampling.n` responses per request; ordered by request, then sample index.
 
         Generation stops per row at the tokenizer's EOS or any `stop_token_ids` (kept as the
         last response token, finish_reason "stop") or after `max_new_tokens` ("length").
-        Rows are batched `max_batch_size` at a time with a KV cache. The result is a function of
-        (requests, sampling, max_batch_size, weights); data-parallel ranks should pass different
-        seeds (e.g. seed + dp_rank) so their samples are independent.
+        Rows are batched `max_batch_size` at a time with a KV cache. Each sample is a function of
+        (sampling, its request's uid and prompt, its sample index, weights), whatever else is in
+        the batch: give every request of a run a distinct uid.
         """
+        self.check_ready()
         check_requests(requests)
         if not isinstance(sampling, SamplingConfig):
             raise TypeError(f"sampling must be a SamplingConfig, got {type(sampling).__name__}")
@@ -229,12 +236,13 @@ class MegatronRolloutEngine(RolloutEngine):
         self._check_lengths(rows, sampling.max_new_tokens)
         stop_ids = default_stop_ids(self.tokenizer, sampling)
         device = self._device()
-        generator = make_generator(sampling.seed, device)
+        generators = [make_generator(row_seed(sampling.seed, row.uid, row.sample)) for row in rows]
         results: dict[int, _RowResult] = {}
         was_training = self.model.training
         try:
             for batch in self._batches(rows):
-                out = self._generate_batch([rows[i] for i in batch], sampling, stop_ids, generator, device)
+                out = self._generate_batch([rows[i] for i in batch], sampling, stop_ids,
+                                           [generators[i] for i in batch], device)
                 results.update(zip(batch, out))
         finally:
             self.model.train(was_training)
@@ -350,7 +358,7 @@ class MegatronRolloutEngine(RolloutEngine):
                 )
 
     def _generate_batch(self, batch: list[_Row], sampling: SamplingConfig, stop_ids: tuple[int, ...],
-                        generator: torch.Generator, device: torch.device) -> list[_RowResult]:
+                        generators: list[torch.Generator], device: torch.device) -> list[_RowResult]:
         pad = int(getattr(self.tokenizer, "pad_token_id", None) or 0)
         state = _BatchState.create(batch, sampling.max_new_tokens, stop_ids, pad, device)
         min_len = int(state.lengths.min())
@@ -362,7 +370,10 @@ class MegatronRolloutEngine(RolloutEngine):
         with torch.inference_mode():
             while True:
                 logits = wrapper.run_one_forward_step(wrapper.get_batch_for_context_window(inputs, start, end))
-                state.record(end, *self._sample(logits, sampling, generator, len(batch), device))
+                # Only rows that take a token at `end` draw a random number (see the module docstring).
+                active = ((state.lengths <= end) & ~state.done).tolist()
+                drawing = [g if a else None for g, a in zip(generators, active)]
+                state.record(end, *self._sample(logits, sampling, drawing, len(batch), device))
                 if bool(state.done.all()):
                     break
                 if bool((state.lengths <= end).all()):
@@ -370,15 +381,16 @@ class MegatronRolloutEngine(RolloutEngine):
                 start, end = end, end + 1
         return state.results()
 
-    def _sample(self, logits: Optional[torch.Tensor], sampling: SamplingConfig, generator: torch.Generator,
-                batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _sample(self, logits: Optional[torch.Tensor], sampling: SamplingConfig,
+                generators: list[Optional[torch.Generator]], batch_size: int,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample on the last pipeline stage and broadcast (tokens, log-probs) to the other stages."""
         from megatron.core import parallel_state
 
         last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
         if last_stage:
             nxt, logp = sample_tokens(logits[:, -1, :], temperature=sampling.temperature,
-                                      top_p=sampling.top_p, greedy=sampling.greedy, generator=generator)
+                                      top_p=sampling.top_p, greedy=sampling.greedy, generator=generators)
         else:
             nxt = torch.empty(batch_size, dtype=torch.long, device=device)
             logp = torch.empty(batch_size, dtype=torch.float32, device=device)

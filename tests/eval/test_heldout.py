@@ -20,9 +20,6 @@ class ScriptedEngine(RolloutEngine):
                                logprobs=torch.zeros(1), finish_reason="stop", text=t) for i, t in enumerate(texts)]
         return out
 
-    def sync_from(self, model):
-        pass
-
 
 def box(x: str) -> str:
     return f"<think>.</think>\\boxed{{{x}}}"

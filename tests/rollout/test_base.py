@@ -104,7 +104,7 @@ class _EchoEngine(RolloutEngine):
 
     def __init__(self, suffix: int):
         self.suffix = suffix
-        self.synced = None
+        self.loaded = []
 
     def generate(self, requests, sampling):
         check_requests(requests)
@@ -112,8 +112,9 @@ class _EchoEngine(RolloutEngine):
                            torch.zeros(len(r.prompt_ids) + 1), "length", "")
                 for r in requests for s in range(sampling.n)]
 
-    def sync_from(self, model):
-        self.synced = model
+    def _load_weights(self, named_tensors):
+        self.loaded = list(named_tensors)
+        return sum(t.numel() * t.element_size() for _, t in self.loaded)
 
 
 def test_register_engine_then_build_by_name(monkeypatch):
@@ -129,13 +130,43 @@ def test_register_engine_then_build_by_name(monkeypatch):
         register_engine("megatron", _EchoEngine)
 
 
-def test_engine_abc_requires_generate_and_sync_from():
+def test_engine_abc_requires_generate():
     class Half(RolloutEngine):
-        def generate(self, requests, sampling):
-            return []
+        pass
 
     with pytest.raises(TypeError):
         Half()
+
+
+def test_weight_versions_sleep_and_close():
+    from megatron_selfjudge.rollout.base import EngineStateError
+    from megatron_selfjudge.rollout.weight_sync import WeightSync
+
+    engine = _EchoEngine(3)
+    tensors = [("model.embed_tokens.weight", torch.ones(4, 2)), ("lm_head.weight", torch.ones(4, 2))]
+    sync = WeightSync(engine, export=lambda: iter(tensors))
+    assert engine.weights_version == 0
+    sync.ensure_current(0)
+    with pytest.raises(EngineStateError, match="version 0, the policy is at 1"):  # stale weights refused
+        sync.ensure_current(1)
+    report = sync.push(1)
+    assert report["weight_sync_bytes"] == 64.0 and report["time_weight_sync"] >= 0
+    assert [name for name, _ in engine.loaded] == ["model.embed_tokens.weight", "lm_head.weight"]
+    sync.ensure_current(1)
+    with pytest.raises(ValueError, match="older than the loaded 1"):
+        engine.update_weights(tensors, 0)
+    with pytest.raises(ValueError, match="holds its own weights"):
+        engine.update_weights(None, 2)
+    engine.sleep()
+    with pytest.raises(EngineStateError, match="asleep"):
+        sync.ensure_current(1)
+    engine.wake_up()
+    sync.ensure_current(1)
+    engine.close()
+    with pytest.raises(EngineStateError, match="closed"):
+        engine.update_weights(tensors, 2)
+    with pytest.raises(ValueError, match="needs an exporter"):
+        WeightSync(_EchoEngine(1))
 
 
 def test_importing_the_interface_does_not_import_megatron():

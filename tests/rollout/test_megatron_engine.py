@@ -300,6 +300,35 @@ def test_seeded_determinism_and_no_side_effects(single_rank):
     assert len({tuple(t.response_ids) for t in a}) > 1  # samples of one prompt differ
 
 
+def test_a_sample_does_not_depend_on_its_batch(single_rank):
+    """Per-sample seeds: a request's samples are the same alone, with other requests (of other
+    prompt lengths), in another order and in other batch sizes; this is what lets data-parallel
+    ranks each roll out a share of the prompts and still sample what one process would."""
+    tok = CharTokenizer()
+    engine = build_engine("megatron", model=_gpt(), tokenizer=tok, max_batch_size=16)
+    target = RolloutRequest("target", tok.encode("abab="))
+    others = [RolloutRequest("o1", tok.encode("a=")), RolloutRequest("o2", tok.encode("abababab="))]
+    sampling = SamplingConfig(n=3, max_new_tokens=8, seed=5)
+
+    def samples(requests, batch_size):
+        engine.max_batch_size = batch_size
+        return [(t.sample_index, t.response_ids, t.logprobs) for t in engine.generate(requests, sampling)
+                if t.uid == "target"]
+
+    alone = samples([target], 16)
+    assert len({tuple(ids) for _, ids, _ in alone}) > 1
+    for requests, batch_size in (([others[0], target, others[1]], 16), ([others[1], target], 2),
+                                 ([target, *others], 1)):
+        got = samples(requests, batch_size)
+        assert [(i, ids) for i, ids, _ in got] == [(i, ids) for i, ids, _ in alone], (batch_size, len(requests))
+        for (_, _, a), (_, _, b) in zip(got, alone):
+            torch.testing.assert_close(a, b, rtol=0, atol=LOGPROB_TOL)
+    renamed = samples([RolloutRequest("target", tok.encode("abab="))], 16)
+    assert [ids for _, ids, _ in renamed] == [ids for _, ids, _ in alone]
+    other_uid = engine.generate([RolloutRequest("another", tok.encode("abab="))], sampling)
+    assert [t.response_ids for t in other_uid] != [ids for _, ids, _ in alone]  # the uid is part of the seed
+
+
 def test_weights_are_shared_with_the_policy(single_rank):
     tok = CharTokenizer()
     model = _gpt()
@@ -310,11 +339,15 @@ def test_weights_are_shared_with_the_policy(single_rank):
         model.output_layer.weight.mul_(-1.0)
     after = engine.generate(_prompts(tok, 1), sampling)[0]
     assert after.response_ids != before.response_ids
-    other = _gpt(seed=11)
-    engine.sync_from(other)
-    assert engine.model is other
+    # Shared weights: a push moves no bytes and only records the version.
+    assert engine.shares_weights and engine.update_weights(None, 1) == 0 and engine.weights_version == 1
+    with pytest.raises(ValueError, match="shares the trainer's weights"):
+        engine.update_weights([("w", torch.zeros(1))], 2)
     with pytest.raises(ValueError, match="virtual pipeline"):
-        engine.sync_from([model])
+        build_engine("megatron", model=[model], tokenizer=tok)
+    engine.close()
+    with pytest.raises(Exception, match="closed"):
+        engine.generate(_prompts(tok, 1), sampling)
 
 
 def test_bad_input_gives_clear_errors(single_rank):

@@ -101,3 +101,28 @@ def test_sample_frequencies_match_softmax_of_scaled_logits(temperature, top_p):
     if temperature != 1.0:
         wrong, wdf = chi_square(counts, torch.softmax(logits, -1))
         assert wrong > chi_square_threshold(wdf)
+
+
+def test_per_row_generators_draw_only_for_their_row():
+    """Row i's token depends only on its own generator; a None row draws nothing."""
+    from megatron_selfjudge.rollout.sampling import row_seed
+
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    seeds = [row_seed(7, "u", i) for i in range(3)]
+    together, _ = sample_tokens(logits, temperature=1.0, top_p=0.9, greedy=False,
+                                generator=[make_generator(s) for s in seeds])
+    for i, seed in enumerate(seeds):
+        alone, _ = sample_tokens(logits[i:i + 1], temperature=1.0, top_p=0.9, greedy=False,
+                                 generator=[make_generator(seed)])
+        assert alone.item() == together[i].item()
+    gen = make_generator(seeds[1])
+    sample_tokens(logits, temperature=1.0, top_p=1.0, greedy=False, generator=[None, gen, None])
+    assert torch.equal(gen.get_state(), _advanced_once(seeds[1]))
+    assert len({row_seed(7, "u", i) for i in range(100)} | {row_seed(8, "u", 0), row_seed(7, "v", 0)}) == 102
+    assert all(0 <= row_seed(s, "u", 0) < 2**63 for s in (0, 2**62))
+
+
+def _advanced_once(seed: int) -> torch.Tensor:
+    gen = make_generator(seed)
+    torch.rand((), generator=gen, dtype=torch.float64)
+    return gen.get_state()
