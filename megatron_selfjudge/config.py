@@ -498,28 +498,24 @@ def _merge(base: DictConfig, other: DictConfig, origin: str) -> DictConfig:
         raise ConfigError(f"{origin}: {exc}") from None
 
 
-def _origin_of(key: Optional[str], sources: Sequence[Tuple[str, DictConfig]]) -> Optional[str]:
-    """The last source (file or override) that set `key`, as written before resolution."""
-    for origin, src in reversed(sources):
-        node: Any = OmegaConf.to_container(src, resolve=False)
-        for part in (key or "").split("."):
-            if not isinstance(node, dict) or part not in node:
-                break
-            node = node[part]
-        else:
-            return origin
-    return None
-
-
-def _resolve(merged: DictConfig, sources: Sequence[Tuple[str, DictConfig]]) -> Config:
-    """The merged config as dataclasses; interpolations are resolved here, so their errors too."""
+def _resolve(sources: Sequence[Tuple[str, DictConfig]]) -> Config:
+    """Defaults merged with each source, as dataclasses; interpolations resolve (and fail) here."""
+    merged = OmegaConf.structured(Config)
+    for origin, src in sources:
+        merged = _merge(merged, src, origin)
     try:
         cfg = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as exc:
-        origin = _origin_of(getattr(exc, "full_key", None), sources)
-        raise ConfigError((f"{origin}: " if origin else "") + _omegaconf_message(exc)) from None
-    except RecursionError:
-        raise ConfigError("an interpolation (${...}) refers to itself through other keys") from None
+    except (OmegaConfBaseException, RecursionError) as exc:
+        msg = (_omegaconf_message(exc) if isinstance(exc, OmegaConfBaseException)
+               else "an interpolation (${...}) refers to itself")
+        # Name the source: the first one whose addition makes the config fail to resolve.
+        if len(sources) > 1:
+            for n in range(1, len(sources)):
+                try:
+                    _resolve(sources[:n])
+                except ConfigError:
+                    raise ConfigError(f"{sources[n - 1][0]}: {msg}") from None
+        raise ConfigError((f"{sources[-1][0]}: " if sources else "") + msg) from None
     assert isinstance(cfg, Config)
     return cfg
 
@@ -527,7 +523,6 @@ def _resolve(merged: DictConfig, sources: Sequence[Tuple[str, DictConfig]]) -> C
 def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = (),
                 embedded_default: bool = True) -> Config:
     """Build a validated Config from defaults, a YAML file (or the embedded default) and overrides."""
-    merged = OmegaConf.structured(Config)
     if path is None and embedded_default:
         path = embedded_default_path()
     sources: list[Tuple[str, DictConfig]] = []
@@ -535,9 +530,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
         path = Path(path)
         sources.append((f"config file {str(path)!r}", _read_config_file(path)))
     sources += [(f"override {item!r}", _parse_override(item)) for item in overrides]
-    for origin, src in sources:
-        merged = _merge(merged, src, origin)
-    return validate(_resolve(merged, sources))
+    return validate(_resolve(sources))
 
 
 def to_yaml(cfg: Config) -> str:

@@ -86,3 +86,269 @@ def test_bad_files(tmp_path):
     f.write_text("loss:\n  eps_high: [1, 2]\n")
     with pytest.raises(ConfigError, match="eps_high"):
         load_config(f)
+
+
+# --- hardening (issue 15) -----------------------------------------------------------------
+
+import dataclasses  # noqa: E402
+import math  # noqa: E402
+
+import megatron_selfjudge.config as C  # noqa: E402
+from megatron_selfjudge import cli  # noqa: E402
+
+
+def _leaves(obj, prefix=""):
+    """(dotted key, default value) of every leaf field, walked from the dataclasses themselves."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _leaves(value, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", value
+
+
+LEAVES = dict(_leaves(Config()))
+FLOAT_KEYS = [k for k, v in LEAVES.items() if isinstance(v, float)]
+INT_KEYS = [k for k, v in LEAVES.items() if isinstance(v, int) and not isinstance(v, bool)]
+SEED_KEYS = ["trainer.seed", "data.synthetic_seed"]
+
+
+def _one_line_error(item=None, path=None, overrides=()):
+    """The ConfigError raised, asserting it is a single line."""
+    with pytest.raises(ConfigError) as err:
+        load_config(path, list(overrides) if item is None else [item])
+    msg = str(err.value)
+    assert len(msg.splitlines()) == 1, msg
+    return msg
+
+
+def test_the_float_and_int_key_lists_are_complete():
+    assert len(FLOAT_KEYS) >= 25 and len(INT_KEYS) >= 25  # guards the walk above against going stale
+    assert {"optim.adam_eps", "advantage.eps", "reward.calibration.alpha_h", "judge.top_p"} <= set(FLOAT_KEYS)
+
+
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+@pytest.mark.parametrize("value", ["nan", ".inf", "-inf", "1e400"])
+def test_every_float_key_refuses_non_finite_values(key, value):
+    assert key in _one_line_error(f"{key}={value}")
+
+
+@pytest.mark.parametrize("item", ["optim.adam_eps=0", "optim.adam_eps=-1e-8", "advantage.eps=0",
+                                  "optim.weight_decay=-0.1", "loss.entropy_coef=-1", "loss.beta_kl=-0.01"])
+def test_non_positive_where_positive_is_needed(item):
+    assert item.split("=")[0] in _one_line_error(item)
+
+
+@pytest.mark.parametrize("key", SEED_KEYS)
+def test_seeds_are_bounded(key):
+    assert key in _one_line_error(f"{key}={2**63}")
+    assert key in _one_line_error(f"{key}={C.MAX_SEED + 1}")
+    assert key in _one_line_error(f"{key}=-1")
+    assert getattr(load_config(overrides=[f"{key}={C.MAX_SEED}"]), key.split(".")[0]).__dict__[
+        key.split(".")[1]] == C.MAX_SEED
+
+
+@pytest.mark.parametrize("key", [k for k in INT_KEYS if k not in SEED_KEYS])
+def test_every_count_refuses_absurdly_large_values(key):
+    assert key in _one_line_error(f"{key}={2**31}")
+    assert key in _one_line_error(f"{key}={10**30}")
+
+
+def test_synthetic_split_smaller_than_a_step():
+    msg = _one_line_error("data.synthetic_unlabeled=15")  # tiny: 16 prompts per step
+    assert "data.synthetic_unlabeled" in msg and "trainer.prompts_per_step" in msg
+    assert "trainer.prompts_per_step" in _one_line_error(overrides=["trainer.prompts_per_step=4096",
+                                                                    "trainer.mini_batch_prompts=8"])
+    assert load_config(overrides=["data.synthetic_unlabeled=16"]).data.synthetic_unlabeled == 16
+    # Files are sized when read; the synthetic sizes do not apply to them.
+    cfg = load_config(overrides=["data.train=/data/train.jsonl", "data.synthetic_unlabeled=1"])
+    assert cfg.data.synthetic_unlabeled == 1
+    # No held-out split or no SFT split is fine: the trainer skips evaluation / the warm start.
+    cfg = load_config(overrides=["data.synthetic_test=0", "data.synthetic_sft=0"])
+    assert (cfg.data.synthetic_test, cfg.data.synthetic_sft) == (0, 0)
+
+
+def test_synthetic_drawings_need_24_pixels():
+    msg = _one_line_error(overrides=["model.image_size=16", "model.patch_size=8"])
+    assert "model.image_size" in msg and "data.train" in msg
+    assert load_config(overrides=["model.image_size=16", "model.patch_size=8",
+                                  "data.train=/d/x.jsonl"]).model.image_size == 16
+
+
+@pytest.mark.parametrize("value", ["''", "'   '", '"\\t"', '"a\\0b"'])
+def test_run_dir_must_be_a_usable_path(value):
+    assert "trainer.run_dir" in _one_line_error(f"trainer.run_dir={value}")
+
+
+@pytest.mark.parametrize("value", ["''", "' '"])
+def test_data_train_must_not_be_empty(value):
+    assert "data.train" in _one_line_error(f"data.train={value}")
+
+
+@pytest.mark.parametrize("item, key", [
+    ("trainer.run_dir=${nonexistent}", "trainer.run_dir"),
+    ("rollout.n=${trainer.run_dir}", "rollout.n"),            # resolves to a string
+    ("loss.beta_kl=${oc.nosuchresolver:1}", "loss.beta_kl"),
+    ("trainer.run_dir=${trainer.run_dir}", "trainer.run_dir"),  # refers to itself
+])
+def test_interpolation_errors_name_the_key(item, key):
+    assert key in _one_line_error(item)
+
+
+def test_valid_interpolations_still_work(tmp_path):
+    cfg = load_config(overrides=["trainer.mini_batch_prompts=${trainer.prompts_per_step}"])
+    assert cfg.trainer.mini_batch_prompts == cfg.trainer.prompts_per_step == 16
+    f = tmp_path / "c.yaml"
+    f.write_text("trainer:\n  run_dir: ${nonexistent}\n")
+    msg = _one_line_error(path=f)
+    assert "trainer.run_dir" in msg and str(f) in msg
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("a: !!python/object/apply:os.system ['touch /tmp/selfjudge-pwned']\n", "python/object"),
+    ("loss: !!python/name:os.system\n", "python/name"),
+    ("loss:\n  beta_kl: [1,\n", "line 3"),
+    ("loss: {beta_kl: 1\n", "line"),
+    ("- 1\n- 2\n", "mapping"),
+    ("5\n", "mapping"),
+    ('"hello"\n', "mapping"),
+    ("a: 1\n---\nb: 2\n", "single document"),
+    ("a: &x [1, 2]\nb: &y [*x, *x, *x, *x, *x, *x, *x, *x, *x, *x]\nc: &z [*y, *y, *y, *y, *y, *y, *y, *y, *y]\n"
+     "d: &w [*z, *z, *z, *z, *z, *z, *z, *z, *z]\ne: &v [*w, *w, *w, *w, *w, *w, *w, *w, *w]\n", "alias"),
+])
+def test_bad_yaml_is_one_line_naming_the_file(tmp_path, text, needle):
+    f = tmp_path / "bad.yaml"
+    f.write_text(text)
+    msg = _one_line_error(path=f)
+    assert str(f) in msg and needle in msg
+    assert not (tmp_path / "selfjudge-pwned").exists()
+
+
+def test_non_utf8_directory_and_oversized_config_files(tmp_path):
+    f = tmp_path / "latin1.yaml"
+    f.write_bytes("trainer:\n  run_dir: caf\xe9\n".encode("latin-1"))
+    msg = _one_line_error(path=f)
+    assert str(f) in msg and "UTF-8" in msg and "line 2" in msg
+    f.write_bytes(b"\xff\xfea\x00:\x00 \x001\x00")  # UTF-16
+    assert "UTF-8" in _one_line_error(path=f)
+    msg = _one_line_error(path=tmp_path)
+    assert str(tmp_path) in msg and "directory" in msg
+    big = tmp_path / "big.yaml"
+    big.write_text("# " + "x" * C.MAX_CONFIG_BYTES + "\n")
+    assert "bytes" in _one_line_error(path=big)
+
+
+def test_empty_config_file_means_the_dataclass_defaults(tmp_path):
+    f = tmp_path / "empty.yaml"
+    f.write_text("")
+    assert load_config(f) == load_config(embedded_default=False)
+
+
+@pytest.mark.parametrize("item", ["rollout.n=[1,", "rollout.n={a", "trainer.run_dir=!!python/object:os.system",
+                                  "trainer.run_dir='a\x00b'", "trainer.run_dir=\"unterminated",
+                                  "rollout.n=*alias", "loss.beta_kl=- 1\n- 2",
+                                  "data.synthetic_families..y=", "data.synthetic_families.x=1",  # found by hypothesis
+                                  "loss=${trainer}", "data.synthetic_families=${trainer.seed}",
+                                  "rollout.n=" + "[" * 5000])
+def test_unparsable_override_values_are_one_line(item):
+    assert item.split("=")[0] in _one_line_error(item)
+
+
+def test_group_size_and_context_bounds():
+    assert "rollout.n" in _one_line_error(f"rollout.n={C.MAX_GROUP_SIZE + 1}")
+    assert load_config(overrides=[f"rollout.n={C.MAX_GROUP_SIZE}"]).rollout.n == C.MAX_GROUP_SIZE
+    msg = _one_line_error(overrides=[f"rollout.max_response_len={C.MAX_CONTEXT_TOKENS}"])
+    assert "rollout.max_prompt_len" in msg and "rollout.max_response_len" in msg
+    # The image tokens count too: a 32 px image in 8 px patches is 16 tokens.
+    room = C.MAX_CONTEXT_TOKENS - 16
+    assert load_config(overrides=["rollout.max_prompt_len=1", f"rollout.max_response_len={room - 1}"])
+    assert "model.image_size" in _one_line_error(overrides=["rollout.max_prompt_len=1",
+                                                            f"rollout.max_response_len={room}"])
+    msg = _one_line_error(overrides=[f"judge.max_prompt_len={C.MAX_CONTEXT_TOKENS}"])
+    assert "judge.max_prompt_len" in msg and "judge.max_tokens" in msg
+    assert "judge.samples" in _one_line_error(f"judge.samples={C.MAX_JUDGE_SAMPLES + 1}")
+    assert "model.image_size" in _one_line_error(f"model.image_size={C.MAX_IMAGE_SIZE + 8}")
+    msg = _one_line_error(overrides=["rollout.n=1024", "trainer.prompts_per_step=2048",
+                                     "data.synthetic_unlabeled=4096"])
+    assert "rollout.n" in msg and "trainer.prompts_per_step" in msg
+
+
+def test_cross_field_messages_name_both_keys():
+    assert "reward.calibration.g_max" in _one_line_error("reward.calibration.g_max=0.5")
+    assert "model.num_attention_heads" in _one_line_error("model.num_attention_heads=3")
+    assert "model.patch_size" in _one_line_error("model.patch_size=5")
+    assert "trainer.mini_batch_prompts" in _one_line_error("trainer.prompts_per_step=12")
+
+
+# --- resume drift ---------------------------------------------------------------------------
+
+def test_resume_safe_keys_are_leaf_keys():
+    assert C.RESUME_SAFE_KEYS <= set(LEAVES)
+    # Keys that change what the run learns from or optimises are never resume-safe.
+    for key in ("reward.mode", "rollout.n", "loss.beta_kl", "optim.lr", "trainer.seed", "data.train",
+                "model.num_layers", "trainer.prompts_per_step", "judge.kind", "advantage.estimator"):
+        assert key not in C.RESUME_SAFE_KEYS
+
+
+def test_config_drift_lists_meaningful_changes_only():
+    saved = load_config()
+    assert C.config_drift(saved, load_config()) == []
+    current = load_config(overrides=["reward.mode=majority", "trainer.max_steps=500", "loss.impl=reference",
+                                     "trainer.run_dir=elsewhere", "data.synthetic_families=[add,count]",
+                                     "reward.calibration.g_max=1.5"])
+    assert C.config_drift(saved, current) == [
+        ("reward.mode", "judge", "majority"),
+        ("reward.calibration.g_max", 1.2, 1.5),
+        ("data.synthetic_families", ["add"], ["add", "count"]),
+    ]
+    # Every resume-safe key may change on its own without drift.
+    for key in C.RESUME_SAFE_KEYS:
+        changed = load_config()
+        section, name = key.split(".")
+        old = getattr(getattr(changed, section), name)
+        new = {str: "other", int: 7, float: 1.5, bool: not old, list: ["reward.mode"]}[type(old)]
+        setattr(getattr(changed, section), name, new)
+        assert C.config_drift(saved, changed) == [], key
+
+
+def test_load_saved_config_round_trip_and_damage(tmp_path):
+    cfg = load_config(overrides=["reward.mode=consistency"])
+    (tmp_path / "config.yaml").write_text(to_yaml(cfg))
+    assert C.load_saved_config(tmp_path) == cfg
+    assert C.load_saved_config(tmp_path / "config.yaml") == cfg
+    missing = tmp_path / "nowhere"
+    missing.mkdir()
+    assert "config.yaml" in str(pytest.raises(ConfigError, C.load_saved_config, missing).value)
+    damaged = {
+        "truncated": to_yaml(cfg)[: len(to_yaml(cfg)) // 2] + "  : [",
+        "binary": "\x00\x01garbage",
+        "empty": "",
+        "bad value": to_yaml(cfg).replace("'n': 8", "'n': -3"),
+        "unknown key": to_yaml(cfg) + "extra: 1\n",
+    }
+    for what, text in damaged.items():
+        f = tmp_path / "config.yaml"
+        f.write_text(text)
+        msg = str(pytest.raises(ConfigError, C.load_saved_config, tmp_path).value)
+        assert str(f) in msg and len(msg.splitlines()) == 1, (what, msg)
+    f.write_bytes(b"\xff\xfe\x00garbage")
+    assert "UTF-8" in str(pytest.raises(ConfigError, C.load_saved_config, tmp_path).value)
+
+
+# --- `selfjudge config check` ---------------------------------------------------------------
+
+def test_config_check_prints_the_resolved_yaml(capsys, tmp_path):
+    assert cli.main(["config", "check", "loss.beta_kl=0.05"]) == 0
+    out = capsys.readouterr().out
+    f = tmp_path / "resolved.yaml"
+    f.write_text(out)
+    assert load_config(f, embedded_default=False) == load_config(overrides=["loss.beta_kl=0.05"])
+
+
+@pytest.mark.parametrize("argv", [["config", "check", "optim.adam_eps=nan"],
+                                  ["config", "check", "trainer.run_dir=${nope}"],
+                                  ["config", "check", "--config", "/"]])
+def test_config_check_errors_are_one_line_exit_2(capsys, argv):
+    assert cli.main(argv) == 2
+    cap = capsys.readouterr()
+    assert cap.out == "" and len(cap.err.splitlines()) == 1 and cap.err.startswith("selfjudge: config error: ")
