@@ -51,9 +51,21 @@ def _inside(path: Optional[Union[str, bytes, os.PathLike]], root: Path) -> bool:
         return False
 
 
+def _not_a_folder(run_dir: Path) -> Optional[RunDirError]:
+    """The error for a run directory that is, or lies below, something other than a folder."""
+    for path in [*reversed(run_dir.parents), run_dir]:
+        if path.exists() and not path.is_dir():
+            if path == run_dir:
+                return RunDirError(f"run directory {run_dir} exists and is not a folder")
+            return RunDirError(f"run directory {run_dir}: {path} is not a folder")
+    return None
+
+
 def describe_os_error(exc: OSError, run_dir: Union[str, Path]) -> Optional[RunDirError]:
     """The RunDirError an OSError stands for (disk full, not writable, not a folder), else None."""
     run_dir = Path(run_dir)
+    if exc.errno in (errno.EEXIST, errno.ENOTDIR) and _not_a_folder(run_dir) is not None:
+        return _not_a_folder(run_dir)
     where = f" ({exc.filename})" if exc.filename else ""
     reason = exc.strerror or str(exc)
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -102,8 +114,6 @@ class RunLock:
         self._fd: Optional[int] = None
 
     def __enter__(self) -> "RunLock":
-        if self.run_dir.exists() and not self.run_dir.is_dir():
-            raise RunDirError(f"run directory {self.run_dir} exists and is not a folder")
         with run_dir_errors(self.run_dir):
             self.run_dir.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)

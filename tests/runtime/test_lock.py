@@ -73,7 +73,7 @@ def test_run_dir_that_is_a_file(tmp_path):
     assert f"run directory {path} exists and is not a folder" in line
     line = _one_line_exit_2(subprocess.run(_cmd(path / "sub"), env=_env(), capture_output=True, text=True,
                                            timeout=300))
-    assert f"run directory {path / 'sub'}" in line
+    assert f"run directory {path / 'sub'}: {path} is not a folder" in line
 
 
 def test_read_only_run_dir():
