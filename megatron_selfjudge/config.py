@@ -17,8 +17,8 @@ key or the file; ``selfjudge config check`` prints it, or the resolved YAML):
   <= MAX_TRAJECTORIES_PER_STEP, model.image_size <= MAX_IMAGE_SIZE, and the policy's and the
   Judge's context (prompt + response + image tokens) <= MAX_CONTEXT_TOKENS;
 - with data.train=synthetic: data.synthetic_unlabeled >= trainer.prompts_per_step and
-  model.image_size >= 24 (the drawings' size); trainer.run_dir and data.train are non-blank;
-  no string holds a NUL character;
+  model.image_size >= 24 (the drawings' size); trainer.run_dir, data.train and data.eval are
+  non-blank; no string holds a NUL character; trainer.allow_config_change lists real keys;
 - files: a regular, UTF-8 file of at most MAX_CONFIG_BYTES holding one YAML mapping; YAML
   tags that construct objects, alias bombs and interpolation errors are refused.
 
@@ -153,6 +153,7 @@ class JudgeConfig:
     max_tokens: int = 1024
     max_prompt_len: int = 4096  # rubric + question + candidate response, in tokens (generative)
     unparsed: str = "zero"  # zero: reference code (s = 0); neutral: g = 1
+    backend: str = ""  # rollout engine of the generative Judge; "" = the policy's rollout.backend
 
 
 @dataclass
@@ -263,6 +264,13 @@ def _check(path: str, ok: bool, rule: str, value: Any) -> None:
         raise ConfigError(f"{path}={value!r} is out of range: must be {rule}")
 
 
+def _check_context(names: Sequence[str], lengths: Sequence[int]) -> None:
+    """A model context (prompt + response + image tokens) must fit MAX_CONTEXT_TOKENS."""
+    if sum(lengths) > MAX_CONTEXT_TOKENS:
+        raise ConfigError(f"{' + '.join(names)} = {' + '.join(map(str, lengths))} = {sum(lengths)} tokens "
+                          f"exceeds the context bound {MAX_CONTEXT_TOKENS}")
+
+
 def _finite(x: float) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
@@ -316,6 +324,7 @@ def validate(cfg: Config) -> Config:
     _check("parallel.tp", p.tp >= 1, ">= 1", p.tp)
     _check("parallel.pp", p.pp >= 1, ">= 1", p.pp)
     _choice("rollout.backend", r.backend, ROLLOUT_BACKENDS)
+    _choice("judge.backend", cfg.judge.backend, ("",) + ROLLOUT_BACKENDS)
     _check("rollout.n", 2 <= r.n <= MAX_GROUP_SIZE,
            f"in [2, {MAX_GROUP_SIZE}] (a group needs at least two rollouts)", r.n)
     _check("rollout.temperature", _finite(r.temperature) and r.temperature > 0, "> 0", r.temperature)
@@ -323,10 +332,9 @@ def validate(cfg: Config) -> Config:
     _check("rollout.max_prompt_len", r.max_prompt_len >= 1, ">= 1", r.max_prompt_len)
     _check("rollout.max_response_len", r.max_response_len >= 1, ">= 1", r.max_response_len)
     _check("rollout.max_batch_size", r.max_batch_size >= 1, ">= 1", r.max_batch_size)
-    _check("rollout.max_prompt_len", r.max_prompt_len + r.max_response_len + image_tokens <= MAX_CONTEXT_TOKENS,
-           f"such that rollout.max_prompt_len + rollout.max_response_len + image tokens "
-           f"(model.image_size / model.patch_size)^2 = {r.max_prompt_len} + {r.max_response_len} + "
-           f"{image_tokens} <= {MAX_CONTEXT_TOKENS}", r.max_prompt_len)
+    image_names = "image tokens (model.image_size / model.patch_size)^2"
+    _check_context(("rollout.max_prompt_len", "rollout.max_response_len", image_names),
+                   (r.max_prompt_len, r.max_response_len, image_tokens))
     _choice("reward.mode", rw.mode, REWARD_MODES)
     _choice("reward.equivalence", rw.equivalence, EQUIVALENCE_MODES)
     _check("reward.consistency_gate", 0 <= rw.consistency_gate <= 1, "in [0, 1]", rw.consistency_gate)
@@ -345,10 +353,9 @@ def validate(cfg: Config) -> Config:
     _check("judge.top_p", 0 < j.top_p <= 1, "in (0, 1]", j.top_p)
     _check("judge.max_tokens", j.max_tokens >= 1, ">= 1", j.max_tokens)
     _check("judge.max_prompt_len", j.max_prompt_len >= 1, ">= 1", j.max_prompt_len)
-    _check("judge.max_prompt_len", j.max_prompt_len + j.max_tokens + image_tokens <= MAX_CONTEXT_TOKENS,
-           f"such that judge.max_prompt_len + judge.max_tokens + image tokens "
-           f"(model.image_size / model.patch_size)^2 = {j.max_prompt_len} + {j.max_tokens} + "
-           f"{image_tokens} <= {MAX_CONTEXT_TOKENS}", j.max_prompt_len)
+    # Checked whatever the Judge kind: the generative Judge, a copy of the policy, needs this context.
+    _check_context(("judge.max_prompt_len", "judge.max_tokens", image_names),
+                   (j.max_prompt_len, j.max_tokens, image_tokens))
     _choice("advantage.estimator", a.estimator, ESTIMATORS)
     _check("advantage.temperature", _finite(a.temperature) and a.temperature > 0, "> 0", a.temperature)
     _check("advantage.eps", a.eps > 0, "> 0", a.eps)
@@ -381,6 +388,7 @@ def validate(cfg: Config) -> Config:
         _check(f"data.{name}", getattr(d, name) >= 0, ">= 0", getattr(d, name))
     _check("data.synthetic_unlabeled", d.synthetic_unlabeled >= 1, ">= 1", d.synthetic_unlabeled)
     _check("data.train", d.train.strip() != "", "'synthetic' or a path", d.train)
+    _check("data.eval", d.eval is None or d.eval.strip() != "", "null or a path", d.eval)
     _check("trainer.max_steps", t.max_steps >= -1, ">= -1 (-1 = run trainer.epochs)", t.max_steps)
     _check("trainer.epochs", t.epochs >= 1, ">= 1", t.epochs)
     _check("trainer.prompts_per_step", t.prompts_per_step >= 1, ">= 1", t.prompts_per_step)
@@ -395,6 +403,10 @@ def validate(cfg: Config) -> Config:
     _check("trainer.keep_checkpoints", t.keep_checkpoints >= 1, ">= 1", t.keep_checkpoints)
     _choice("trainer.resume", t.resume, RESUME_MODES)
     _check("trainer.run_dir", t.run_dir.strip() != "", "a non-blank path", t.run_dir)
+    leaf_keys = {key for key, _ in leaf_items(cfg)}  # a misspelt key would silently allow nothing
+    _check("trainer.allow_config_change", set(t.allow_config_change) <= leaf_keys,
+           f"a list of dotted config keys; unknown: {sorted(set(t.allow_config_change) - leaf_keys)}",
+           t.allow_config_change)
     _check("trainer.prompts_per_step", t.prompts_per_step * r.n <= MAX_TRAJECTORIES_PER_STEP,
            f"such that trainer.prompts_per_step * rollout.n <= {MAX_TRAJECTORIES_PER_STEP} trajectories "
            f"per step (rollout.n={r.n})", t.prompts_per_step)

@@ -181,8 +181,10 @@ def test_run_dir_must_be_a_usable_path(value):
 
 
 @pytest.mark.parametrize("value", ["''", "' '"])
-def test_data_train_must_not_be_empty(value):
+def test_data_paths_must_not_be_blank(value):
     assert "data.train" in _one_line_error(f"data.train={value}")
+    assert "data.eval" in _one_line_error(f"data.eval={value}")
+    assert load_config(overrides=["data.eval=null"]).data.eval is None
 
 
 @pytest.mark.parametrize("item, key", [
@@ -352,3 +354,11 @@ def test_config_check_errors_are_one_line_exit_2(capsys, argv):
     assert cli.main(argv) == 2
     cap = capsys.readouterr()
     assert cap.out == "" and len(cap.err.splitlines()) == 1 and cap.err.startswith("selfjudge: config error: ")
+
+
+def test_allow_config_change_names_real_keys():
+    assert load_config(overrides=["trainer.allow_config_change=[reward.mode,rollout.n]"]).trainer.allow_config_change \
+        == ["reward.mode", "rollout.n"]
+    msg = _one_line_error("trainer.allow_config_change=[reward.mod]")  # a typo would allow nothing
+    assert "trainer.allow_config_change" in msg and "reward.mod" in msg
+    assert "trainer.allow_config_change" in _one_line_error("trainer.allow_config_change=[reward]")  # a section
