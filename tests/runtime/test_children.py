@@ -10,6 +10,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from test_trainer import _env, _start  # noqa: E402
@@ -68,6 +69,7 @@ def _is_manager(proc: psutil.Process) -> bool:
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU/gloo end-to-end run, as tests/test_trainer.py")
 def test_children_of_a_killed_training_run_die_with_it(tmp_path):
     # SFT, then the initial copy is saved (the checkpoint writer starts) and rewards are computed.
     proc = _start(tmp_path, "trainer.sft_steps=2", "trainer.max_steps=3")

@@ -15,9 +15,13 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from test_trainer import TIMEOUT, _cmd, _env, _steps, _train  # noqa: E402
+
+# Like tests/test_trainer.py (see conftest.py): the CPU/gloo end-to-end runs.
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU/gloo end-to-end runs; CUDA machine")
 
 # Small generation batches and 32 held-out prompts: an evaluation is 8 greedy + 32 sampled calls.
 RUN = ("trainer.sft_steps=2", "trainer.max_steps=3", "rollout.max_batch_size=4", "data.synthetic_test=32")
