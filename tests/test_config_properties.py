@@ -5,9 +5,11 @@ every outcome must be exit 0 with YAML that loads back to the same Config, or ex
 single stderr line `selfjudge: config error: ...` that names the override's key.
 """
 import dataclasses
+import re
 import string
 
 import pytest
+import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -114,3 +116,34 @@ def test_the_same_values_in_a_yaml_file(capsys, tmp_path_factory, key, value):
     assert len(lines) == 1 and lines[0].startswith("selfjudge: config error: "), cap.err
     # The message names the file (a parse error) or the key (a value error).
     assert str(f) in lines[0] or parts[-1] in lines[0], lines[0]
+
+
+_SECTION = st.sampled_from([k for k in VALID_KEYS if "." not in k] + ["extra"])
+_SCALAR = st.one_of(st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
+                    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=8))
+_DOCUMENT = st.dictionaries(_SECTION, st.one_of(
+    _SCALAR, st.lists(_SCALAR, max_size=3),
+    st.dictionaries(st.sampled_from(sorted({k.split(".")[1] for k in VALID_KEYS if "." in k}) + ["zz"]),
+                    st.one_of(_SCALAR, st.lists(_SCALAR, max_size=2)), max_size=4)), max_size=3)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(content=st.one_of(
+    _DOCUMENT.map(lambda d: yaml.safe_dump(d, allow_unicode=True).encode("utf-8")),
+    st.binary(max_size=64),
+    st.text(max_size=64).map(lambda t: t.encode("utf-8")),
+))
+def test_any_file_content_is_a_config_or_one_error_line(capsys, tmp_path_factory, content):
+    """Whole documents (sections of random keys and values), random text and random bytes."""
+    f = tmp_path_factory.mktemp("doc") / "c.yaml"
+    f.write_bytes(content)
+    code = cli.main(["config", "check", "--config", str(f)])
+    cap = capsys.readouterr()
+    if code == 0:
+        assert cap.err == "" and cap.out
+        return
+    assert code == 2 and cap.out == ""
+    lines = cap.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("selfjudge: config error: "), cap.err
+    # Parse errors name the file; value errors name the dotted key (`section.key=value ...`).
+    assert str(f) in lines[0] or re.match(r"selfjudge: config error: [a-z_]+\.[a-z_.]+", lines[0]), lines[0]
