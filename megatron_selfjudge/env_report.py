@@ -120,16 +120,16 @@ def main(config: Optional[str], overrides: Sequence[str]) -> int:
             probe = preflight.rank_checks(cfg, platform, estimate)
             try:
                 checks += probe.checks
+                gathered = [(_layout_row(), [c for c in probe.checks if not c.ok])]
                 if platform.world_size > 1:
-                    gathered: list = [None] * platform.world_size
-                    failed = [c for c in probe.checks if not c.ok]
-                    dist.all_gather_object(gathered, (_layout_row(), failed))
-                    layout = [g[0] for g in gathered]
-                    others = [(g[0]["rank"], c) for g in gathered[1:] for c in g[1]]
-                    # The shared-folder check (a collective) means something only when every rank wrote
-                    # its probe; the gathered verdicts are the same on every rank, so all decide alike.
-                    if not any(g[1] for g in gathered):
-                        checks.append(preflight.shared_check(probe, platform))
+                    gathered = [None] * platform.world_size
+                    dist.all_gather_object(gathered, (_layout_row(), [c for c in probe.checks if not c.ok]))
+                layout = [g[0] for g in gathered]
+                others = [(g[0]["rank"], c) for g in gathered[1:] for c in g[1]]
+                # The shared-folder check (a collective) means something only when every rank wrote
+                # its probe; the gathered verdicts are the same on every rank, so all decide alike.
+                if not any(g[1] for g in gathered):
+                    checks.append(preflight.shared_check(probe, platform))
             finally:
                 probe.remove()
         else:
