@@ -521,12 +521,11 @@ def _resolve(sources: Sequence[Tuple[str, DictConfig]]) -> Config:
         msg = (_omegaconf_message(exc) if isinstance(exc, OmegaConfBaseException)
                else "an interpolation (${...}) refers to itself")
         # Name the source: the first one whose addition makes the config fail to resolve.
-        if len(sources) > 1:
-            for n in range(1, len(sources)):
-                try:
-                    _resolve(sources[:n])
-                except ConfigError:
-                    raise ConfigError(f"{sources[n - 1][0]}: {msg}") from None
+        for n in range(1, len(sources)):
+            try:
+                _resolve(sources[:n])
+            except ConfigError:
+                raise ConfigError(f"{sources[n - 1][0]}: {msg}") from None
         raise ConfigError((f"{sources[-1][0]}: " if sources else "") + msg) from None
     assert isinstance(cfg, Config)
     return cfg

@@ -362,3 +362,12 @@ def test_allow_config_change_names_real_keys():
     msg = _one_line_error("trainer.allow_config_change=[reward.mod]")  # a typo would allow nothing
     assert "trainer.allow_config_change" in msg and "reward.mod" in msg
     assert "trainer.allow_config_change" in _one_line_error("trainer.allow_config_change=[reward]")  # a section
+
+
+def test_interpolation_error_names_the_source_that_brought_it(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("loss:\n  beta_kl: 0.05\n")
+    msg = _one_line_error(path=f, overrides=["trainer.seed=3", "trainer.run_dir=${nope}", "rollout.n=4"])
+    assert msg.startswith("override 'trainer.run_dir=${nope}'") and "trainer.run_dir" in msg
+    f.write_text("trainer:\n  run_dir: ${nope}\n")
+    assert _one_line_error(path=f, overrides=["trainer.seed=3"]).startswith(f"config file {str(f)!r}")
