@@ -91,6 +91,23 @@ def check_fits(batch: PolicyBatch, info: ModelInfo) -> None:
                          f"language_max_sequence_length is {info.max_seq_len}; it would be truncated")
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous gradient.
+
+    megatron's region backward all-reduces ``grad.contiguous()`` and returns ``grad``: for a strided
+    gradient (the bypassed output's comes back through GPTModel's [s, b] -> [b, s] transpose) that
+    would silently skip the reduction, so the gradient is made contiguous first.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
 class _OutputLayerBypass:
     """Stands in for a ColumnParallelLinear output layer's forward: its prepared input, and the weight it got."""
 
@@ -112,11 +129,13 @@ class _OutputLayerBypass:
         # The same input preparation as ColumnParallelLinear.forward: the fused loss's d_hidden is this
         # rank's vocab shard's part, summed over ranks by these regions' backward.
         if layer.sequence_parallel:
-            return gather_from_sequence_parallel_region(input_, tensor_parallel_output_grad=True,
-                                                        group=layer.tp_group), None
-        if getattr(layer, "disable_grad_reduce", False):
-            return input_, None
-        return copy_to_tensor_model_parallel_region(input_, group=layer.tp_group), None
+            hidden = gather_from_sequence_parallel_region(input_, tensor_parallel_output_grad=True,
+                                                          group=layer.tp_group)
+        elif getattr(layer, "disable_grad_reduce", False):
+            hidden = input_
+        else:
+            hidden = copy_to_tensor_model_parallel_region(input_, group=layer.tp_group)
+        return _ContiguousGrad.apply(hidden), None
 
 
 def output_layer(model: torch.nn.Module) -> Optional[torch.nn.Module]:

@@ -32,7 +32,7 @@ GROUP_IDS = [row // 4 for row in range(ROWS)]  # 2 prompts x 4 rollouts -> 2 min
 MAX_TOKENS = 60  # several micro-batches per mini-batch
 AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 ENTROPY_COEF = 0.01
-IMPLS = ("reference", "logits_kernel")  # loss.LOSS_IMPLS; the first is the oracle
+IMPLS = ("reference", "logits_kernel", "fused_linear")  # loss.LOSS_IMPLS; the first is the oracle
 
 
 def loss_settings(**overrides):
@@ -103,21 +103,26 @@ def _grpo_update_worker(rank: int, world: int, layouts: list) -> dict:
             "ref_after": reference.logprobs(batch, temperature=TEMPERATURE),
             "ref": ref, "params": _gathered_params(ddp), "optimizer": _optimizer_kinds(optimizer),
         }
-        if tp > 1:
+        if tp > 1 or pp > 1:
             results[(tp, pp)]["impls"] = _impl_grads(ddp, optimizer, batch.with_logprobs(old, ref))
         destroy_parallel()
     return results
 
 
 def _impl_grads(ddp, optimizer, batch) -> dict:
-    """Loss and TP-gathered gradients of one forward_backward with each loss implementation."""
+    """Loss, TP-gathered gradients of one forward_backward, and forward-only log-probs, per loss implementation."""
+    from megatron_selfjudge.megatron.forward import compute_logprobs
     from megatron_selfjudge.megatron.train_step import forward_backward, zero_grads
 
     out = {}
     for impl in IMPLS:
         zero_grads(ddp, optimizer)
         loss = forward_backward(ddp, batch, loss_settings(impl=impl), max_tokens=MAX_TOKENS)["loss"]
-        out[impl] = (loss, _gathered_params(ddp, grads=True))
+        logp = compute_logprobs(ddp, batch, temperature=TEMPERATURE, max_tokens=MAX_TOKENS, impl=impl)
+        out[impl] = (loss, _gathered_params(ddp, grads=True), logp)
+    # The output layer is bypassed only inside a fused_linear forward: the next plain one gives logits again.
+    out["reference_again"] = compute_logprobs(ddp, batch, temperature=TEMPERATURE, max_tokens=MAX_TOKENS,
+                                              impl="reference")
     return out
 
 
@@ -125,6 +130,38 @@ def _reference_worker(rank: int, world: int) -> dict:
     """Single process: the TP=1 update, plus the loss.py oracle, masking and micro-batching checks."""
     out = _grpo_update_worker(rank, world, [(1, 1)])
     out.update(_oracle_checks())
+    out["tied"] = _tied_gpt_checks()
+    return out
+
+
+def _tied_gpt_checks() -> dict:
+    """A GPT whose output layer reuses the embedding (weight passed to the layer): every impl, same loss and grads."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from megatron_selfjudge.megatron.forward import compute_logprobs
+    from megatron_selfjudge.megatron.models import transformer_config
+    from megatron_selfjudge.megatron.optimizer import build_optimizer
+    from megatron_selfjudge.megatron.parallel import destroy_parallel, initialize_parallel
+    from megatron_selfjudge.megatron.train_step import forward_backward, zero_grads
+
+    initialize_parallel(tp=1, pp=1, seed=1)
+    torch.manual_seed(11)
+    model = GPTModel(config=transformer_config(1, 16, 2, 32), transformer_layer_spec=get_gpt_layer_local_spec(),
+                     vocab_size=96, max_sequence_length=40, share_embeddings_and_output_weights=True)
+    ddp, optimizer = build_optimizer(model, lr=LR)
+    base = make_batch(seed=4, rows=4)
+    g = torch.Generator().manual_seed(8)
+    batch = type(base)(tokens=base.tokens.clamp(min=2), labels=base.labels, loss_mask=base.loss_mask,
+                       advantages=base.advantages)
+    logp = compute_logprobs(ddp, batch, temperature=TEMPERATURE, impl="reference")
+    batch = batch.with_logprobs(logp + 0.2 * torch.randn(logp.shape, generator=g), logp)
+    out = {}
+    for impl in IMPLS:
+        zero_grads(ddp, optimizer)
+        loss = forward_backward(ddp, batch, loss_settings(impl=impl), max_tokens=MAX_TOKENS)["loss"]
+        out[impl] = (loss, _main_grads(ddp), compute_logprobs(ddp, batch, temperature=TEMPERATURE, impl=impl))
+    destroy_parallel()
     return out
 
 
@@ -135,7 +172,7 @@ def _main_grads(ddp) -> dict:
 def _oracle_checks() -> dict:
     """Megatron path vs loss.policy_loss on the same logits, for each aggregation and loss implementation."""
     from megatron_selfjudge import loss as loss_ref
-    from megatron_selfjudge.megatron.forward import model_info
+    from megatron_selfjudge.megatron.forward import compute_logprobs, model_info
     from megatron_selfjudge.megatron.optimizer import build_optimizer
     from megatron_selfjudge.megatron.parallel import destroy_parallel, initialize_parallel
     from megatron_selfjudge.megatron.train_step import forward_backward, global_normalizer, micro_batch_loss, zero_grads
@@ -166,6 +203,8 @@ def _oracle_checks() -> dict:
             batch.loss_mask, batch.old_logp, batch.ref_logp, temperature=TEMPERATURE, beta_kl=0.05, agg=agg,
             entropy_coef=entropy_coef, impl="reference")
         loss.backward()
+        out.setdefault("logprobs", {})[impl] = compute_logprobs(ddp, batch, temperature=TEMPERATURE,
+                                                               max_tokens=max_tokens, impl=impl)
         out["cases"][(agg, impl, max_tokens, entropy_coef)] = {
             "metrics": metrics, "ref_loss": float(loss.detach()),
             "ref_metrics": {k: float(v) for k, v in ref_metrics.items()},
@@ -176,6 +215,9 @@ def _oracle_checks() -> dict:
                                model_info(plain))
     loss.backward()
     out["logit_grad"], out["batch"] = logits.grad.abs().sum(-1), batch
+    with torch.no_grad():
+        out["plain_logprobs"] = loss_ref.token_logprobs(label_logits(full_logits(plain, batch), batch),
+                                                        batch.labels.clamp(min=0), TEMPERATURE) * batch.loss_mask
     destroy_parallel()
     return out
 
@@ -236,16 +278,42 @@ def test_layout_gives_same_update_as_single_process(layout, parallel_runs, refer
 
 
 @pytest.mark.slow
-def test_tp2_every_loss_impl_matches_the_reference(parallel_runs):
+@pytest.mark.parametrize("layout", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
+def test_tp2_and_pp2_every_loss_impl_matches_the_reference(layout, parallel_runs):
+    """Vocab-sharded (TP=2) and last-stage-only (PP=2): same loss, gradients and old/ref log-probs per impl."""
     for runs in parallel_runs:
-        impls = runs[(2, 1)]["impls"]
-        loss_ref, grads_ref = impls["reference"]
+        impls = runs[layout]["impls"]
+        loss_ref, grads_ref, logp_ref = impls["reference"]
+        torch.testing.assert_close(impls["reference_again"], logp_ref, atol=0, rtol=0)
         for impl in IMPLS[1:]:
-            loss, grads = impls[impl]
+            loss, grads, logp = impls[impl]
             assert abs(loss - loss_ref) < TOL, impl
+            torch.testing.assert_close(logp, logp_ref, atol=TOL, rtol=0, msg=impl)
             assert grads.keys() == grads_ref.keys()
             for name, grad in grads_ref.items():
                 torch.testing.assert_close(grads[name], grad, atol=TOL, rtol=0, msg=f"{impl}: {name}")
+
+
+@pytest.mark.slow
+def test_forward_only_logprobs_of_every_impl_equal_the_plain_forward(reference_run):
+    want = reference_run["plain_logprobs"]
+    assert set(reference_run["logprobs"]) == set(IMPLS)
+    for impl, got in reference_run["logprobs"].items():
+        torch.testing.assert_close(got, want, atol=TOL, rtol=0, msg=impl)
+
+
+@pytest.mark.slow
+def test_tied_embedding_output_weight_every_impl(reference_run):
+    """The fused op reads the weight megatron hands the output layer: the shared embedding when tied."""
+    tied = reference_run["tied"]
+    loss_ref, grads_ref, logp_ref = tied["reference"]
+    assert any("embedding" in name for name in grads_ref) and not any("output_layer" in n for n in grads_ref)
+    for impl in IMPLS[1:]:
+        loss, grads, logp = tied[impl]
+        assert abs(loss - loss_ref) < TOL, impl
+        torch.testing.assert_close(logp, logp_ref, atol=TOL, rtol=0, msg=impl)
+        for name, grad in grads_ref.items():
+            torch.testing.assert_close(grads[name], grad, atol=TOL, rtol=0, msg=f"{impl}: {name}")
 
 
 @pytest.mark.slow
