@@ -149,3 +149,22 @@ def test_other_ranks_stop_when_rank0_cannot_lock(tmp_path):
     assert ranks[1] == ("RankFailedError", f"locking run directory {tmp_path} failed on rank 0; "
                                            "see that rank's error")
     assert run_distributed(_two_ranks_one_locked_dir, 2, str(tmp_path), timeout=120) == [("entered", "")] * 2
+
+
+@pytest.mark.slow
+def test_full_disk_during_training_is_one_line_exit_2(tmp_path):
+    # sitecustomize runs at interpreter start: the run's first metrics write hits a full disk.
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import errno, os\nfrom megatron_selfjudge import metrics\n"
+        "def log(self, *args, **kwargs):\n"
+        "    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))\n"
+        "metrics.MetricsWriter.log = log\n")
+    env = {**_env(), "PYTHONPATH": os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))}
+    run_dir = tmp_path / "run"
+    line = _one_line_exit_2(subprocess.run(_cmd(run_dir), env=env, capture_output=True, text=True, timeout=300))
+    assert line == (f"selfjudge: run directory {run_dir}: no space left while writing ({run_dir / 'metrics.jsonl'}): "
+                    "No space left on device")
+    with RunLock(run_dir):  # released on the way out
+        pass
