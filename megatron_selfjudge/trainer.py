@@ -168,8 +168,7 @@ def model_builder(cfg: Config, vocab_size: int) -> Callable[[], torch.nn.Module]
     if m.preset == "tiny-llava":
         return functools.partial(models.build_tiny_llava, vision_num_layers=m.vision_num_layers,
                                  vision_hidden_size=m.vision_hidden_size,
-                                 vision_num_attention_heads=max(1, m.vision_hidden_size // 16),
-                                 vision_ffn_hidden_size=4 * m.vision_hidden_size, img_size=m.image_size,
+                                 **models.tiny_vit_dims(m.vision_hidden_size), img_size=m.image_size,
                                  patch_dim=m.patch_size, image_token_index=IMAGE_TOKEN_INDEX, **common)
     if m.preset == "tiny-gpt":
         return functools.partial(models.build_gpt, **common)

@@ -205,6 +205,12 @@ def _projection_submodules(transformer_impl: str):
     return get_mlp_module_spec(use_te=transformer_impl == "transformer_engine").submodules
 
 
+def tiny_vit_dims(vision_hidden_size: int) -> dict:
+    """Heads (16 channels each) and FFN width (4x) of the tiny presets' ViT, from its width."""
+    return {"vision_num_attention_heads": max(1, vision_hidden_size // 16),
+            "vision_ffn_hidden_size": 4 * vision_hidden_size}
+
+
 def _reseed_vision_stem(vision_model: Any, seed: int) -> None:
     """Re-draw the patch conv, position embeddings and class token from their own seeded stream."""
     with torch.random.fork_rng(devices=[]), torch.no_grad():

@@ -126,15 +126,31 @@ def check_layout(tp: int, pp: int, world_size: int) -> str:
     return f"world size {world_size} = tp {tp} x pp {pp} x dp {world_size // mp}"
 
 
+def check_prompt_split(mini_batch_prompts: int, tp: int, pp: int, world_size: int) -> str:
+    """Each data-parallel rank rolls out an equal part of every mini-batch (batching.prompt_shard)."""
+    dp = max(world_size // (tp * pp), 1)
+    if mini_batch_prompts % dp:
+        raise PreflightError(
+            f"trainer.mini_batch_prompts={mini_batch_prompts} does not split over the {dp} data-parallel "
+            f"ranks: each rank rolls out an equal share of every mini-batch; use a multiple of {dp}")
+    return f"{mini_batch_prompts // dp} prompts of each mini-batch per data-parallel rank"
+
+
 def check_split(cfg: Config, vocab_size: int) -> str:
     """Megatron splits heads, FFN width and vocabulary evenly over tp ranks and layers over pp stages."""
+    from megatron_selfjudge.megatron.models import tiny_vit_dims
+
     m, tp, pp = cfg.model, cfg.parallel.tp, cfg.parallel.pp
-    for key, value, by, what in (
-            ("model.num_attention_heads", m.num_attention_heads, tp, "parallel.tp"),
-            ("model.ffn_hidden_size", m.ffn_hidden_size, tp, "parallel.tp"),
-            ("model.num_layers", m.num_layers, pp, "parallel.pp")):
+    splits = [(f"model.num_attention_heads={m.num_attention_heads}", m.num_attention_heads, "parallel.tp", tp),
+              (f"model.ffn_hidden_size={m.ffn_hidden_size}", m.ffn_hidden_size, "parallel.tp", tp),
+              (f"model.num_layers={m.num_layers}", m.num_layers, "parallel.pp", pp)]
+    if m.preset == "tiny-llava":  # the ViT is tensor-parallel too; its head count follows its width
+        heads = tiny_vit_dims(m.vision_hidden_size)["vision_num_attention_heads"]
+        splits.append((f"the ViT's {heads} heads (model.vision_hidden_size={m.vision_hidden_size} / 16)", heads,
+                       "parallel.tp", tp))
+    for what, value, key, by in splits:
         if value % by:
-            raise PreflightError(f"{key}={value} is not divisible by {what}={by}")
+            raise PreflightError(f"{what} is not divisible by {key}={by}")
     if vocab_size % tp:
         raise PreflightError(
             f"the vocabulary of {vocab_size} tokens is not divisible by parallel.tp={tp}: the embedding and "
@@ -212,6 +228,8 @@ def launch_checks(cfg: Config, platform: Platform, vocab_size: int) -> list[Chec
     return _run([
         ("layout", lambda: check_layout(cfg.parallel.tp, cfg.parallel.pp, p.world_size)),
         ("tp/pp split", lambda: check_split(cfg, vocab_size)),
+        ("prompt split", lambda: check_prompt_split(cfg.trainer.mini_batch_prompts, cfg.parallel.tp,
+                                                    cfg.parallel.pp, p.world_size)),
         ("params dtype", lambda: check_params_dtype(cfg.model.params_dtype, p.cuda)),
         ("loss impl", lambda: check_loss_impl(cfg.loss.impl, p.cuda)),
         ("transformer impl", lambda: check_transformer_impl(cfg.model.transformer_impl, p.transformer_engine, p.cuda)),
@@ -235,6 +253,8 @@ def image_tokens(cfg: Config) -> int:
 
 def parameter_count(cfg: Config, vocab_size: int) -> int:
     """Parameters of the whole policy of a tiny preset (local spec, untied embeddings), from the config."""
+    from megatron_selfjudge.megatron.models import tiny_vit_dims
+
     m = cfg.model
     h = m.hidden_size
     count = m.num_layers * _layer_params(h, m.ffn_hidden_size) + 2 * h + 2 * vocab_size * h  # + final norm
@@ -243,7 +263,7 @@ def parameter_count(cfg: Config, vocab_size: int) -> int:
         patches = image_tokens(cfg)
         count += 3 * m.patch_size ** 2 * hv          # patch conv, no bias
         count += (patches + 1) * hv + hv + 2 * hv    # position embeddings (with class token), class token, ln_pre
-        count += m.vision_num_layers * _layer_params(hv, 4 * hv)
+        count += m.vision_num_layers * _layer_params(hv, tiny_vit_dims(hv)["vision_ffn_hidden_size"])
         count += hv * h + h + h * h + h              # MLP projector
     elif m.preset != "tiny-gpt":
         raise ValueError(f"parameter_count knows the tiny presets, not model.preset={m.preset!r}")

@@ -55,7 +55,9 @@ def test_world_not_a_multiple_of_tp_pp():
     (["parallel.tp=8", "model.num_attention_heads=8", "model.ffn_hidden_size=260"], 128,
      "model.ffn_hidden_size=260 is not divisible by parallel.tp=8"),
     (["parallel.pp=4", "parallel.tp=2", "model.num_layers=2"], 128, "model.num_layers=2 is not divisible by parallel.pp=4"),
-    (["parallel.tp=8", "model.num_attention_heads=8"], 124,
+    (["parallel.tp=8", "model.num_attention_heads=8"], 128,
+     "the ViT's 4 heads (model.vision_hidden_size=64 / 16) is not divisible by parallel.tp=8"),
+    (["parallel.tp=8", "model.num_attention_heads=8", "model.vision_hidden_size=128"], 124,
      "the vocabulary of 124 tokens is not divisible by parallel.tp=8"),
 ])
 def test_split_divisibility(overrides, vocab, expected):
@@ -284,3 +286,10 @@ def test_empty_config_file_is_refused_in_one_line(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(
         "selfjudge: pre-flight check failed: model.params_dtype=bfloat16 needs CUDA"), lines
+
+
+def test_prompt_split_over_data_parallel_ranks():
+    assert "4 prompts of each mini-batch" in preflight.check_prompt_split(8, 1, 1, 2)
+    assert "8 prompts" in preflight.check_prompt_split(8, 2, 1, 2)  # tp=2 on 2 ranks: dp = 1
+    with pytest.raises(PreflightError, match=r"mini_batch_prompts=6 does not split over the 4 data-parallel"):
+        preflight.check_prompt_split(6, 1, 1, 4)
