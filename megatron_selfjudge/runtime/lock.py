@@ -31,9 +31,8 @@ from pathlib import Path
 from typing import Iterator, Optional, Union
 
 LOCK_FILE = ".lock"
-# Errors that say the disk or the file system refuses writes, wherever they were raised.
-_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
-# Errors that say a path is unusable; mapped only when the path lies in the run directory.
+# Errors that say a path is unusable; mapped only when the path lies in the run directory
+# (a full disk is mapped wherever it was raised: writes often report no file name).
 _PATH_ERRNOS = {errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST, errno.EISDIR}
 
 
@@ -64,15 +63,18 @@ def _not_a_folder(run_dir: Path) -> Optional[RunDirError]:
 def describe_os_error(exc: OSError, run_dir: Union[str, Path]) -> Optional[RunDirError]:
     """The RunDirError an OSError stands for (disk full, not writable, not a folder), else None."""
     run_dir = Path(run_dir)
-    if exc.errno in (errno.EEXIST, errno.ENOTDIR) and _not_a_folder(run_dir) is not None:
-        return _not_a_folder(run_dir)
+    not_folder = _not_a_folder(run_dir) if exc.errno in (errno.EEXIST, errno.ENOTDIR) else None
+    if not_folder is not None:
+        return not_folder
     where = f" ({exc.filename})" if exc.filename else ""
     reason = exc.strerror or str(exc)
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+    inside = _inside(exc.filename, run_dir)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # often raised without a file name
         return RunDirError(f"run directory {run_dir}: no space left while writing{where}: {reason}")
-    if exc.errno == errno.EROFS or (exc.errno in (errno.EACCES, errno.EPERM) and _inside(exc.filename, run_dir)):
+    if (exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and inside) or \
+            (exc.errno == errno.EROFS and not exc.filename):
         return RunDirError(f"run directory {run_dir} is not writable{where}: {reason}")
-    if exc.errno in _PATH_ERRNOS and _inside(exc.filename, run_dir):
+    if exc.errno in _PATH_ERRNOS and inside:
         return RunDirError(f"run directory {run_dir} is not a usable folder{where}: {reason}")
     return None
 

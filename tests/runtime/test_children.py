@@ -13,7 +13,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
-from test_trainer import _env, _start  # noqa: E402
+from test_trainer import _start  # noqa: E402
 
 # Starts the symbolic worker, then a long-lived process that inherits the worker's stdin pipe
 # (as a forked checkpoint writer would), prints both pids and waits to be killed.

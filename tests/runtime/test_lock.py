@@ -99,9 +99,10 @@ def test_full_disk_while_recording_the_holder(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(lock_mod.os, "pwrite", full)
-    with pytest.raises(RunDirError, match=rf"^run directory {tmp_path}: no space left while writing: No space left on device$"):
+    with pytest.raises(RunDirError) as err:
         with RunLock(tmp_path):
             pass
+    assert str(err.value) == f"run directory {tmp_path}: no space left while writing: No space left on device"
     monkeypatch.undo()
     with RunLock(tmp_path):  # the failed attempt did not keep the lock
         pass
@@ -168,3 +169,12 @@ def test_full_disk_during_training_is_one_line_exit_2(tmp_path):
                     "No space left on device")
     with RunLock(run_dir):  # released on the way out
         pass
+
+
+def test_read_only_file_system_inside_and_outside(tmp_path):
+    with pytest.raises(RunDirError, match=r"is not writable \(.*metrics.jsonl\): Read-only file system"):
+        with run_dir_errors(tmp_path):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(tmp_path / "metrics.jsonl"))
+    with pytest.raises(OSError, match="Read-only"):  # another file system's problem: left as it is
+        with run_dir_errors(tmp_path / "run"):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), "/usr/lib/x")
