@@ -23,6 +23,7 @@ setup(
         "megatron_selfjudge",
         "megatron_selfjudge.rewards",
         "megatron_selfjudge.megatron",
+        "megatron_selfjudge.megatron.models",
         "megatron_selfjudge.rollout",
         "megatron_selfjudge.data",
         "megatron_selfjudge.synth",

@@ -1,25 +1,30 @@
 """The recipe: supervised warm start, then label-free GRPO, top to bottom.
 
 One UPT step (`Trainer.upt_step`) reads in order:
-    prompts -> rollouts (G per prompt) -> answers -> Judge scores -> rewards (reward.mode)
-    -> advantages (advantage.estimator) -> old / reference log-probs -> mini-batch updates
+    this rank's share of the prompts -> rollouts (G per prompt) -> old / reference log-probs
+    -> Judge scores -> rewards (reward.mode, on the extracted answers) -> advantages
+    (advantage.estimator) -> mini-batch updates -> weight sync (rollout/weight_sync.py)
 Each arrow is a call into a component (rollout engine, judges, rewards, advantages,
-megatron forward / train_step) with a typed batch in and out. The rollout engine shares the
-policy's weights in-process, so "weight sync" is a no-op for the megatron backend.
+megatron forward / train_step) with a typed batch in and out. The reference log-probs come
+before the Judge because the likelihood Judge reuses them at temperature 1. The in-process
+megatron engine shares the policy's weights, so its weight sync only records the version.
 
 Stage 1 (optional, `trainer.sft_steps`) fine-tunes on the labelled warm-start split; its
 gradient is the policy-gradient step with advantage 1 on the target tokens (on-policy ratio
 1, no KL), which is exactly the gradient of the token-mean negative log-likelihood. The
 reference model and the Judge are then one frozen copy of this initial policy.
 
-Multi-process runs (torchrun) keep every rank in step: all ranks see the same prompts and
-the same sampling seed, so every rank holds the same rollouts; the update then splits each
-mini-batch over data-parallel ranks (train_step.train_on_rollout).
+Multi-process runs (torchrun): every rank draws the same prompts, and each data-parallel rank
+keeps its share of them (its part of every mini-batch, a prompt's G samples together,
+`batching.prompt_shard`), then generates, judges, rewards and computes log-probs for those rows
+only. Samples are seeded per request and sample index, so a DP=2 run samples and trains what a
+DP=1 run does; only the loss normaliser and the logged metrics cross ranks.
 """
 from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import random
 import socket
@@ -202,6 +207,7 @@ class Trainer:
         from megatron_selfjudge.data.tokenizer import CharTokenizer
         from megatron_selfjudge.megatron.optimizer import build_optimizer
         from megatron_selfjudge.rollout.base import build_engine
+        from megatron_selfjudge.rollout.weight_sync import WeightSync
 
         self.cfg = cfg
         self.main = is_main_rank()
@@ -221,8 +227,11 @@ class Trainer:
             use_distributed_optimizer=cfg.parallel.use_distributed_optimizer and _dp_size() > 1)
         self.engine = build_engine(cfg.rollout.backend, model=self.policy, tokenizer=self.tokenizer,
                                    max_batch_size=cfg.rollout.max_batch_size)
+        self.weight_sync = WeightSync(self.engine)
         self.sampler = PromptSampler(len(self.task.train), cfg.trainer.seed)
-        self.state: dict = {"phase": "sft", "sft_step": 0, "step": 0, "evals": {}, "skipped_steps": 0}
+        # policy_version: optimizer updates of stage 2 so far; the rollout engine must hold this version.
+        self.state: dict = {"phase": "sft", "sft_step": 0, "step": 0, "evals": {}, "skipped_steps": 0,
+                            "policy_version": 0}
         self.initial = None  # FrozenModel: reference + Judge
         self.metrics = MetricsWriter(self.run_dir, enabled=self.main)
 
@@ -378,7 +387,8 @@ class Trainer:
             return None
         if self.cfg.judge.kind == "likelihood":
             logp = ref_logp if self.cfg.rollout.temperature == 1.0 and ref_logp is not None else \
-                self.initial.logprobs(batch, temperature=1.0, max_tokens=self.cfg.trainer.micro_batch_tokens)
+                self.initial.logprobs(batch, temperature=1.0, max_tokens=self.cfg.trainer.micro_batch_tokens,
+                                      shard_data_parallel=False)
             return LikelihoodJudge().scores_from_logprobs(logp, batch.loss_mask)
         j = self.cfg.judge
         judge = GenerativeJudge(self.judge_engine,
@@ -413,16 +423,29 @@ class Trainer:
         return rewards, res
 
     def upt_step(self) -> dict:
-        """prompts -> rollouts -> Judge -> rewards -> advantages -> old/ref log-probs -> updates."""
+        """This rank's share of the step's prompts -> rollouts -> old/ref log-probs -> Judge -> rewards
+        -> advantages -> mini-batch updates -> weight sync; returns the step's metrics over all ranks.
+
+        Every rank draws the same prompts; each data-parallel rank keeps its share (its part of every
+        mini-batch, a prompt's G samples together) and does everything else for those rows only.
+        Only the loss normaliser (inside the update) and the logged metrics cross ranks.
+        """
+        from megatron.core import parallel_state
+
         from megatron_selfjudge.advantages import compute_advantages
+        from megatron_selfjudge.megatron.batching import prompt_shard
         from megatron_selfjudge.megatron.forward import compute_logprobs
         from megatron_selfjudge.megatron.train_step import train_on_rollout
         from megatron_selfjudge.rollout.base import SamplingConfig
 
         cfg, t, r = self.cfg, self.cfg.trainer, self.cfg.rollout
         t0 = time.perf_counter()
-        records = [self.task.train[i] for i in self.sampler.next(t.prompts_per_step)]
+        drawn = [self.task.train[i] for i in self.sampler.next(t.prompts_per_step)]
+        mine = prompt_shard(len(drawn), t.mini_batch_prompts, parallel_state.get_data_parallel_rank(), _dp_size())
+        records = [drawn[i] for i in mine]
         requests = self.requests(records)
+        self.weight_sync.ensure_current(self.state["policy_version"])
+        # One seed per step; each sample's stream is keyed by it, its prompt's uid and its index.
         trajs = self.engine.generate(requests, SamplingConfig(
             n=r.n, temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_response_len,
             seed=t.seed * 7919 + self.state["step"]))
@@ -432,11 +455,11 @@ class Trainer:
         batch = self.policy_batch([x.prompt_ids for x in trajs], [x.response_ids for x in trajs],
                                   [req_by_uid[x.uid].images for x in trajs], torch.zeros(len(trajs)))
         mb = t.micro_batch_tokens
-        old = compute_logprobs(self.ddp, batch, temperature=r.temperature, max_tokens=mb)
+        old = compute_logprobs(self.ddp, batch, temperature=r.temperature, max_tokens=mb, shard_data_parallel=False)
         # At temperature 1 the reference log-probs are also the likelihood Judge's: compute once.
         judge_reuses_ref = (cfg.reward.mode in ("judge", "judge_raw") and cfg.judge.kind == "likelihood"
                             and r.temperature == 1.0)
-        ref = self.initial.logprobs(batch, temperature=r.temperature, max_tokens=mb) \
+        ref = self.initial.logprobs(batch, temperature=r.temperature, max_tokens=mb, shard_data_parallel=False) \
             if cfg.loss.beta_kl > 0 or judge_reuses_ref else None
         scores = self.judge_scores(records, trajs, batch, ref)
         rewards, res = self.rewards(records, trajs, scores)
@@ -447,15 +470,22 @@ class Trainer:
         batch = batch.with_logprobs(old, ref if cfg.loss.beta_kl > 0 else None)
         t_prep = time.perf_counter()
         history = train_on_rollout(self.ddp, self.optimizer, batch, self.loss_settings(), group_ids=gids,
-                                   prompts_per_mini_batch=t.mini_batch_prompts, max_tokens=mb)
+                                   prompts_per_mini_batch=t.mini_batch_prompts, max_tokens=mb, local=True)
         t_upd = time.perf_counter()
+        self.state["policy_version"] += len(history)
+        synced = self.weight_sync.push(self.state["policy_version"])
         lengths = torch.tensor([len(x.response_ids) for x in trajs], dtype=torch.float32)
-        out = {
+        out = _mean_over_data_parallel({
             **res.metrics(), "reward_mean": float(rewards.mean()), "adv_mean": float(adv.mean()),
-            "adv_std": float(adv.std()) if adv.numel() > 1 else 0.0,
             "response_len_mean": float(lengths.mean()),
             "stop_frac": sum(x.finish_reason == "stop" for x in trajs) / len(trajs),
-        }
+            "adv_sq_mean": float((adv.double() ** 2).mean()),
+            "rollouts_per_rank": float(len(trajs)),  # equal on every rank: P * G / dp
+        }, sums=("judge_unparsed",))
+        # The standard deviation of all ranks' advantages (unbiased, as torch.std of the whole batch).
+        n_all = len(trajs) * _dp_size()
+        var = max(out.pop("adv_sq_mean") - out["adv_mean"] ** 2, 0.0) * n_all / max(n_all - 1, 1)
+        out["adv_std"] = math.sqrt(var) if n_all > 1 else 0.0
         for key in ("loss", "kl", "clip_frac", "entropy", "grad_norm", "ratio_min", "ratio_max", "pg_loss"):
             vals = [h[key] for h in history if key in h and not h.get("skipped")]
             out[key] = None  # every update of the step was skipped
@@ -463,7 +493,7 @@ class Trainer:
                 out[key] = min(vals) if key == "ratio_min" else max(vals) if key == "ratio_max" \
                     else sum(vals) / len(vals)
         out["skipped_updates"] = float(sum(h.get("skipped", 0.0) for h in history))
-        out.update(time_rollout=t_roll - t0, time_prepare=t_prep - t_roll, time_update=t_upd - t_prep)
+        out.update(time_rollout=t_roll - t0, time_prepare=t_prep - t_roll, time_update=t_upd - t_prep, **synced)
         return out
 
     # ---- checkpoints ----
@@ -494,6 +524,7 @@ class Trainer:
         if found is None:
             return False
         path, self.state = found
+        self.state.setdefault("policy_version", 0)
         self.sampler = PromptSampler(len(self.task.train), self.cfg.trainer.seed, **self.state["sampler"])
         self.log.info(f"resumed from {path} (step {self.state['step']}, phase {self.state['phase']})")
         return True
@@ -553,8 +584,10 @@ class Trainer:
         if uses_generative_judge(self.cfg):
             from megatron_selfjudge.rollout.base import build_engine
 
-            self.judge_engine = build_engine(self.cfg.rollout.backend, model=self.initial.module,
-                                             tokenizer=self.tokenizer, max_batch_size=self.cfg.rollout.max_batch_size)
+            # The Judge's engine is loaded once from the frozen initial weights and never synced.
+            self.judge_engine = build_engine(self.cfg.judge.backend or self.cfg.rollout.backend,
+                                             model=self.initial.module, tokenizer=self.tokenizer,
+                                             max_batch_size=self.cfg.rollout.max_batch_size)
 
     # ---- the run ----
     def total_steps(self) -> int:
@@ -608,6 +641,7 @@ class Trainer:
                 return 0
             if not in_stage2:
                 self.make_initial_copy(from_disk=False)
+            self.weight_sync.push(self.state["policy_version"])  # the weights stage 2 (re)starts from
             if "before" not in self.state["evals"] and stopped_in_eval("before"):
                 return 0
             # Lines of steps after the checkpoint (a killed run's) are written again below.
@@ -668,6 +702,25 @@ def _dp_size() -> int:
     from megatron.core import parallel_state
 
     return parallel_state.get_data_parallel_world_size()
+
+
+def _mean_over_data_parallel(values: dict[str, float], sums: Sequence[str] = ()) -> dict[str, float]:
+    """Each value averaged over the data-parallel ranks (summed for the keys in `sums`).
+
+    Every rank holds the same number of rows, so the mean of the ranks' means is the batch mean.
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from megatron_selfjudge.megatron.forward import comm_device
+
+    dp = _dp_size()
+    if dp == 1:
+        return dict(values)
+    keys = sorted(values)
+    packed = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=comm_device())
+    dist.all_reduce(packed, group=parallel_state.get_data_parallel_group())
+    return {k: v if k in sums else v / dp for k, v in zip(keys, packed.tolist())}
 
 
 class _Printer:

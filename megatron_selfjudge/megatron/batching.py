@@ -185,6 +185,23 @@ def data_parallel_shard(num_rows: int, dp_rank: int, dp_size: int) -> list[int]:
     return list(range(start, start + base + (dp_rank < extra)))
 
 
+def prompt_shard(num_prompts: int, prompts_per_mini_batch: int, dp_rank: int, dp_size: int) -> list[int]:
+    """This data-parallel rank's prompts of a step: its share of every mini-batch, in order.
+
+    Mini-batch j of the step is prompts [j*m, (j+1)*m); each rank takes a contiguous m/dp of
+    each, so the j-th local mini-batch of every rank together is exactly global mini-batch j and
+    the updates equal one process's.
+    """
+    if prompts_per_mini_batch < 1 or num_prompts % prompts_per_mini_batch:
+        raise ValueError(f"{num_prompts} prompts do not split into mini-batches of {prompts_per_mini_batch}")
+    if prompts_per_mini_batch % dp_size:
+        raise ValueError(f"a mini-batch of {prompts_per_mini_batch} prompts does not split over "
+                         f"{dp_size} data-parallel ranks")
+    share = prompts_per_mini_batch // dp_size
+    return [start + dp_rank * share + i for start in range(0, num_prompts, prompts_per_mini_batch)
+            for i in range(share)]
+
+
 def prompt_mini_batches(group_ids: Sequence, prompts_per_mini_batch: int) -> list[list[int]]:
     """Row indices of each mini-batch: consecutive groups of `prompts_per_mini_batch` prompts.
 

@@ -206,11 +206,14 @@ def train_step(model: torch.nn.Module, optimizer, batch: PolicyBatch, settings: 
 
 def train_on_rollout(model: torch.nn.Module, optimizer, batch: PolicyBatch, settings: LossSettings, *,
                      group_ids: Sequence, prompts_per_mini_batch: int, max_tokens: int = 4096,
-                     image_token_index: Optional[int] = None) -> list[dict[str, float]]:
+                     image_token_index: Optional[int] = None, local: bool = False) -> list[dict[str, float]]:
     """Several updates per rollout batch: one train_step per mini-batch of prompts (ALGORITHM.md 6).
 
-    `batch` is the whole rollout batch, identical on every rank, with old/ref log-probs already
-    attached (computed once before the first update); each mini-batch is split over DP ranks.
+    `prompts_per_mini_batch` counts the prompts of a mini-batch over all DP ranks. With `local`,
+    `batch` is this rank's share of the step (batching.prompt_shard: its part of every mini-batch)
+    and each of its consecutive `prompts_per_mini_batch / dp` prompts is its part of one update.
+    Otherwise `batch` is the whole rollout batch, identical on every rank, and each mini-batch is
+    split over the DP ranks. Old/ref log-probs are attached before the first update either way.
     """
     from megatron.core import parallel_state
 
@@ -219,8 +222,10 @@ def train_on_rollout(model: torch.nn.Module, optimizer, batch: PolicyBatch, sett
     index = fwd.model_info(model).image_token_index if image_token_index is None else image_token_index
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
+    if local and prompts_per_mini_batch % dp_size:
+        raise ValueError(f"a mini-batch of {prompts_per_mini_batch} prompts does not split over {dp_size} DP ranks")
     history = []
-    for rows in prompt_mini_batches(group_ids, prompts_per_mini_batch):
-        mine = [rows[i] for i in data_parallel_shard(len(rows), dp_rank, dp_size)]
+    for rows in prompt_mini_batches(group_ids, prompts_per_mini_batch // dp_size if local else prompts_per_mini_batch):
+        mine = rows if local else [rows[i] for i in data_parallel_shard(len(rows), dp_rank, dp_size)]
         history.append(train_step(model, optimizer, batch.select(mine, index), settings, max_tokens=max_tokens))
     return history

@@ -122,3 +122,20 @@ def test_prompt_mini_batches_keep_groups_together():
     assert prompt_mini_batches(torch.tensor([3, 3, 1]), 5) == [[0, 1, 2]]
     with pytest.raises(ValueError, match="prompts_per_mini_batch"):
         prompt_mini_batches(group_ids, 0)
+
+
+def test_prompt_shard_gives_each_rank_its_part_of_every_mini_batch():
+    from megatron_selfjudge.megatron.batching import prompt_shard
+
+    assert prompt_shard(8, 4, 0, 2) == [0, 1, 4, 5] and prompt_shard(8, 4, 1, 2) == [2, 3, 6, 7]
+    assert prompt_shard(6, 3, 0, 1) == list(range(6))
+    for dp in (1, 2, 4):  # the ranks' shares partition the step, mini-batch by mini-batch
+        shares = [prompt_shard(16, 8, r, dp) for r in range(dp)]
+        assert sorted(sum(shares, [])) == list(range(16))
+        for j in range(2):
+            local = [s[j * 8 // dp:(j + 1) * 8 // dp] for s in shares]
+            assert sorted(sum(local, [])) == list(range(8 * j, 8 * j + 8))
+    with pytest.raises(ValueError, match="does not split over 4"):
+        prompt_shard(12, 6, 0, 4)
+    with pytest.raises(ValueError, match="do not split into mini-batches"):
+        prompt_shard(10, 4, 0, 1)
