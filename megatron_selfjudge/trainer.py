@@ -768,9 +768,10 @@ def main(cfg: Config) -> int:
     from megatron_selfjudge.runtime.children import guard_children
     from megatron_selfjudge.runtime.lock import hold_run_dir
 
-    guard_children()  # checkpoint writers and other helpers die with this process
-    # Config against the platform, before any collective: every rank refuses alike, in seconds.
+    # Config against the platform, before any collective: every rank refuses alike, in seconds
+    # (before guard_children, which imports megatron-core's checkpoint machinery).
     checked = preflight.check_launch(cfg)
+    guard_children()  # checkpoint writers and other helpers die with this process
     created = setup_distributed(cfg)
     seed_everything(cfg.trainer.seed)
     try:
