@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from megatron_selfjudge.metrics import read_metrics
 from megatron_selfjudge.trainer import free_port
@@ -29,6 +30,8 @@ SCRIPTS = sorted([*SLURM.glob("*.sbatch"), *SLURM.glob("*.sh")])
 VENV_BIN = Path(sys.executable).parent
 TIMEOUT = 600
 JOB_ID = "4242"
+# The launches below run the CPU (gloo) path, as CI does; a CUDA machine would need one GPU per process.
+CPU_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU (gloo) launch; one GPU per process needed here")
 
 FAKE_SRUN = """#!/usr/bin/env bash
 # Stand-in for srun: one task per node of the allocation, each in its own process group (as
@@ -125,6 +128,7 @@ def _layout(output: str) -> list[tuple[int, int, int]]:
             re.findall(r"^  rank (\d+): node (\d+), local rank (\d+) of \d+", output, re.M)]
 
 
+@CPU_ONLY
 def test_launcher_rendezvous_and_rank_layout(tmp_path):
     env = _slurm_env(tmp_path, NPROC_PER_NODE="2", MASTER_ADDR="localhost", MASTER_PORT=str(free_port()))
     proc = subprocess.run(["bash", str(SLURM / "launch.sh"), "env", f"trainer.run_dir={tmp_path / 'run'}"],
@@ -139,6 +143,7 @@ def test_launcher_rendezvous_and_rank_layout(tmp_path):
     assert out.count("versions:") == 1  # printed by rank 0 only
 
 
+@CPU_ONLY
 @pytest.mark.slow
 def test_two_nodes_meet_in_one_rendezvous(tmp_path):
     """Two launchers, as srun starts them on two nodes (here both on this host), one process each."""
@@ -167,6 +172,7 @@ TRAIN = ["trainer.sft_steps=2", "trainer.max_steps=60", "trainer.save_every=0", 
          "data.synthetic_unlabeled=64", "data.synthetic_test=4", "model.num_layers=1"]
 
 
+@CPU_ONLY
 @pytest.mark.slow
 def test_sigusr1_to_the_job_step_saves_and_requeues(tmp_path):
     run_dir = tmp_path / "run"

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from megatron_selfjudge.config import load_config
 from megatron_selfjudge.megatron.models import resolve_transformer_impl
@@ -241,6 +242,7 @@ def _phase_two(rank: int, world: int, base: str) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="two gloo ranks on CPU")
 def test_phase_two_on_two_ranks(tmp_path):
     (tmp_path / "train.jsonl").write_text("{}\n")
     rank0, rank1 = run_distributed(_phase_two, 2, str(tmp_path))
