@@ -371,3 +371,58 @@ def test_interpolation_error_names_the_source_that_brought_it(tmp_path):
     assert msg.startswith("override 'trainer.run_dir=${nope}'") and "trainer.run_dir" in msg
     f.write_text("trainer:\n  run_dir: ${nope}\n")
     assert _one_line_error(path=f, overrides=["trainer.seed=3"]).startswith(f"config file {str(f)!r}")
+
+
+# The embedded default as it resolved before tiny.yaml was trimmed to its overrides: the dataclass
+# defaults plus every value the old file listed (restated defaults included). Trimming the file
+# must not change a single resolved value.
+_OLD_TINY_YAML = {
+    "model": {"preset": "tiny-llava", "params_dtype": "float32", "num_layers": 2, "hidden_size": 64,
+              "num_attention_heads": 4, "ffn_hidden_size": 256, "vision_num_layers": 1,
+              "vision_hidden_size": 64, "image_size": 32, "patch_size": 8},
+    "rollout": {"n": 8, "max_prompt_len": 64, "max_response_len": 32, "max_batch_size": 128},
+    "reward": {"mode": "judge"},
+    "judge": {"kind": "likelihood"},
+    "optim": {"lr": 1.0e-5, "sft_lr": 1.0e-3, "weight_decay": 0.0},
+    "data": {"train": "synthetic", "instruction": "short", "synthetic_families": ["add"],
+             "synthetic_sft": 1024, "synthetic_unlabeled": 2048, "synthetic_test": 256},
+    "trainer": {"max_steps": 100, "prompts_per_step": 16, "mini_batch_prompts": 8,
+                "micro_batch_tokens": 4096, "run_dir": "runs/tiny", "save_every": 25,
+                "sft_steps": 600, "sft_batch_size": 32},
+}
+
+
+def test_embedded_default_resolves_as_before():
+    import dataclasses
+
+    from megatron_selfjudge.config import to_dict
+
+    expected = to_dict(Config())
+    for section, values in _OLD_TINY_YAML.items():
+        expected[section].update(values)
+    assert to_dict(load_config(None, [])) == expected
+    fields = {f.name for f in dataclasses.fields(Config)}
+    assert set(_OLD_TINY_YAML) <= fields
+
+
+def test_tiny_yaml_lists_only_overrides():
+    import yaml
+
+    from megatron_selfjudge.config import embedded_default_path, leaf_items
+
+    listed = yaml.safe_load(embedded_default_path().read_text())
+    defaults = dict(leaf_items(Config()))
+
+    def flatten(mapping, prefix=""):
+        for key, value in mapping.items():
+            if isinstance(value, dict):
+                yield from flatten(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+
+    flat = dict(flatten(listed))
+    assert flat, "tiny.yaml lists no override"
+    unknown = sorted(set(flat) - set(defaults))
+    assert not unknown, f"tiny.yaml lists keys that are not config leaves: {unknown}"
+    restated = sorted(key for key, value in flat.items() if value == defaults[key])
+    assert not restated, f"tiny.yaml restates dataclass defaults: {restated}"
