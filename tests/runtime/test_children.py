@@ -61,6 +61,41 @@ def test_symbolic_worker_exits_when_the_run_is_killed():
                 pass
 
 
+# The guarded run's multiprocessing children: megatron's writer-queue Manager ("spawn"), the
+# resource tracker, and a forked process, as the checkpoint writer forks its per-file workers.
+GUARDED = """
+import multiprocessing as mp, time
+from megatron_selfjudge.runtime import children
+children.guard_children()
+from megatron.core.dist_checkpointing.strategies import filesystem_async
+filesystem_async._get_write_results_queue()  # what megatron's writer calls at the first save
+forked = mp.get_context("fork").Process(target=time.sleep, args=(120,))
+forked.start()
+print(forked.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_writer_manager_and_forked_workers_die_with_a_killed_parent():
+    parent = subprocess.Popen([sys.executable, "-c", GUARDED], stdout=subprocess.PIPE, text=True)
+    forked = int(parent.stdout.readline())
+    everyone = psutil.Process(parent.pid).children(recursive=True)
+    try:
+        commands = [" ".join(c.cmdline()) for c in everyone]
+        assert forked in [c.pid for c in everyone]
+        assert any("multiprocessing.spawn" in c for c in commands), commands  # the Manager
+        assert any("resource_tracker" in c for c in commands), commands
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=30)
+        assert _gone_within([c.pid for c in everyone], 5.0) == []
+    finally:
+        for child in everyone:
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
+
+
 def _is_manager(proc: psutil.Process) -> bool:
     try:
         return "multiprocessing.spawn" in " ".join(proc.cmdline())
