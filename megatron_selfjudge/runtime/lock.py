@@ -102,7 +102,8 @@ def _describe_holder(fd: int) -> str:
     """'pid P on host H since T (command)' from the lock file, or a fallback if it was not written yet."""
     try:
         info = json.loads(os.pread(fd, 65536, 0).decode("utf-8"))
-        return f"pid {info['pid']} on host {info['host']} since {info['since']} ({info['command']})"
+        text = f"pid {info['pid']} on host {info['host']} since {info['since']} ({info['command']})"
+        return " ".join(text.split())  # the file is another process's words: keep the message one line
     except (OSError, ValueError, KeyError, TypeError):
         return "another process (it has not recorded itself yet)"
 

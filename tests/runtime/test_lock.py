@@ -178,3 +178,14 @@ def test_read_only_file_system_inside_and_outside(tmp_path):
     with pytest.raises(OSError, match="Read-only"):  # another file system's problem: left as it is
         with run_dir_errors(tmp_path / "run"):
             raise OSError(errno.EROFS, os.strerror(errno.EROFS), "/usr/lib/x")
+
+
+def test_holder_description_stays_one_line(tmp_path):
+    with RunLock(tmp_path):
+        (tmp_path / LOCK_FILE).write_text(
+            '{"pid": 7, "host": "h\\nx", "since": "T", "command": "selfjudge train\\n\\rfake: line"}\n')
+        with pytest.raises(RunDirError) as err:
+            with RunLock(tmp_path):
+                pass
+    assert str(err.value) == f"run directory {tmp_path} is in use by pid 7 on host h x since T " \
+                             "(selfjudge train fake: line)"
