@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from megatron_selfjudge.config import AdvantageConfig
+
 FP32_MAX = float(torch.finfo(torch.float32).max)
 
 
@@ -142,12 +144,15 @@ def _as_rewards(rewards) -> torch.Tensor:
 def compute_advantages(
     rewards,
     group_ids,
-    estimator: str = "grpo",
-    temperature: float = 1.0,
-    center: bool = True,
-    eps: float = 1e-6,
+    estimator: str,
+    temperature: float = AdvantageConfig.temperature,
+    center: bool = AdvantageConfig.center,
+    eps: float = AdvantageConfig.eps,
 ) -> torch.Tensor:
-    """Per-rollout advantages fp32 [N] from rewards [N] grouped by prompt uid (rows in any order)."""
+    """Per-rollout advantages fp32 [N] from rewards [N] grouped by prompt uid (rows in any order).
+
+    estimator: a name of ESTIMATORS; the keyword defaults are advantage.*'s.
+    """
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown advantage estimator {estimator!r}; known: {sorted(ESTIMATORS)}")
     if not (math.isfinite(temperature) and temperature > 0):

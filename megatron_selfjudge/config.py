@@ -39,14 +39,9 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-REWARD_MODES = ("majority", "consistency", "judge", "judge_raw", "ground_truth", "random")
-EQUIVALENCE_MODES = ("exact", "normalized", "symbolic")
-JUDGE_KINDS = ("generative", "likelihood")
-UNPARSED_POLICIES = ("zero", "neutral")
-ESTIMATORS = ("grpo", "grpo_no_std", "energy")
-LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
-ROLLOUT_BACKENDS = ("megatron",)  # vLLM comes with its engine
-MODEL_PRESETS = ("tiny-llava", "tiny-gpt")  # HF presets (Qwen2.5-VL via mbridge) come with mbridge
+# The choices of reward.mode, reward.equivalence, judge.kind, judge.unparsed, advantage.estimator,
+# loss.agg, loss.impl, rollout.backend and judge.backend are the names of the registries that
+# implement them; validate() reads them there (imported when validating: they import torch).
 RESUME_MODES = ("never", "auto")
 PARAMS_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -307,7 +302,9 @@ def validate(cfg: Config) -> Config:
     m, p, r, rw, j, a, lo, o, d, t = (cfg.model, cfg.parallel, cfg.rollout, cfg.reward, cfg.judge,
                                        cfg.advantage, cfg.loss, cfg.optim, cfg.data, cfg.trainer)
     _check_leaves(cfg)
-    _choice("model.preset", m.preset, MODEL_PRESETS)
+    from megatron_selfjudge.megatron.models.family import family_names
+
+    _choice("model.preset", m.preset, family_names())  # the model-family registry is the list
     from megatron_selfjudge.megatron.models import TRANSFORMER_IMPLS
 
     _choice("model.transformer_impl", m.transformer_impl, TRANSFORMER_IMPLS)
@@ -323,8 +320,10 @@ def validate(cfg: Config) -> Config:
     image_tokens = (m.image_size // m.patch_size) ** 2  # as the model builder sizes the context
     _check("parallel.tp", p.tp >= 1, ">= 1", p.tp)
     _check("parallel.pp", p.pp >= 1, ">= 1", p.pp)
-    _choice("rollout.backend", r.backend, ROLLOUT_BACKENDS)
-    _choice("judge.backend", cfg.judge.backend, ("",) + ROLLOUT_BACKENDS)
+    from megatron_selfjudge.rollout.base import available_engines
+
+    _choice("rollout.backend", r.backend, available_engines())
+    _choice("judge.backend", cfg.judge.backend, ["", *available_engines()])
     _check("rollout.n", 2 <= r.n <= MAX_GROUP_SIZE,
            f"in [2, {MAX_GROUP_SIZE}] (a group needs at least two rollouts)", r.n)
     _check("rollout.temperature", _finite(r.temperature) and r.temperature > 0, "> 0", r.temperature)
@@ -335,7 +334,10 @@ def validate(cfg: Config) -> Config:
     image_names = "image tokens (model.image_size / model.patch_size)^2"
     _check_context(("rollout.max_prompt_len", "rollout.max_response_len", image_names),
                    (r.max_prompt_len, r.max_response_len, image_tokens))
-    _choice("reward.mode", rw.mode, REWARD_MODES)
+    from megatron_selfjudge.rewards.answers import EQUIVALENCE_MODES
+    from megatron_selfjudge.rewards.combine import REWARD_MODES
+
+    _choice("reward.mode", rw.mode, list(REWARD_MODES))
     _choice("reward.equivalence", rw.equivalence, EQUIVALENCE_MODES)
     _check("reward.consistency_gate", 0 <= rw.consistency_gate <= 1, "in [0, 1]", rw.consistency_gate)
     _check("reward.format_penalty", rw.format_penalty >= 0, ">= 0", rw.format_penalty)
@@ -346,8 +348,11 @@ def validate(cfg: Config) -> Config:
     for name in ("tau_h", "tau_l"):
         _check(f"reward.calibration.{name}", 0 <= getattr(c, name) <= 1, "in [0, 1]", getattr(c, name))
     _check("reward.calibration.g_min", 0 <= c.g_min <= c.g_max, "in [0, reward.calibration.g_max]", c.g_min)
-    _choice("judge.kind", j.kind, JUDGE_KINDS)
-    _choice("judge.unparsed", j.unparsed, UNPARSED_POLICIES)
+    from megatron_selfjudge.judges import JUDGE_KINDS
+    from megatron_selfjudge.rewards.judge import UNPARSED_POLICIES
+
+    _choice("judge.kind", j.kind, list(JUDGE_KINDS))
+    _choice("judge.unparsed", j.unparsed, list(UNPARSED_POLICIES))
     _check("judge.samples", 1 <= j.samples <= MAX_JUDGE_SAMPLES, f"in [1, {MAX_JUDGE_SAMPLES}]", j.samples)
     _check("judge.temperature", j.temperature > 0, "> 0", j.temperature)
     _check("judge.top_p", 0 < j.top_p <= 1, "in (0, 1]", j.top_p)
@@ -356,7 +361,9 @@ def validate(cfg: Config) -> Config:
     # Checked whatever the Judge kind: the generative Judge, a copy of the policy, needs this context.
     _check_context(("judge.max_prompt_len", "judge.max_tokens", image_names),
                    (j.max_prompt_len, j.max_tokens, image_tokens))
-    _choice("advantage.estimator", a.estimator, ESTIMATORS)
+    from megatron_selfjudge.advantages import ESTIMATORS
+
+    _choice("advantage.estimator", a.estimator, list(ESTIMATORS))
     _check("advantage.temperature", _finite(a.temperature) and a.temperature > 0, "> 0", a.temperature)
     _check("advantage.eps", a.eps > 0, "> 0", a.eps)
     _check("loss.eps_low", 0 <= lo.eps_low < 1, "in [0, 1)", lo.eps_low)
@@ -364,9 +371,9 @@ def validate(cfg: Config) -> Config:
     _check("loss.dual_clip", lo.dual_clip > 1, "> 1", lo.dual_clip)
     _check("loss.beta_kl", lo.beta_kl >= 0, ">= 0", lo.beta_kl)
     _check("loss.entropy_coef", lo.entropy_coef >= 0, ">= 0", lo.entropy_coef)
-    _choice("loss.agg", lo.agg, LOSS_AGGS)
-    from megatron_selfjudge.loss import IMPL_CHOICES
+    from megatron_selfjudge.loss import AGG_MODES, IMPL_CHOICES
 
+    _choice("loss.agg", lo.agg, AGG_MODES)
     _choice("loss.impl", lo.impl, IMPL_CHOICES)
     _check("optim.lr", _finite(o.lr) and o.lr >= 0, ">= 0", o.lr)
     _check("optim.sft_lr", _finite(o.sft_lr) and o.sft_lr >= 0, ">= 0", o.sft_lr)
@@ -603,3 +610,8 @@ def load_saved_config(path: str | Path) -> Config:
     if not file.read_bytes().strip():  # to_yaml never writes an empty file
         raise ConfigError(f"saved config {str(file)!r} is empty (damaged)")
     return cfg
+
+
+def uses_generative_judge(cfg: Config) -> bool:
+    """Whether the rewards need the frozen model to write rubric judgements (its context must fit too)."""
+    return cfg.reward.mode in ("judge", "judge_raw") and cfg.judge.kind == "generative"

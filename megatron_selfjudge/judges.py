@@ -9,6 +9,8 @@ parsed scores (None = unparseable)`:
 - `LikelihoodJudge` (for models too small to follow a rubric): the frozen model's geometric
   mean token probability of the response, exp(mean log p), which lies in [0, 1] by
   construction and is never unparseable.
+
+`JUDGE_KINDS` maps each `judge.kind` to its class (config validation reads the names there).
 """
 from __future__ import annotations
 
@@ -53,8 +55,9 @@ class GenerativeJudge:
 
     kind = "generative"
 
-    def __init__(self, engine: RolloutEngine, encode_prompt: Any, *, samples: int = 1,
-                 temperature: float = 1.0, top_p: float = 0.9, max_tokens: int = 1024, seed: int = 0):
+    def __init__(self, engine: RolloutEngine, encode_prompt: Any, *, samples: int, temperature: float,
+                 top_p: float, max_tokens: int, seed: int):
+        """judge.samples, judge.temperature, judge.top_p and judge.max_tokens; seed + step per step."""
         self.engine = engine
         self.encode_prompt = encode_prompt  # (text, n_images) -> token ids with image placeholders
         self.samples = samples
@@ -84,3 +87,6 @@ class GenerativeJudge:
         texts = [o.text for o in outputs]
         scores = [[parse_judge_output(texts[i * k + j]) for j in range(k)] for i in range(len(trajectories))]
         return scores, texts
+
+
+JUDGE_KINDS: dict[str, type] = {cls.kind: cls for cls in (GenerativeJudge, LikelihoodJudge)}

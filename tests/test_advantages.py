@@ -137,22 +137,22 @@ def test_bad_input_raises_clear_errors():
     with pytest.raises(ValueError, match="group_ids"):
         compute_advantages([1.0, 0.0], [0], "grpo")
     with pytest.raises(ValueError, match="finite"):
-        compute_advantages([1.0, float("nan")], [0, 0])
+        compute_advantages([1.0, float("nan")], [0, 0], "grpo")
     with pytest.raises(ValueError, match="fp32"):
-        compute_advantages([1e300, 0.0], [0, 0])
+        compute_advantages([1e300, 0.0], [0, 0], "grpo")
     with pytest.raises(ValueError, match="temperature"):
         compute_advantages([1.0, 0.0], [0, 0], "energy", temperature=0.0)
     with pytest.raises(ValueError, match="eps"):
-        compute_advantages([1.0, 0.0], [0, 0], eps=0.0)
+        compute_advantages([1.0, 0.0], [0, 0], "grpo", eps=0.0)
     with pytest.raises(ValueError, match="rewards"):
-        compute_advantages([[1.0, 0.0]], [0, 0])
+        compute_advantages([[1.0, 0.0]], [0, 0], "grpo")
     with pytest.raises(TypeError, match="hashable"):
-        compute_advantages([1.0, 0.0], [[0], [0]])
+        compute_advantages([1.0, 0.0], [[0], [0]], "grpo")
     with pytest.raises(TypeError, match="group_ids"):
-        compute_advantages([1.0, 0.0], torch.tensor([0.0, 1.0]))
+        compute_advantages([1.0, 0.0], torch.tensor([0.0, 1.0]), "grpo")
     with pytest.raises(TypeError, match="group_ids"):
-        compute_advantages([1.0, 0.0], "ab")
-    assert compute_advantages([], []).shape == (0,)
+        compute_advantages([1.0, 0.0], "ab", "grpo")
+    assert compute_advantages([], [], "grpo").shape == (0,)
 
 
 def test_register_estimator(monkeypatch):

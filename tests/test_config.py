@@ -426,3 +426,31 @@ def test_tiny_yaml_lists_only_overrides():
     assert not unknown, f"tiny.yaml lists keys that are not config leaves: {unknown}"
     restated = sorted(key for key, value in flat.items() if value == defaults[key])
     assert not restated, f"tiny.yaml restates dataclass defaults: {restated}"
+
+
+def test_choices_are_the_registries_names(monkeypatch):
+    """Validation accepts exactly what the implementing registries hold (no second list)."""
+    from megatron_selfjudge import advantages, judges, loss
+    from megatron_selfjudge.rewards import answers, combine, judge
+    from megatron_selfjudge.rollout import base
+
+    registries = {
+        "reward.mode": list(combine.REWARD_MODES), "reward.equivalence": list(answers.EQUIVALENCE_MODES),
+        "judge.kind": list(judges.JUDGE_KINDS), "judge.unparsed": list(judge.UNPARSED_POLICIES),
+        "advantage.estimator": list(advantages.ESTIMATORS), "loss.agg": list(loss.AGG_MODES),
+        "loss.impl": list(loss.IMPL_CHOICES), "rollout.backend": base.available_engines(),
+    }
+    for key, names in registries.items():
+        for name in names:
+            load_config(overrides=[f"{key}={name}"])
+        with pytest.raises(ConfigError) as err:
+            load_config(overrides=[f"{key}=no_such_choice"])
+        assert str(err.value) == f"{key}='no_such_choice' is not one of {', '.join(names)}"
+    # A name registered at run time is a valid choice at once.
+    monkeypatch.setattr(advantages, "ESTIMATORS", {**advantages.ESTIMATORS, "rank": advantages.grpo})
+    assert load_config(overrides=["advantage.estimator=rank"]).advantage.estimator == "rank"
+    monkeypatch.setattr(combine, "REWARD_MODES", {**combine.REWARD_MODES, "half": combine.REWARD_MODES["majority"]})
+    assert load_config(overrides=["reward.mode=half"]).reward.mode == "half"
+    monkeypatch.setattr(base, "_REGISTERED_ENGINES", {**base._REGISTERED_ENGINES, "echo": object})
+    cfg = load_config(overrides=["rollout.backend=echo", "judge.backend=echo"])
+    assert (cfg.rollout.backend, cfg.judge.backend) == ("echo", "echo")

@@ -40,10 +40,13 @@ class EvalInterrupted(Exception):
 
 def evaluate(engine: RolloutEngine, requests: Sequence[RolloutRequest], labels: Sequence[str], *,
              samples: int, temperature: float, top_p: float, max_new_tokens: int, seed: int,
-             equivalence: str = "symbolic", timeout: float = 5.0, batch_size: Optional[int] = None,
+             equivalence: str, timeout: float, batch_size: Optional[int] = None,
              should_stop: Optional[Callable[[], bool]] = None,
              progress: Optional[Callable[[str], None]] = None) -> EvalResult:
     """Generate greedily and with G samples per prompt, and grade against `labels`.
+
+    equivalence and timeout are reward.equivalence and reward.symbolic_timeout: grading agrees
+    with the rewards.
 
     Generation runs in calls of at most `batch_size` rows (one call per pass when None), each
     graded as it returns. `should_stop` is polled before every call (a collective when it is

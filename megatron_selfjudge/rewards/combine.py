@@ -1,23 +1,21 @@
 """One entry point for every reward mode of ALGORITHM.md section 3, computed per prompt group.
 
 Rows are trajectories in any order; `group_ids` holds each row's prompt uid (any hashable);
-groups may have any size. Modes live in `REWARD_MODES` (name -> function), verl-style.
+groups may have any size. Modes live in `REWARD_MODES` (name -> RewardMode: its function and
+the inputs it needs), verl-style; config validation reads the names from there.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
-from megatron_selfjudge.rewards.answers import (
-    SYMBOLIC_TIMEOUT_S, answer_classes, answers_equivalent, extract_boxed,
-)
-from megatron_selfjudge.rewards.consistency import DEFAULT_GATE, consistency_prior, majority_rewards
+from megatron_selfjudge.config import CalibrationConfig, JudgeConfig, RewardConfig
+from megatron_selfjudge.rewards.answers import answer_classes, answers_equivalent, extract_boxed
+from megatron_selfjudge.rewards.consistency import consistency_prior, majority_rewards
 from megatron_selfjudge.rewards.judge import calibrate, resolve_judge_scores
 
-DEFAULT_FORMAT_PENALTY = 0.5
 _THINK_OPEN, _THINK_CLOSE, _BOX = "<think>", "</think>", "\\boxed{"
 
 
@@ -87,38 +85,64 @@ def _group_rows(group_ids: Sequence[Hashable]) -> dict[Hashable, list[int]]:
     return groups
 
 
-def _judge_rewards(res: RewardResult, groups, penalties, *, raw: bool) -> list[float]:
+@dataclass(frozen=True)
+class ModeInputs:
+    """What a reward mode reads besides the RewardResult: the groups, the format terms, a seed."""
+
+    groups: dict[Hashable, list[int]]  # prompt uid -> its rows
+    penalties: list[float]  # f_i: 0, or -format_penalty when the format is broken
+    seed: int | None
+
+
+def _judge(res: RewardResult, inputs: ModeInputs) -> list[float]:
+    """r = clip(p * g(s) + f, 0, 1); a neutral row (NaN score) has g = 1."""
+    return [min(1.0, max(0.0, p * g + f)) for p, g, f in zip(res.prior, res.calibration, inputs.penalties)]
+
+
+def _judge_raw(res: RewardResult, inputs: ModeInputs) -> list[float]:
+    """r = s + f; a neutral row takes its group's mean parsed score, i.e. (nearly) zero advantage."""
     s = res.judge_scores
-    if not raw:
-        # r = clip(p * g(s) + f, 0, 1); a neutral row (NaN) gets g = 1.
-        return [min(1.0, max(0.0, p * g + f)) for p, g, f in zip(res.prior, res.calibration, penalties)]
-    # r = s + f; a neutral row takes its group's mean parsed score, i.e. (nearly) zero advantage.
     out = [0.0] * len(s)
-    for rows in groups.values():
+    for rows in inputs.groups.values():
         parsed = [s[i] for i in rows if not math.isnan(s[i])]
         fill = sum(parsed) / len(parsed) if parsed else 0.0
         for i in rows:
-            out[i] = (fill if math.isnan(s[i]) else s[i]) + penalties[i]
+            out[i] = (fill if math.isnan(s[i]) else s[i]) + inputs.penalties[i]
     return out
 
 
-RewardFn = Callable[[RewardResult, dict, list], list]
-REWARD_MODES: dict[str, RewardFn] = {
-    "majority": lambda res, groups, pen: list(res.majority),
-    "consistency": lambda res, groups, pen: list(res.prior),
-    "judge": lambda res, groups, pen: _judge_rewards(res, groups, pen, raw=False),
-    "judge_raw": lambda res, groups, pen: _judge_rewards(res, groups, pen, raw=True),
-    "ground_truth": lambda res, groups, pen: [float(c) for c in res.gt_correct],
+def _random(res: RewardResult, inputs: ModeInputs) -> list[float]:
+    """Control run: Bernoulli(1/2) rewards drawn from `seed`, whatever the responses say."""
+    import torch
+
+    gen = torch.Generator().manual_seed(inputs.seed)
+    return torch.randint(0, 2, (len(res.answers),), generator=gen).float().tolist()
+
+
+@dataclass(frozen=True)
+class RewardMode:
+    """One reward mode: rewards from the group statistics, and which optional inputs it needs."""
+
+    fn: Callable[[RewardResult, ModeInputs], Sequence[float]]
+    needs_judge: bool = False  # judge_scores
+    needs_labels: bool = False  # ground_truths
+    needs_seed: bool = False
+
+
+REWARD_MODES: dict[str, RewardMode] = {
+    "majority": RewardMode(lambda res, inputs: res.majority),
+    "consistency": RewardMode(lambda res, inputs: res.prior),
+    "judge": RewardMode(_judge, needs_judge=True),
+    "judge_raw": RewardMode(_judge_raw, needs_judge=True),
+    "ground_truth": RewardMode(lambda res, inputs: [float(c) for c in res.gt_correct], needs_labels=True),
+    "random": RewardMode(_random, needs_seed=True),
 }
 
 
-_CALIBRATION_KEYS = set(inspect.signature(calibrate).parameters) - {"s"}
-
-
-def _check_inputs(responses, group_ids, mode, judge_scores, ground_truths, format_penalty,
-                  calibration) -> None:
+def _check_inputs(responses, group_ids, mode, judge_scores, ground_truths, format_penalty, seed) -> None:
     if mode not in REWARD_MODES:
         raise ValueError(f"reward mode must be one of {sorted(REWARD_MODES)}, got {mode!r}")
+    needs = REWARD_MODES[mode]
     for row, response in enumerate(responses):
         if not isinstance(response, str):
             raise TypeError(f"responses[{row}] must be str, got {type(response).__name__}")
@@ -127,39 +151,40 @@ def _check_inputs(responses, group_ids, mode, judge_scores, ground_truths, forma
     for name, values in (("judge_scores", judge_scores), ("ground_truths", ground_truths)):
         if values is not None and len(values) != len(responses):
             raise ValueError(f"{name} has {len(values)} rows, responses has {len(responses)}")
-    if mode in ("judge", "judge_raw") and judge_scores is None:
+    if needs.needs_judge and judge_scores is None:
         raise ValueError(f"reward mode {mode!r} needs judge_scores")
-    if mode == "ground_truth" and ground_truths is None:
-        raise ValueError("reward mode 'ground_truth' needs ground_truths")
+    if needs.needs_labels and ground_truths is None:
+        raise ValueError(f"reward mode {mode!r} needs ground_truths")
+    if needs.needs_seed and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise ValueError(f"reward mode {mode!r} needs an integer seed, got {seed!r}")
     if not format_penalty >= 0:
         raise ValueError(f"format_penalty must be >= 0, got {format_penalty!r}")
-    unknown = set(calibration or {}) - _CALIBRATION_KEYS
-    if unknown:
-        raise ValueError(f"calibration has unknown keys {sorted(unknown)}; "
-                         f"known: {sorted(_CALIBRATION_KEYS)}")
 
 
 def compute_rewards(
     responses: Sequence[str],
     group_ids: Sequence[Hashable],
-    mode: str = "judge",
+    mode: str,
     *,
     judge_scores: Sequence | None = None,
     ground_truths: Sequence[str | None] | None = None,
-    equivalence: str = "symbolic",
-    consistency_gate: float = DEFAULT_GATE,
-    format_penalty: float = DEFAULT_FORMAT_PENALTY,
-    calibration: dict | None = None,
-    unparsed_policy: str = "zero",
-    timeout: float = SYMBOLIC_TIMEOUT_S,
+    equivalence: str = RewardConfig.equivalence,
+    consistency_gate: float = RewardConfig.consistency_gate,
+    format_penalty: float = RewardConfig.format_penalty,
+    calibration: CalibrationConfig | None = None,
+    unparsed_policy: str = JudgeConfig.unparsed,
+    timeout: float = RewardConfig.symbolic_timeout,
+    seed: int | None = None,
 ) -> RewardResult:
-    """Rewards for a batch of trajectories under `mode` (see ALGORITHM.md section 3).
+    """Rewards for a batch of trajectories under `mode`, a name of REWARD_MODES (docs/method.md).
 
+    Keyword defaults are the config dataclasses' (reward.*, judge.unparsed).
     judge_scores: per row, a parsed Judge score (float or None) or a list of K of them.
     ground_truths: per row, the reference answer (needed for `ground_truth`; otherwise
-    used only for monitoring). calibration: keyword overrides for `judge.calibrate`.
+    used only for monitoring). calibration: reward.calibration (None: its defaults).
+    seed: the draw of the `random` control mode.
     """
-    _check_inputs(responses, group_ids, mode, judge_scores, ground_truths, format_penalty, calibration)
+    _check_inputs(responses, group_ids, mode, judge_scores, ground_truths, format_penalty, seed)
     n = len(responses)
     answers = [extract_boxed(r) for r in responses]
     fmt = [format_ok(r) for r in responses]
@@ -178,8 +203,7 @@ def compute_rewards(
     res = RewardResult([], answers, classes, fmt, prior, majority, pseudo)
     if judge_scores is not None:
         res.judge_scores, res.num_judge_unparsed = resolve_judge_scores(judge_scores, unparsed_policy)
-        cal = calibration or {}
-        res.calibration = [1.0 if math.isnan(s) else calibrate(s, **cal) for s in res.judge_scores]
+        res.calibration = [1.0 if math.isnan(s) else calibrate(s, calibration) for s in res.judge_scores]
     if ground_truths is not None:
         res.gt_correct = [answers_equivalent(a, gt, equivalence, timeout=timeout)
                           for a, gt in zip(answers, ground_truths)]
@@ -188,5 +212,5 @@ def compute_rewards(
                 for u in groups]
         res.pseudo_label_acc = sum(hits) / len(hits) if hits else None
     penalties = [0.0 if ok else -float(format_penalty) for ok in fmt]
-    res.rewards = [float(r) for r in REWARD_MODES[mode](res, groups, penalties)]
+    res.rewards = [float(r) for r in REWARD_MODES[mode].fn(res, ModeInputs(groups, penalties, seed))]
     return res

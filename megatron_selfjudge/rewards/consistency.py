@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 
-DEFAULT_GATE = 0.85
+from megatron_selfjudge.config import RewardConfig
 
 
 def _counts(classes: Sequence[int | None]) -> Counter:
@@ -35,7 +35,8 @@ def majority_rewards(classes: Sequence[int | None]) -> list[float]:
     return [1.0 if c is not None and c == mode else 0.0 for c in classes]
 
 
-def consistency_prior(classes: Sequence[int | None], gate: float = DEFAULT_GATE) -> list[float]:
+def consistency_prior(classes: Sequence[int | None],
+                      gate: float = RewardConfig.consistency_gate) -> list[float]:
     """p_i = c(a_i)/G, binarised to 1[a_i == mode] when max p > gate (gate 1.0: never)."""
     if not 0.0 <= gate <= 1.0:
         raise ValueError(f"consistency gate must be in [0, 1], got {gate!r}")

@@ -14,6 +14,7 @@ import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from megatron_selfjudge.config import CalibrationConfig
 from megatron_selfjudge.rewards.answers import extract_boxed
 
 if TYPE_CHECKING:  # torch stays an optional import for the Judge's float path
@@ -21,7 +22,10 @@ if TYPE_CHECKING:  # torch stays an optional import for the Judge's float path
     import torch
 
 CRITERIA_WEIGHTS = {"answer_correctness": 0.5, "reasoning_quality": 0.3, "visual_grounding": 0.2}
-UNPARSED_POLICIES = ("zero", "neutral")
+# judge.unparsed: what an unparseable Judge sample contributes to its trajectory's mean score.
+# A number is averaged in like a parsed score (the reference code's 0.0); None leaves the sample
+# out, and a trajectory with no sample left is neutral (NaN: g = 1, no modulation).
+UNPARSED_POLICIES: dict[str, float | None] = {"zero": 0.0, "neutral": None}
 
 _PROMPT = """You are grading one candidate solution to a question about the attached image(s).
 Do not solve the problem from scratch unless you need to check a step; judge what is written.
@@ -130,15 +134,17 @@ def _sigmoid_torch(x):
     return torch.sigmoid(x)
 
 
-def calibrate(s: float | np.ndarray | torch.Tensor, tau_h: float = 0.95, tau_l: float = 0.40,
-              kappa_h: float = 0.02, kappa_l: float = 0.05, alpha_h: float = 0.2,
-              alpha_l: float = 0.2, g_min: float = 0.8,
-              g_max: float = 1.2) -> float | np.ndarray | torch.Tensor:
-    """g(s): smooth bounded bonus for high Judge scores, malus for low ones (float/ndarray/tensor)."""
-    if kappa_h <= 0 or kappa_l <= 0:
-        raise ValueError(f"kappa_h and kappa_l must be > 0, got {kappa_h!r}, {kappa_l!r}")
-    if g_min > g_max:
-        raise ValueError(f"g_min must be <= g_max, got {g_min!r} > {g_max!r}")
+def calibrate(s: float | np.ndarray | torch.Tensor,
+              params: CalibrationConfig | None = None) -> float | np.ndarray | torch.Tensor:
+    """g(s): smooth bounded bonus for high Judge scores, malus for low ones (float/ndarray/tensor).
+
+    params: reward.calibration (None: its dataclass defaults).
+    """
+    c = CalibrationConfig() if params is None else params
+    if c.kappa_h <= 0 or c.kappa_l <= 0:
+        raise ValueError(f"kappa_h and kappa_l must be > 0, got {c.kappa_h!r}, {c.kappa_l!r}")
+    if c.g_min > c.g_max:
+        raise ValueError(f"g_min must be <= g_max, got {c.g_min!r} > {c.g_max!r}")
     module = type(s).__module__.split(".")[0]
     if module == "torch":
         s, sig = s.float().clamp(0.0, 1.0), _sigmoid_torch
@@ -151,24 +157,25 @@ def calibrate(s: float | np.ndarray | torch.Tensor, tau_h: float = 0.95, tau_l: 
         if math.isnan(s):
             raise ValueError("judge score s is NaN: map unparsed scores with resolve_judge_scores first")
         s, sig = min(1.0, max(0.0, s)), _sigmoid_float
-    g = 1 + alpha_h * sig((s - tau_h) / kappa_h) - alpha_l * sig((tau_l - s) / kappa_l)
+    g = 1 + c.alpha_h * sig((s - c.tau_h) / c.kappa_h) - c.alpha_l * sig((c.tau_l - s) / c.kappa_l)
     if module == "torch":
-        return g.clamp(g_min, g_max)
+        return g.clamp(c.g_min, c.g_max)
     if module == "numpy":
-        return np.clip(g, g_min, g_max)
-    return min(g_max, max(g_min, g))
+        return np.clip(g, c.g_min, c.g_max)
+    return min(c.g_max, max(c.g_min, g))
 
 
 def resolve_judge_scores(parsed: Sequence[float | None | Sequence[float | None]],
-                         policy: str = "zero") -> tuple[list[float], int]:
+                         policy: str) -> tuple[list[float], int]:
     """Mean of each trajectory's K parsed samples, and the number of unparsed samples.
 
-    policy "zero": an unparsed sample counts as 0.0. policy "neutral": unparsed samples are
-    left out of the mean; a trajectory with none parsed gets NaN, meaning "no modulation"
-    (combine maps it to g = 1).
+    policy, a name of UNPARSED_POLICIES: "zero" counts an unparsed sample as 0.0; "neutral"
+    leaves it out of the mean, and a trajectory with none parsed gets NaN, meaning "no
+    modulation" (combine maps it to g = 1).
     """
     if policy not in UNPARSED_POLICIES:
-        raise ValueError(f"unparsed_policy must be one of {UNPARSED_POLICIES}, got {policy!r}")
+        raise ValueError(f"unparsed_policy must be one of {tuple(UNPARSED_POLICIES)}, got {policy!r}")
+    fill = UNPARSED_POLICIES[policy]
     scores: list[float] = []
     unparsed = 0
     for row, item in enumerate(parsed):
@@ -179,8 +186,8 @@ def resolve_judge_scores(parsed: Sequence[float | None | Sequence[float | None]]
         for x in samples:
             if x is None or (isinstance(x, float) and math.isnan(x)):
                 unparsed += 1
-                if policy == "zero":
-                    valid.append(0.0)
+                if fill is not None:
+                    valid.append(fill)
             elif isinstance(x, (int, float)) and not isinstance(x, bool):
                 valid.append(min(1.0, max(0.0, float(x))))
             else:

@@ -37,7 +37,7 @@ def test_metrics_by_hand():
                  "p3": [box("4"), box("4"), box("4"), box("5")]})
     reqs = [RolloutRequest(uid=u, prompt_ids=[1, 2]) for u in ("p1", "p2", "p3")]
     res = evaluate(engine, reqs, ["7", "1/2", "5"], samples=4, temperature=1.0, top_p=1.0,
-                   max_new_tokens=8, seed=0)
+                   max_new_tokens=8, seed=0, equivalence="symbolic", timeout=30.0)
     assert res.n == 3 and res.samples == 4
     assert res.greedy_pass1 == 1 / 3
     assert res.sampled_pass1 == 5 / 12
@@ -69,7 +69,7 @@ def _engine_and_requests(n_prompts: int, samples: int):
 def test_batches_bound_each_generation_call():
     engine, reqs, labels = _engine_and_requests(5, samples=4)
     res = evaluate(engine, reqs, labels, samples=4, temperature=1.0, top_p=1.0, max_new_tokens=8, seed=3,
-                   batch_size=8)
+                   batch_size=8, equivalence="exact", timeout=5.0)
     # Greedy: 5 rows in batches of <= 8; sampled: 20 rows, 2 prompts (8 rows) per call.
     assert [rows for greedy, rows, _ in engine.calls] == [5, 8, 8, 4]
     assert len({seed for greedy, _, seed in engine.calls if not greedy}) == 3  # a distinct stream per batch
@@ -86,6 +86,6 @@ def test_stop_request_interrupts_between_batches():
 
     with pytest.raises(EvalInterrupted):
         evaluate(engine, reqs, labels, samples=2, temperature=1.0, top_p=1.0, max_new_tokens=8, seed=0,
-                 batch_size=2, should_stop=should_stop)
+                 batch_size=2, should_stop=should_stop, equivalence="exact", timeout=5.0)
     assert len(engine.calls) == 3  # stopped right after the batch in flight, nothing more generated
     assert polls == [0, 1, 2, 3]  # polled before every batch

@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from megatron_selfjudge.config import CalibrationConfig
 from megatron_selfjudge.rewards.combine import REWARD_MODES, compute_rewards, format_ok
 
 FORMAT_RE = re.compile(r"<think>.*</think>.*\\boxed\{.*\}.*", re.DOTALL)  # the spec's regex
@@ -125,7 +126,7 @@ def test_all_missing_group_and_empty_responses():
 
 def test_calibration_overrides_and_empty_batch():
     r, g = _group_of(["5", "5"])
-    res = compute_rewards(r, g, "judge", judge_scores=[1.0, 0.0], calibration={"g_max": 1.0, "g_min": 1.0})
+    res = compute_rewards(r, g, "judge", judge_scores=[1.0, 0.0], calibration=CalibrationConfig(g_max=1.0, g_min=1.0))
     assert res.rewards == [1.0, 1.0]  # g pinned to 1: reward = prior
     empty = compute_rewards([], [], "ground_truth", ground_truths=[])
     assert empty.rewards == [] and empty.pseudo_label_acc is None
@@ -138,7 +139,19 @@ def test_result_helpers():
     m = res.metrics()
     assert m["judge_unparsed"] == 2.0 and m["format_ok_frac"] == pytest.approx(4 / 7)
     assert m["answer_frac"] == pytest.approx(5 / 7)
-    assert set(REWARD_MODES) == {"majority", "consistency", "judge", "judge_raw", "ground_truth"}
+    assert set(REWARD_MODES) == {"majority", "consistency", "judge", "judge_raw", "ground_truth", "random"}
+
+
+def test_random_control_draws_bernoulli_from_the_seed():
+    res = compute_rewards(RESPONSES, GROUPS, "random", ground_truths=["4"] * 7, seed=11)
+    # The stream the control run has always used: torch.randint(0, 2) from Generator(seed).
+    expected = torch.randint(0, 2, (7,), generator=torch.Generator().manual_seed(11)).float().tolist()
+    assert res.rewards == expected and set(res.rewards) <= {0.0, 1.0}
+    assert compute_rewards(RESPONSES, GROUPS, "random", seed=11).rewards == expected
+    assert compute_rewards(RESPONSES, GROUPS, "random", seed=12).rewards != expected or len(set(expected)) == 1
+    majority = compute_rewards(RESPONSES, GROUPS, "majority", ground_truths=["4"] * 7)
+    # the label-free monitors are those of the majority vote, only the rewards are random
+    assert res.majority == majority.majority and res.pseudo_label_acc == majority.pseudo_label_acc
 
 
 def test_bad_inputs():
@@ -154,8 +167,8 @@ def test_bad_inputs():
         compute_rewards(["x"], [0], "ground_truth")
     with pytest.raises(ValueError, match="format_penalty"):
         compute_rewards(["x"], [0], "majority", format_penalty=-1)
-    with pytest.raises(ValueError, match="calibration"):
-        compute_rewards(["x"], [0], "judge", judge_scores=[0.5], calibration={"tau": 0.9})
+    with pytest.raises(ValueError, match="seed"):
+        compute_rewards(["x"], [0], "random")
     with pytest.raises(ValueError, match="equivalence mode"):
         compute_rewards(["x"], [0], "majority", equivalence="loose")
     with pytest.raises(TypeError, match=r"group_ids\[0\]"):
@@ -234,7 +247,7 @@ def test_permutation_bounds_and_no_nan(rows, rnd, policy, equivalence):
     p_gts = [gts[i] for i in perm]
     for mode in REWARD_MODES:
         kw = dict(judge_scores=judge, ground_truths=gts, unparsed_policy=policy,
-                  equivalence=equivalence, timeout=30.0)
+                  equivalence=equivalence, timeout=30.0, seed=3)
         res = compute_rewards(responses, uids, mode, **kw)
         kw.update(judge_scores=p_judge, ground_truths=p_gts)
         p_res = compute_rewards(p_responses, p_uids, mode, **kw)
@@ -242,7 +255,9 @@ def test_permutation_bounds_and_no_nan(rows, rnd, policy, equivalence):
         assert all(not math.isnan(x) for x in r)
         low = -0.5 if mode == "judge_raw" else 0.0
         assert all(low <= x <= 1.0 for x in r), (mode, r)
-        if mode != "majority" or _unique_top(uids, res.classes):
+        if mode == "random":  # drawn in row order: a control, not a function of the responses
+            assert set(r) <= {0.0, 1.0}
+        elif mode != "majority" or _unique_top(uids, res.classes):
             assert p_res.rewards == pytest.approx([r[i] for i in perm]), mode
         assert p_res.num_judge_unparsed == res.num_judge_unparsed
         # rows without an answer never earn anything from agreement

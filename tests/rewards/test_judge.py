@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from megatron_selfjudge.config import CalibrationConfig
 from megatron_selfjudge.rewards.judge import (
     CRITERIA_WEIGHTS, build_judge_prompt, calibrate, parse_judge_output, resolve_judge_scores,
 )
@@ -46,16 +47,24 @@ def test_calibration_monotone_and_clamped():
     g = calibrate(s)
     assert np.all(np.diff(g) >= 0)
     assert g.min() >= 0.8 and g.max() <= 1.2
-    strong = calibrate(s, alpha_h=1.0, alpha_l=1.0, kappa_h=1e-4, kappa_l=1e-4)  # no overflow
+    strong = calibrate(s, CalibrationConfig(alpha_h=1.0, alpha_l=1.0, kappa_h=1e-4, kappa_l=1e-4))  # no overflow
     assert np.isfinite(strong).all() and strong.min() == 0.8 and strong.max() == 1.2
-    assert calibrate(1.0, alpha_h=1.0, kappa_h=1e-4) == 1.2
+    assert calibrate(1.0, CalibrationConfig(alpha_h=1.0, kappa_h=1e-4)) == 1.2
+
+
+def test_calibration_reads_every_parameter():
+    params = dict(tau_h=0.7, tau_l=0.2, kappa_h=0.1, kappa_l=0.03, alpha_h=0.5, alpha_l=0.3, g_min=0.6, g_max=1.4)
+    s = np.linspace(0, 1, 101)
+    ref = np.array([_reference_g(x, **params) for x in s])
+    np.testing.assert_allclose(calibrate(s, CalibrationConfig(**params)), ref, rtol=0, atol=1e-12)
+    assert not np.allclose(ref, calibrate(s))  # the parameters above change g
 
 
 def test_calibration_bad_params():
     with pytest.raises(ValueError, match="kappa"):
-        calibrate(0.5, kappa_h=0.0)
+        calibrate(0.5, CalibrationConfig(kappa_h=0.0))
     with pytest.raises(ValueError, match="g_min"):
-        calibrate(0.5, g_min=1.3, g_max=1.2)
+        calibrate(0.5, CalibrationConfig(g_min=1.3, g_max=1.2))
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -121,9 +130,9 @@ def test_resolve_bad_inputs():
     with pytest.raises(ValueError, match="unparsed_policy"):
         resolve_judge_scores([0.5], "drop")
     with pytest.raises(TypeError, match=r"judge_scores\[1\]"):
-        resolve_judge_scores([0.5, "0.7"])
+        resolve_judge_scores([0.5, "0.7"], "zero")
     with pytest.raises(ValueError, match=r"judge_scores\[0\]"):
-        resolve_judge_scores([[]])
+        resolve_judge_scores([[]], "zero")
 
 
 @settings(max_examples=100, deadline=None)
