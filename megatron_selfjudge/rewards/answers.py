@@ -7,24 +7,73 @@ SymPy call holding the GIL. The worker is killed and restarted when a comparison
 its time bound, so the bound holds from any thread. Inputs over a size limit are refused
 before parsing and compare unequal unless their normalised strings are identical.
 
+Extraction (`extract_boxed`): the content of the last WELL-FORMED `\boxed{...}` (balanced
+braces). A mention of the word `\boxed` with no brace after it, a different command such as
+`\boxedfoo`, and an empty box (`within \boxed{}` echoed from the prompt) are skipped and the
+search goes on backwards; a last box left unclosed means the response was cut off: no answer.
+
 Normalisation (`normalize_answer`, used by `normalized` and `symbolic`): strip `$` and `\$`,
-`\left`/`\right`/`\displaystyle`, spacing commands; `\dfrac`/`\tfrac` -> `\frac` and
-`\frac12` -> `\frac{1}{2}`; unwrap `\text{}`, `\mathrm{}`, `\textbf{}`, `\mbox{}`, `\boxed{}`
-(and similar); drop degree marks (`^\circ`, `^{\circ}`, `°`, `\degree`) and percent signs
-(not converted: `12\%` stays 12); drop whitespace (kept as one space between a command and a
-letter, `\sin x`); drop trailing periods and enclosing braces; `1,000` -> `1000`;
-drop a unit right after a number or `}`: cm, mm, m, km, in/inch(es), ft/feet, meters,
-centimeters, millimeters, kilometers, unit(s), deg/degree(s), optionally `sq`/`square` before
-and `^2`/`^3` after. Choice letters `A`, `(A)`, `A.`, `A)`, `A:`, `option A`, `(A) text`,
-`A. text` become `A` (upper case only: `a` is a variable). Answers over MAX_NORMALIZE_LEN
-characters only lose their whitespace.
+`\left`/`\right`/`\displaystyle`, spacing commands; Unicode `−` `×` `·` `π` `∞` `∅` `√` become
+`-` `\times` `\cdot` `\pi` `\infty` `\emptyset` `\sqrt` (`√12` is `\sqrt{12}`); `\varnothing`,
+`∅` and `\{\}` become `\emptyset`; `\dfrac`/`\tfrac` -> `\frac`, and brace-less arguments are
+read one token at a time as TeX does (`\frac12`, `\frac1{2}` -> `\frac{1}{2}`, `\sqrt2` ->
+`\sqrt{2}`, `\sqrt23` -> `\sqrt{2}3`); `.5` -> `0.5`; unwrap `\text{}`, `\mathrm{}`,
+`\textbf{}`, `\mbox{}`, `\boxed{}` (and similar); drop degree marks (`^\circ`, `^{\circ}`,
+`°`, `\degree`, a `degrees` unit) and percent signs (not converted: `50\%` stays 50, the value
+MathVista stores, and is not 0.5); drop whitespace (kept as one space between a command and a
+letter, `\sin x`); drop trailing periods and enclosing braces; drop a unit right after a
+number or `}`: cm, mm, m, km, in/inch(es), ft/feet, meters, centimeters, millimeters,
+kilometers, unit(s), deg/degree(s), optionally `sq`/`square` before and `^2`/`^3` after.
+Choice letters `A`, `(A)`, `A.`, `A)`, `A:`, `option A`, `(A) text`, `A. text` become `A`
+(upper case only: `a` is a variable). Answers over MAX_NORMALIZE_LEN characters only lose
+their whitespace.
+
+Notations of numbers (the rules `normalized`/`symbolic` follow):
+- thousands separators: a whole answer that is one number with commas before groups of
+  exactly three digits and no space after any comma is that number (`1,000`, `12,345.5`,
+  `1{,}000` are 1000 and 12345.5, as in MATH's grader and math-verify). A comma followed by a
+  space separates list items (`5, 100` is the list of 5 and 100, kept as `5, 100`), and inside
+  brackets commas always separate elements (`(1,000)` is a pair). No decimal comma: `1,5` is
+  a list;
+- scientific notation is a number: `1e3`, `1E3`, `1.5E+03`, `1.5\times10^{3}`,
+  `1.5\cdot10^3` (exact, via Fractions, for exponents up to MAX_DECIMAL_EXPONENT); inside
+  longer expressions e-literals are rewritten to `\times10^{..}` before parsing, since the
+  parser reads `1e3` as 1*e*3. A digit run must start the literal and an integer must follow
+  the `e`: `2e` and `e^{3}` keep Euler's number, and `2e-3` is 0.002;
+- mixed numbers: an integer directly before `\frac{p}{q}` of integers is a mixed number
+  (`2\frac{1}{2}` = 5/2, as in MATH and math-verify), as is `2 1/2` (MATH's grader);
+  products are written `2\cdot\frac{1}{2}`;
+- `-0` equals `0`, `0.5` equals `.5` and `\frac{1}{2}`; degrees and percent as above.
+
+Containers (decided to agree with the PRM800K/MATH rule-based grader, the family of the
+`mathruler.grader` that EasyR1's math reward, and so MM-UPT, uses, and with math-verify
+wherever the two agree):
+- `\{...\}` is a set: order and repeats do not matter (`\{1,2\}` == `\{2,1,2\}`);
+- a bracketed list is ordered and its brackets matter: `(1,2)` != `(2,1)`, `[1,2]` != `(1,2)`
+  != `(1,2]` != `[1,2)`. `(a, b)` is one notation whether read as the open interval or the
+  ordered pair, so both readings give the same verdicts (the parser makes `(1,2)` an open
+  interval and `(2,1)` a tuple; both compare as the ordered pair of their ends);
+- a tuple or interval never equals a set, at any depth (`(1,2)` != `\{1,2\}`,
+  `\{(1,2)\}` != `\{\{1,2\}\}`); math-verify would accept both;
+- a bare list `1, 2` (no brackets) is an unordered list of answers, i.e. a set: it equals
+  `2, 1` and `\{1,2\}` but not the pair `(1,2)` (math-verify's special case equating it with
+  an open interval is not kept: it would make the relation intransitive, `(1,2)` ~ `1,2` ~
+  `2,1` ~ `(2,1)`);
+- a single value equals the one-element set of it (`2` == `\{2\}`), as in math-verify;
+- `\emptyset` equals its synonyms and nothing else (not `\{\emptyset\}`, not 0).
 
 Symbolic equality: identical normalised strings are equal; a choice letter equals only the
 same letter; point/segment/angle names (`AB`, `\angle ABC`) compare as strings; two plain
-numeric literals compare exactly as fractions within REL_TOL; everything else goes to the
-worker: math-verify parses both, closed-form numbers (sqrt, pi, powers...) compare within
-REL_TOL relative (+ABS_TOL), other objects through math-verify's `verify` in either direction.
+numeric literals (including scientific notation and mixed numbers) compare exactly as
+fractions within REL_TOL; bracketed lists with different brackets are unequal; everything
+else goes to the worker: math-verify parses both, answers whose container structure differs
+(set vs tuple/interval, sizes, nesting) are unequal, closed-form numbers (sqrt, pi, powers...)
+compare within REL_TOL relative (+ABS_TOL), other objects through math-verify's `verify` in
+either direction. Exponents with five or more digits (`10^{99999}`, `1e99999`) are refused.
 Empty answers equal nothing.
+
+`exact` compares the raw strings with surrounding whitespace stripped (inner whitespace
+counts); an answer that is only whitespace is empty.
 """
 
 from __future__ import annotations
@@ -87,21 +136,31 @@ def _match_brace_vectorised(text: str, open_idx: int) -> int | None:
     return open_idx + int(zeros[0]) if zeros.size else None
 
 
+_EMPTY_GROUP_RE = re.compile(r"\{\s*\}")
+
+
 def extract_boxed(text: str) -> str | None:
-    r"""Content of the last `\boxed{...}` (balanced braces), or None if absent or unclosed."""
+    r"""Content of the last well-formed, non-empty `\boxed{...}`; None if there is none or it is unclosed."""
     if not isinstance(text, str):
         raise TypeError(f"text must be str, got {type(text).__name__}")
-    start = text.rfind("\\boxed")
-    if start < 0:
-        return None
-    i = start + len("\\boxed")
-    while i < len(text) and text[i] in " \t":  # `\boxed {x}` is valid LaTeX
-        i += 1
-    if i >= len(text) or text[i] != "{":
-        return None
-    close = _match_brace(text, i)
-    # A truncated last box means the response never finished its answer: no answer.
-    return None if close is None else text[i + 1 : close]
+    end = len(text)
+    saw_empty = False
+    while (start := text.rfind("\\boxed", 0, end)) >= 0:
+        end = start
+        i = start + len("\\boxed")
+        if i < len(text) and text[i].isalpha():
+            continue  # `\boxedfoo` is another command
+        while i < len(text) and text[i] in " \t":  # `\boxed {x}` is valid LaTeX
+            i += 1
+        if i >= len(text) or text[i] != "{":
+            continue  # the word `\boxed` mentioned without a box: look further back
+        if _EMPTY_GROUP_RE.match(text, i):
+            saw_empty = True  # an echoed "within \boxed{}" is not an answer
+            continue
+        close = _match_brace(text, i)
+        # A truncated last box means the response never finished its answer: no answer.
+        return None if close is None else text[i + 1 : close]
+    return "" if saw_empty else None
 
 
 # ---------------------------------------------------------------- normalisation
@@ -119,6 +178,17 @@ _CMD_SPACE_RE = re.compile(r"(\\[A-Za-z]+)\s+(?=[A-Za-z])")
 _FRAC_SHORT_RE = re.compile(r"\\frac(\d)(\d)")
 _FRAC_HALF_SHORT_RE = re.compile(r"\\frac(\{[^{}]*\})(\d)")
 _THOUSANDS_RE = re.compile(r"^[+-]?\d{1,3}(,\d{3})+(\.\d+)?$")
+_FRAC_FIRST_SHORT_RE = re.compile(r"\\frac(\d)(?=\{)")
+_SQRT_SHORT_RE = re.compile(r"\\sqrt(\d)")  # TeX takes one token: `\sqrt23` is `\sqrt{2}3`
+_UNICODE_ROOT_RE = re.compile(r"√\s*(\d+(?:\.\d+)?)")  # `√12` is the root of the whole number
+# Unicode spellings of LaTeX; the trailing space keeps a following letter out of the command
+# name (`2πr` -> `2\pi r`), and is dropped again with the other whitespace.
+_UNICODE_MATH = {"−": "-", "×": "\\times ", "·": "\\cdot ", "⋅": "\\cdot ", "π": "\\pi ",
+                 "∞": "\\infty ", "∅": "\\emptyset ", "√": "\\sqrt "}
+_UNICODE_MATH_RE = re.compile("|".join(_UNICODE_MATH))
+_EMPTYSET_RE = re.compile(r"\\varnothing(?![A-Za-z])")
+_LEADING_POINT_RE = re.compile(r"(?<![\w.}\])])\.(?=\d)")  # `.5` -> `0.5`, `x.5` untouched
+_MIXED_SPACE_RE = re.compile(r"^([+-]?\d+)\s+(\d+)\s*/\s*(\d+)$")  # `2 1/2`, as in MATH's grader
 # Choice letters: A, (A), A., A), A:, "option A", and a letter followed by option text.
 _CHOICE_RE = re.compile(r"^(?:(?i:option|choice|answer)\s*:?\s*)?\(?([A-Z])\)?\s*[.:)]?$")
 _CHOICE_TEXT_RE = re.compile(r"^(?:\(([A-Z])\)|([A-Z])[.:)])\s+\S")
@@ -175,6 +245,9 @@ def normalize_answer(s: str | None) -> str:
     if len(s) > MAX_NORMALIZE_LEN:
         return "".join(s.split())
     s = s.replace("\\$", "").replace("$", "")  # math delimiters and currency signs
+    s = _UNICODE_ROOT_RE.sub(r"\\sqrt{\1}", s)
+    s = _UNICODE_MATH_RE.sub(lambda m: _UNICODE_MATH[m.group()], s)
+    s = _EMPTYSET_RE.sub(r"\\emptyset", s)
     s = _SIZING_RE.sub("", s)
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
     s = _unwrap_commands(s)
@@ -185,18 +258,24 @@ def normalize_answer(s: str | None) -> str:
     choice = _CHOICE_RE.match(s) or _CHOICE_TEXT_RE.match(s)
     if choice:
         return next(g for g in choice.groups() if g)
+    s = _MIXED_SPACE_RE.sub(r"\1\\frac{\2}{\3}", s)  # before `2 1/2` loses its space
+    spaced_commas = bool(re.search(r",\s", s))  # `5, 100` is a list, `5,100` a number
     # Whitespace carries no meaning except between a command and a letter (`\sin x`).
     s = _CMD_SPACE_RE.sub(lambda m: m.group(1) + "\x00", s)
     s = "".join(s.split()).replace("\x00", " ")
-    s = s.replace("{,}", ",")
+    s = s.replace("{,}", ",").replace("\\{\\}", "\\emptyset")
     s = _FRAC_SHORT_RE.sub(r"\\frac{\1}{\2}", s)
     s = _FRAC_HALF_SHORT_RE.sub(r"\\frac\1{\2}", s)
+    s = _FRAC_FIRST_SHORT_RE.sub(r"\\frac{\1}", s)
+    s = _SQRT_SHORT_RE.sub(r"\\sqrt{\1}", s)
+    s = _LEADING_POINT_RE.sub("0.", s)
     s = _UNIT_RE.sub("", s)
     s = s.rstrip(".")
     if len(s) <= MAX_SYMBOLIC_LEN:
         s = _strip_outer_braces(s)
     if _THOUSANDS_RE.match(s):
-        s = s.replace(",", "")
+        # Kept as `5, 100` (which the parser reads as a list), never merged into 5100.
+        s = s.replace(",", ", ") if spaced_commas else s.replace(",", "")
     return s
 
 
@@ -220,15 +299,38 @@ def is_geometric_name(norm: str) -> bool:
 _NUM = r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)"
 _SIMPLE_NUM_RE = re.compile(rf"^({_NUM})$")
 _SIMPLE_RATIO_RE = re.compile(rf"^([+-]?)(?:\\frac\{{({_NUM})\}}\{{({_NUM})\}}|({_NUM})/({_NUM}))$")
+# Scientific notation: `1e3`, `1.5E+03`, `1.5\times10^{3}`, `2.5\cdot10^-2` (the exponent
+# is one token or a braced integer, as TeX reads it).
+_SCIENTIFIC_RE = re.compile(
+    rf"^({_NUM})(?:[eE]([+-]?\d+)|(?:\\times|\\cdot|\*)10\^(?:\{{([+-]?\d+)\}}|(\d)))$")
+_MIXED_RE = re.compile(r"^([+-]?)(\d+)\\frac\{(\d+)\}\{(\d+)\}$")  # `2\frac{1}{2}` is 5/2
+# An e-notation literal inside a longer expression, rewritten for the parser, which would
+# read `1e3` as 1*e*3. A digit run must start it (`x2e3` is not one), and `2e` stays 2*e.
+_E_LITERAL_RE = re.compile(r"(?<![A-Za-z\\\d.])(\d+(?:\.\d*)?|\.\d+)[eE]([+-]?\d+)(?![\d.])")
+MAX_DECIMAL_EXPONENT = 1000  # 10^1000 is exact as a Fraction in microseconds; beyond: no answer
+_BIG_EXPONENT_RE = re.compile(r"(?:\^\{?|(?<=\d)[eE])[+-]?\d{5,}")
 
 
 def simple_number(norm: str) -> Fraction | None:
-    r"""Exact value of a plain numeric literal (int, decimal, a/b, \frac{a}{b}), else None."""
+    r"""Exact value of a plain numeric literal (int, decimal, a/b, \frac{a}{b}, 1e3, a mixed number), else None."""
     if len(norm) > MAX_SYMBOLIC_LEN:
         return None
     m = _SIMPLE_NUM_RE.match(norm)
     if m:
         return Fraction(m.group(1))
+    m = _SCIENTIFIC_RE.match(norm)
+    if m:
+        mantissa, exponent = m.group(1), int(next(g for g in m.groups()[1:] if g))
+        if abs(exponent) > MAX_DECIMAL_EXPONENT:
+            return None  # checked before 10**exponent is built
+        return Fraction(mantissa) * Fraction(10) ** exponent
+    m = _MIXED_RE.match(norm)
+    if m:
+        sign, whole, num, den = m.groups()
+        if int(den) == 0:
+            return None
+        value = int(whole) + Fraction(int(num), int(den))
+        return -value if sign == "-" else value
     m = _SIMPLE_RATIO_RE.match(norm)
     if not m:
         return None
@@ -267,7 +369,31 @@ def symbolic_refusal(norm: str) -> str | None:
             return "exponent"  # towers like 10^{10^{10}}: astronomically large, never an answer
     if max_depth > MAX_BRACE_DEPTH:
         return "depth"
+    if _BIG_EXPONENT_RE.search(norm):
+        return "exponent"  # 10^{99999}, 1e99999: a SymPy integer with that many digits
     return None
+
+
+def _parser_latex(norm: str) -> str:
+    r"""A normalised answer as the symbolic parser should see it: `1e3` -> `1\times10^{3}`."""
+    return _E_LITERAL_RE.sub(r"\1\\times10^{\2}", norm)
+
+
+def _bracket_pair(norm: str) -> str | None:
+    """The outer brackets of a bracketed comma list such as `(1,2)` or `[0,1)`, else None."""
+    if len(norm) < 3 or norm[0] not in "([" or norm[-1] not in ")]":
+        return None
+    depth, has_comma = 0, False
+    for i, c in enumerate(norm):
+        if c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth -= 1
+            if depth == 0 and i < len(norm) - 1:
+                return None  # `(1,2)\cup(3,4)`: not one bracketed group
+        elif c == "," and depth == 1:
+            has_comma = True
+    return norm[0] + norm[-1] if has_comma else None
 
 
 # ---------------------------------------------------------------- symbolic worker
@@ -290,6 +416,37 @@ def _numeric_value(expr):
         return None
 
 
+def _shape(expr) -> str:
+    """Container structure of a parsed answer: sets `{..}` (unordered), tuples `(..)`, intervals."""
+    from latex2sympy2_extended import is_expr_of_only_symbols
+    from sympy import Eq, FiniteSet, Interval, Tuple
+    from sympy.sets.sets import EmptySet
+
+    if isinstance(expr, Eq) and is_expr_of_only_symbols(expr.lhs):
+        expr = expr.rhs  # `x \in (1,2)` and `x = \{1,2\}` are judged by their value
+    if isinstance(expr, Tuple):
+        return "(" + ",".join(_shape(a) for a in expr.args) + ")"
+    if isinstance(expr, Interval):
+        # The parser reads `(1,2)` as an open interval and `(2,1)` as a tuple: one notation, one shape.
+        return ("(" if expr.left_open else "[") + _shape(expr.start) + "," + _shape(expr.end) + \
+            (")" if expr.right_open else "]")
+    if isinstance(expr, FiniteSet):
+        return "{" + ",".join(sorted(_shape(a) for a in expr.args)) + "}"
+    if isinstance(expr, EmptySet):
+        return "{}"
+    return "x"  # a number, expression, relation, union...: no container structure to check
+
+
+def _shapes_compatible(a, b) -> bool:
+    """False when two parsed answers are different kinds of container (a tuple vs a set, ...)."""
+    try:
+        sa, sb = _shape(a), _shape(b)
+    except Exception:  # SymPy raises many types on exotic objects; let verify decide
+        return True
+    # A plain value may still equal a one-element set (`2` vs `\{2\}`) or a relation a set.
+    return sa == sb or sa == "x" or sb == "x"
+
+
 def _is_plain_expression(expr) -> bool:
     """An expression in free symbols, not an equation, set, interval, tuple or matrix."""
     from sympy import Expr
@@ -303,6 +460,8 @@ def _compare_parsed(pa, pb) -> bool:
 
     if not pa or not pb:
         return False
+    if not _shapes_compatible(pa[0], pb[0]):
+        return False  # math-verify would compare a tuple with a set of the same elements as equal
     va, vb = _numeric_value(pa[0]), _numeric_value(pb[0])
     if va is not None and vb is not None:
         diff = abs((va - vb).evalf(30))
@@ -467,9 +626,12 @@ def _equal_normalized(na: str, nb: str, mode: str, timeout: float) -> bool:
     xa, xb = simple_number(na), simple_number(nb)
     if xa is not None and xb is not None:
         return numbers_close(xa, xb)
+    ba, bb = _bracket_pair(na), _bracket_pair(nb)
+    if ba and bb and ba != bb:
+        return False  # `[2,1]` vs `(2,1)`: the parser turns both into the same tuple
     if symbolic_refusal(na) or symbolic_refusal(nb):
         return False
-    return symbolic_worker().compare(na, nb, timeout)
+    return symbolic_worker().compare(_parser_latex(na), _parser_latex(nb), timeout)
 
 
 def answers_equivalent(a: str | None, b: str | None, mode: str = "symbolic", *,
@@ -479,6 +641,7 @@ def answers_equivalent(a: str | None, b: str | None, mode: str = "symbolic", *,
     if a is None or b is None:
         return False
     if mode == "exact":
+        a, b = a.strip(), b.strip()  # surrounding whitespace is never part of the answer
         return a != "" and a == b
     return _equal_normalized(normalize_answer(a), normalize_answer(b), mode, timeout)
 
@@ -487,7 +650,8 @@ def answer_classes(answers: list[str | None], mode: str = "symbolic", *,
                    timeout: float = SYMBOLIC_TIMEOUT_S) -> list[int | None]:
     """Class id per answer (0, 1, ... in first-seen order); None for missing/empty answers."""
     _check_mode(mode)
-    keys = [a if mode == "exact" else normalize_answer(a) for a in answers]
+    keys = [(a.strip() if a is not None else None) if mode == "exact" else normalize_answer(a)
+            for a in answers]
     classes: list[int | None] = []
     reps: list[str] = []  # one representative key per class: its first member
     by_key: dict[str, int] = {}

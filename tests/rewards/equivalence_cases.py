@@ -8,7 +8,17 @@ Decisions this table pins down (documented in rewards/answers.py):
   `12\%` != `0.12`); simple units after a number are stripped (`5 cm` == `5`);
 - choice letters compare as letters only; point/segment/angle names as strings only;
 - an empty answer equals nothing, itself included;
-- towers like `10^{10^{10}}` are refused by the symbolic path (equal only to themselves).
+- towers like `10^{10^{10}}` are refused by the symbolic path (equal only to themselves);
+- scientific notation is a number (`1e3` == `1000`, `2.5\times10^{-2}` == `0.025`), never
+  `1*e*3`; a lone `e` is still Euler's number;
+- `\emptyset`, `\varnothing`, `\{\}`, `∅` are one object;
+- sets are unordered and ignore repeats; tuples are ordered; an open interval `(a, b)` and the
+  pair `(a, b)` are the same object; brackets matter (`[1,2]` != `(1,2)` != `(1,2]`); a
+  tuple/interval never equals a set; a bare list `1, 2` is an unordered list (a set);
+- `1,000` is a thousand only as a whole answer with no space after a comma: `5, 100` and
+  `(1,000)` are lists; `1,5` is a list, not a decimal comma;
+- `2\frac{1}{2}` and `2 1/2` are mixed numbers (5/2); `\sqrt23` is TeX's `\sqrt{2}3`;
+- `exact` compares the strings with surrounding whitespace stripped.
 """
 
 S, N, E = "symbolic", "normalized", "exact"
@@ -112,8 +122,96 @@ CASES = [
     ("", "", N, False, "empty"),
     # exact mode: raw string identity
     ("0.5", "0.5", E, True, "identical"),
-    (" 0.5", "0.5", E, False, "whitespace matters"),
+    (" 0.5", "0.5", E, True, "surrounding whitespace stripped"),
+    ("0.5\n", "\t0.5 ", E, True, "newline and tab stripped"),
+    ("0 .5", "0.5", E, False, "inner whitespace matters"),
+    ("   ", "   ", E, False, "whitespace-only is empty"),
     ("A", "A.", E, False, "no letter normalisation"),
     (r"\frac{1}{2}", r"\dfrac{1}{2}", E, False, "no dfrac rewrite"),
     ("", "", E, False, "empty"),
+    # ---- issue 11: relatives of the errors found against the papers' graders
+    # scientific notation
+    ("1e3", "1000", S, True, "e-notation"),
+    ("1E3", "1000", S, True, "capital E"),
+    ("1e3", "3e", S, False, "1e3 is a thousand, not 1*e*3"),
+    ("1e-3", "0.001", S, True, "negative exponent"),
+    ("1.5E+03", "1500", S, True, "signed exponent"),
+    (r"1.5\times10^{3}", "1500", S, True, "times ten to the"),
+    (r"1.5 \cdot 10^3", "1500", S, True, "cdot ten to the"),
+    (r"2.5\times 10^{-2}", "0.025", S, True, "negative power of ten"),
+    (r"6.02\times10^{23}", "6.02e23", S, True, "two scientific spellings"),
+    ("1e3", "10^{3}", S, True, "e-notation vs power"),
+    ("1e3", "1001", S, False, "e-notation keeps the tolerance"),
+    ("2e", "5.43656366", S, True, "a lone e is Euler's number"),
+    ("1e3", "1000", N, False, "normalized does no arithmetic"),
+    ("1e5000", "1e5001", S, False, "huge exponents refused, fast"),
+    # the empty set
+    (r"\emptyset", r"\varnothing", S, True, "emptyset vs varnothing"),
+    (r"\emptyset", r"\{\}", S, True, "emptyset vs empty braces"),
+    (r"\varnothing", "∅", S, True, "varnothing vs unicode"),
+    (r"\left\{ \right\}", r"\varnothing", S, True, "sized empty braces"),
+    (r"\varnothing", r"\emptyset", N, True, "synonyms under normalized"),
+    (r"\emptyset", r"\{\emptyset\}", S, False, "the set containing the empty set"),
+    (r"\emptyset", "0", S, False, "empty set is not zero"),
+    # sets, tuples, intervals
+    ("(1, 2)", r"\{1, 2\}", S, False, "a pair is not a set"),
+    ("(2, 1)", r"\{1, 2\}", S, False, "a pair in the other order is not a set"),
+    (r"\{1,2,3\}", r"\{3,1,2\}", S, True, "three-element set, any order"),
+    (r"\{1,2\}", r"\{1,2,3\}", S, False, "different sizes"),
+    (r"\{1,2,2\}", r"\{2,1\}", S, True, "repeats ignored in sets"),
+    (r"\{\frac{1}{2},2\}", r"\{2,0.5\}", S, True, "set elements compare as numbers"),
+    ("(1,2)", "(2,1)", S, False, "pairs are ordered"),
+    ("(3,1,2)", "(1,2,3)", S, False, "triples are ordered"),
+    ("(1,2,3)", "(1,2,3.0)", S, True, "triple elements compare as numbers"),
+    ("(1,2)", "(1.0, 2)", S, True, "pair elements compare as numbers"),
+    ("[1,2]", "(1,2)", S, False, "closed vs open"),
+    ("(1,2]", "(1,2)", S, False, "half-open vs open"),
+    ("[1,2)", "[1,2]", S, False, "half-open vs closed"),
+    ("[2,1]", "(2,1)", S, False, "brackets matter for pairs too"),
+    (r"\left[ 2, 1 \right]", "[2,1]", S, True, "same brackets"),
+    (r"(-\infty, 2)", "x<2", S, True, "interval vs inequality"),
+    ("1,2", "2,1", S, True, "a bare list is unordered"),
+    ("1, 2", r"\{2,1\}", S, True, "a bare list is a set"),
+    ("1,2", "(1,2)", S, False, "a bare list is not a pair"),
+    (r"\{(1,2),(3,4)\}", r"\{(3,4),(1,2)\}", S, True, "set of points, any order"),
+    (r"\{(1,2)\}", r"\{\{1,2\}\}", S, False, "nested pair vs nested set"),
+    (r"x\in(1,2)", "(1,2)", S, True, "membership vs interval"),
+    (r"x\in(1,2)", r"\{1,2\}", S, False, "membership in an interval vs a set"),
+    ("2", r"\{2\}", S, True, "a single answer is a one-element list"),
+    # other notations of the same number
+    ("1,000,000", "10^6", S, True, "two thousands separators"),
+    ("12,345.5", "12345.5", S, True, "separator with decimals"),
+    (r"1{,}000", "1000", S, True, "braced separator"),
+    ("5,100", "5100", S, True, "no space: a separator"),
+    ("5, 100", "5100", S, False, "comma and space separate list items"),
+    ("5, 100", r"\{5,100\}", S, True, "comma-space list is a set"),
+    ("(1,000)", "1000", S, False, "in brackets commas separate elements"),
+    ("1,5", "1.5", S, False, "no decimal comma: a list"),
+    (r"50\%", "0.5", S, False, "percent not converted (MathVista stores 50)"),
+    ("50%", r"50\%", N, True, "two percent spellings"),
+    (r"30^\circ", "30 degrees", S, True, "degree sign vs word"),
+    ("30°", r"30\text{ degrees}", S, True, "unicode degree vs text word"),
+    ("30°", "30 degrees", N, True, "degrees under normalized"),
+    (r"\frac12", r"\frac{1}{2}", N, True, "brace-less frac"),
+    (r"\frac1{2}", r"\frac{1}{2}", N, True, "half brace-less frac"),
+    (r"\sqrt2", r"\sqrt{2}", N, True, "brace-less sqrt"),
+    (r"\sqrt23", r"3\sqrt{2}", S, True, "TeX takes one token"),
+    ("√2", r"\sqrt{2}", S, True, "unicode root"),
+    ("√12", r"2\sqrt{3}", S, True, "unicode root of a number"),
+    ("0.5", ".5", S, True, "leading zero"),
+    ("0.5", ".5", N, True, "leading zero under normalized"),
+    ("-.5", r"-\frac{1}{2}", S, True, "signed leading-zero decimal"),
+    ("-0", "0", S, True, "negative zero"),
+    ("-0.0", "0", S, True, "negative zero decimal"),
+    ("−3", "-3", S, True, "unicode minus"),
+    ("−3", "-3", N, True, "unicode minus under normalized"),
+    ("−3", "3", S, False, "unicode minus keeps the sign"),
+    ("2×3", "6", S, True, "unicode times"),
+    ("π", r"\pi", N, True, "unicode pi"),
+    (r"2\frac{1}{2}", "2.5", S, True, "mixed number"),
+    (r"2\frac{1}{2}", "1", S, False, "a mixed number is not a product"),
+    (r"-2\frac{1}{2}", "-2.5", S, True, "negative mixed number"),
+    ("2 1/2", "2.5", S, True, "mixed number with a space"),
+    ("2 1/2", "10.5", S, False, "not twenty-one halves"),
+    (r"2\cdot\frac{1}{2}", "1", S, True, "explicit product"),
 ]
