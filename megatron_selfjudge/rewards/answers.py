@@ -108,15 +108,17 @@ _BRACE_TOKEN = re.compile(r"\\.|[{}]", re.DOTALL)
 
 
 _ESCAPE_RE = re.compile(r"\\.", re.DOTALL)
-_VECTOR_SCAN_MIN = 4096  # below this a Python scan is cheaper than going through numpy
+_VECTOR_SCAN_MIN = 4096  # tokens; below this a Python scan is cheaper than going through numpy
 
 
 def _match_brace(text: str, open_idx: int) -> int | None:
     """Index of the '}' closing the '{' at open_idx, or None; escaped braces do not count."""
-    if len(text) - open_idx > _VECTOR_SCAN_MIN:
-        return _match_brace_vectorised(text, open_idx)
     depth = 0
-    for m in _BRACE_TOKEN.finditer(text, open_idx):
+    for n, m in enumerate(_BRACE_TOKEN.finditer(text, open_idx)):
+        if n == _VECTOR_SCAN_MIN:
+            # A short box closes within a few tokens, however long the text after it; past
+            # this many tokens a prefix sum over the rest is cheaper than this loop.
+            return _match_brace_vectorised(text, open_idx)
         tok = m.group()
         if tok == "{":
             depth += 1
@@ -136,31 +138,24 @@ def _match_brace_vectorised(text: str, open_idx: int) -> int | None:
     return open_idx + int(zeros[0]) if zeros.size else None
 
 
-_EMPTY_GROUP_RE = re.compile(r"\{\s*\}")
+# A box opening: `\boxed{` or `\boxed {`, not `\boxedfoo{`, not the word `\boxed` alone.
+_BOX_OPEN_RE = re.compile(r"\\boxed[ \t]*\{")
+_NONEMPTY_BOX_OPEN_RE = re.compile(r"\\boxed[ \t]*\{(?!\s*\})")  # `within \boxed{}` is no answer
 
 
 def extract_boxed(text: str) -> str | None:
     r"""Content of the last well-formed, non-empty `\boxed{...}`; None if there is none or it is unclosed."""
     if not isinstance(text, str):
         raise TypeError(f"text must be str, got {type(text).__name__}")
-    end = len(text)
-    saw_empty = False
-    while (start := text.rfind("\\boxed", 0, end)) >= 0:
-        end = start
-        i = start + len("\\boxed")
-        if i < len(text) and text[i].isalpha():
-            continue  # `\boxedfoo` is another command
-        while i < len(text) and text[i] in " \t":  # `\boxed {x}` is valid LaTeX
-            i += 1
-        if i >= len(text) or text[i] != "{":
-            continue  # the word `\boxed` mentioned without a box: look further back
-        if _EMPTY_GROUP_RE.match(text, i):
-            saw_empty = True  # an echoed "within \boxed{}" is not an answer
-            continue
-        close = _match_brace(text, i)
-        # A truncated last box means the response never finished its answer: no answer.
-        return None if close is None else text[i + 1 : close]
-    return "" if saw_empty else None
+    last = None
+    for last in _NONEMPTY_BOX_OPEN_RE.finditer(text):  # one C-level scan, whatever the mentions
+        pass
+    if last is None:
+        return "" if _BOX_OPEN_RE.search(text) else None  # only empty boxes: an empty answer
+    open_idx = last.end() - 1
+    close = _match_brace(text, open_idx)
+    # A truncated last box means the response never finished its answer: no answer.
+    return None if close is None else text[open_idx + 1 : close]
 
 
 # ---------------------------------------------------------------- normalisation
