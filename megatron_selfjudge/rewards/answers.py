@@ -23,7 +23,7 @@ read one token at a time as TeX does (`\frac12`, `\frac1{2}` -> `\frac{1}{2}`, `
 MathVista stores, and is not 0.5); drop whitespace (kept as one space between a command and a
 letter, `\sin x`); drop trailing periods and enclosing braces; drop a unit right after a
 number or `}`: cm, mm, m, km, in/inch(es), ft/feet, meters, centimeters, millimeters,
-kilometers, unit(s), deg/degree(s), optionally `sq`/`square` before and `^2`/`^3` after.
+kilometers, unit(s), deg/degree(s), percent, optionally `sq`/`square` before and `^2`/`^3` after.
 Choice letters `A`, `(A)`, `A.`, `A)`, `A:`, `option A`, `(A) text`, `A. text` become `A`
 (upper case only: `a` is a variable). Answers over MAX_NORMALIZE_LEN characters only lose
 their whitespace.
@@ -191,6 +191,7 @@ _CHOICE_TEXT_RE = re.compile(r"^(?:\(([A-Z])\)|([A-Z])[.:)])\s+\S")
 _UNITS = (
     "centimeters", "centimetres", "millimeters", "meters", "metres", "kilometers", "inches",
     "degrees", "degree", "units", "unit", "feet", "inch", "deg", "cm", "mm", "km", "ft", "in", "m",
+    "percent",  # dropped like `%`, not converted
 )
 _UNIT_RE = re.compile(r"(?<=[\d}])(?:sq\.?|square)?(?:" + "|".join(_UNITS) + r")(?:\^\{?[23]\}?|²|³)?$")
 

@@ -189,6 +189,8 @@ CASES = [
     ("1,5", "1.5", S, False, "no decimal comma: a list"),
     (r"50\%", "0.5", S, False, "percent not converted (MathVista stores 50)"),
     ("50%", r"50\%", N, True, "two percent spellings"),
+    ("50 percent", r"50\%", S, True, "percent as a word"),
+    (r"50\text{ percent}", "50", N, True, "percent word in text"),
     (r"30^\circ", "30 degrees", S, True, "degree sign vs word"),
     ("30°", r"30\text{ degrees}", S, True, "unicode degree vs text word"),
     ("30°", "30 degrees", N, True, "degrees under normalized"),
