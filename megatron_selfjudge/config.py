@@ -40,7 +40,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 # The choices of reward.mode, reward.equivalence, judge.kind, judge.unparsed, advantage.estimator,
-# loss.agg, loss.impl, rollout.backend and judge.backend are the names of the registries that
+# loss.agg, loss.impl, rollout.backend, judge.backend and data.instruction are the names of the registries that
 # implement them; validate() reads them there (imported when validating: they import torch).
 RESUME_MODES = ("never", "auto")
 PARAMS_DTYPES = ("float32", "bfloat16", "float16")
@@ -78,36 +78,36 @@ class ModelConfig:
 
     preset: str = "tiny-llava"  # tiny-llava | tiny-gpt (text only)
     transformer_impl: str = "auto"  # auto: transformer_engine when TE imports and CUDA is present, else local
-    params_dtype: str = "bfloat16"
-    num_layers: int = 2
-    hidden_size: int = 64
-    num_attention_heads: int = 4
-    ffn_hidden_size: int = 256
-    vision_num_layers: int = 1
-    vision_hidden_size: int = 64
-    image_size: int = 32
-    patch_size: int = 8
+    params_dtype: str = "bfloat16"  # weights and activations: float32 | bfloat16 | float16
+    num_layers: int = 2  # decoder layers
+    hidden_size: int = 64  # decoder width
+    num_attention_heads: int = 4  # decoder attention heads (divide hidden_size)
+    ffn_hidden_size: int = 256  # decoder MLP width
+    vision_num_layers: int = 1  # ViT layers (tiny-llava)
+    vision_hidden_size: int = 64  # ViT width (tiny-llava)
+    image_size: int = 32  # pixels per side; images are resized to it
+    patch_size: int = 8  # ViT patch side: (image_size / patch_size)^2 image tokens
 
 
 @dataclass
 class ParallelConfig:
     """Megatron layout; data parallel size is world_size / (tp * pp)."""
 
-    tp: int = 1
-    pp: int = 1
-    use_distributed_optimizer: bool = True
+    tp: int = 1  # tensor-parallel size
+    pp: int = 1  # pipeline-parallel size
+    use_distributed_optimizer: bool = True  # shard Adam state over data-parallel ranks (megatron-core)
 
 
 @dataclass
 class RolloutConfig:
     """Sampling of G trajectories per prompt."""
 
-    backend: str = "megatron"
-    n: int = 8
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_prompt_len: int = 1024
-    max_response_len: int = 2048
+    backend: str = "megatron"  # rollout engine, a name of rollout.base.available_engines()
+    n: int = 8  # G: rollouts per prompt, one group
+    temperature: float = 1.0  # sampling temperature; the policy's log-probs use it too
+    top_p: float = 1.0  # nucleus sampling (1.0: off)
+    max_prompt_len: int = 1024  # prompt tokens (longer prompts are refused, not cut)
+    max_response_len: int = 2048  # new tokens per rollout
     max_batch_size: int = 64  # sequences decoded together by the in-process megatron engine
 
 
@@ -115,23 +115,23 @@ class RolloutConfig:
 class CalibrationConfig:
     """Bounded smooth map g(s) from a Judge score to a reward multiplier."""
 
-    tau_h: float = 0.95
-    tau_l: float = 0.40
-    kappa_h: float = 0.02
-    kappa_l: float = 0.05
-    alpha_h: float = 0.2
-    alpha_l: float = 0.2
-    g_min: float = 0.8
-    g_max: float = 1.2
+    tau_h: float = 0.95  # score where the bonus is half on
+    tau_l: float = 0.40  # score where the malus is half on
+    kappa_h: float = 0.02  # width of the bonus step
+    kappa_l: float = 0.05  # width of the malus step
+    alpha_h: float = 0.2  # height of the bonus
+    alpha_l: float = 0.2  # depth of the malus
+    g_min: float = 0.8  # lower clamp of g
+    g_max: float = 1.2  # upper clamp of g
 
 
 @dataclass
 class RewardConfig:
     """How trajectories are rewarded without labels."""
 
-    mode: str = "judge"
-    equivalence: str = "symbolic"
-    consistency_gate: float = 0.85  # 1.0 = pure answer frequency
+    mode: str = "judge"  # majority | consistency | judge | judge_raw | ground_truth | random
+    equivalence: str = "symbolic"  # answer classes: exact | normalized | symbolic
+    consistency_gate: float = 0.85  # binarise a group whose top answer share exceeds it; 1.0 = pure frequency
     format_penalty: float = 0.5  # lambda: f_i = -lambda when the format is broken
     symbolic_timeout: float = 5.0  # seconds per symbolic comparison (math-verify in a worker)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
@@ -141,11 +141,11 @@ class RewardConfig:
 class JudgeConfig:
     """The frozen Judge (a copy of the initial actor)."""
 
-    kind: str = "generative"
+    kind: str = "generative"  # generative (rubric) | likelihood (mean token log-prob)
     samples: int = 1  # K judge samples per trajectory, averaged
-    temperature: float = 1.0
-    top_p: float = 0.9
-    max_tokens: int = 1024
+    temperature: float = 1.0  # Judge sampling temperature
+    top_p: float = 0.9  # Judge nucleus sampling
+    max_tokens: int = 1024  # new tokens per Judge verdict
     max_prompt_len: int = 4096  # rubric + question + candidate response, in tokens (generative)
     unparsed: str = "zero"  # zero: reference code (s = 0); neutral: g = 1
     backend: str = ""  # rollout engine of the generative Judge; "" = the policy's rollout.backend
@@ -155,22 +155,22 @@ class JudgeConfig:
 class AdvantageConfig:
     """Group-relative advantage estimator."""
 
-    estimator: str = "energy"
+    estimator: str = "energy"  # grpo | grpo_no_std | energy
     temperature: float = 1.0  # T of the energy estimator
     center: bool = True  # energy: subtract the group mean (released code) vs + log G
-    eps: float = 1e-6
+    eps: float = 1e-6  # grpo: added to the group std
 
 
 @dataclass
 class LossConfig:
     """Token-level clipped policy loss with k3 KL to the reference."""
 
-    eps_low: float = 0.2
-    eps_high: float = 0.2
-    dual_clip: float = 3.0
-    beta_kl: float = 0.01
-    entropy_coef: float = 0.0
-    agg: str = "token-mean"
+    eps_low: float = 0.2  # ratio clip below: 1 - eps_low
+    eps_high: float = 0.2  # ratio clip above: 1 + eps_high
+    dual_clip: float = 3.0  # c: for A < 0 the loss is at most -c * A
+    beta_kl: float = 0.01  # weight of the k3 KL to the reference model
+    entropy_coef: float = 0.0  # entropy bonus weight (0: off)
+    agg: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum
     # How the per-token loss and the old/ref log-probs are computed: a name of loss.LOSS_IMPLS
     # (reference | logits_kernel | fused_linear) or auto (the logits kernel on CUDA, else reference).
     impl: str = "auto"
@@ -180,21 +180,21 @@ class LossConfig:
 class OptimConfig:
     """AdamW from megatron.core.optimizer."""
 
-    lr: float = 1e-6
+    lr: float = 1e-6  # constant learning rate of stage 2
     sft_lr: float = 1e-5  # stage-1 supervised warm start (only when trainer.sft_steps > 0)
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
+    weight_decay: float = 0.01  # AdamW decoupled weight decay
+    grad_clip: float = 1.0  # global gradient-norm clip (0: off)
+    adam_beta1: float = 0.9  # Adam beta1
+    adam_beta2: float = 0.999  # Adam beta2
+    adam_eps: float = 1e-8  # Adam epsilon
 
 
 @dataclass
 class DataConfig:
     """Training prompts: 'synthetic' (embedded task) or a local parquet/JSONL path."""
 
-    train: str = "synthetic"
-    eval: Optional[str] = None
+    train: str = "synthetic"  # 'synthetic' or a parquet/JSONL file
+    eval: Optional[str] = None  # held-out file (null: the synthetic test split, or none)
     on_error: str = "raise"  # raise | skip (skipped rows are counted)
     # Image paths in rows may only point inside the data file's folder or these folders.
     image_roots: List[str] = field(default_factory=list)
@@ -202,13 +202,14 @@ class DataConfig:
     # header, before decoding, so a tiny file cannot expand into gigabytes.
     max_image_pixels: int = 12845056
     max_image_bytes: int = 64 * 1024 * 1024  # encoded size of one image
-    max_images_per_row: int = 16
+    max_images_per_row: int = 16  # images one row may hold
     instruction: str = "full"  # format instruction appended to questions: full | short | mmupt | none
-    synthetic_seed: int = 0
+    synthetic_seed: int = 0  # seed of the synthetic task
+    # question families: count | add | compare | bar
     synthetic_families: List[str] = field(default_factory=lambda: ["count", "add", "compare", "bar"])
-    synthetic_sft: int = 512
-    synthetic_unlabeled: int = 2048
-    synthetic_test: int = 256
+    synthetic_sft: int = 512  # labelled warm-start prompts
+    synthetic_unlabeled: int = 2048  # label-free training prompts
+    synthetic_test: int = 256  # held-out prompts
 
 
 @dataclass
@@ -216,19 +217,21 @@ class TrainerConfig:
     """Outer loop: steps, batches, checkpoints."""
 
     max_steps: int = -1  # -1: run `epochs` epochs
-    epochs: int = 15
-    prompts_per_step: int = 512
-    mini_batch_prompts: int = 128  # 512 / 128 = 4 updates per rollout batch
-    micro_batch_tokens: int = 16384
-    seed: int = 1234
-    run_dir: str = "runs/default"
-    save_every: int = 50
-    keep_checkpoints: int = 3
-    resume: str = "auto"
+    # Keep the frozen reference/Judge copy in host memory except while it is used (GPU runs only).
+    offload_frozen: bool = True
+    epochs: int = 15  # passes over the training prompts (when max_steps = -1)
+    prompts_per_step: int = 512  # prompts per rollout batch (x rollout.n trajectories)
+    mini_batch_prompts: int = 128  # prompts per optimizer update: prompts_per_step / mini_batch_prompts updates a step
+    micro_batch_tokens: int = 16384  # token budget of one forward/backward micro-batch
+    seed: int = 1234  # run seed (rollouts, Judge, random rewards, data order)
+    run_dir: str = "runs/default"  # run directory: config, metrics, checkpoints, results
+    save_every: int = 50  # checkpoint every this many steps (0: only at the end)
+    keep_checkpoints: int = 3  # step checkpoints kept
+    resume: str = "auto"  # auto: continue from the newest checkpoint | never
     # Keys that may differ from the run directory's saved config.yaml on resume (see runtime/run_state.py).
     allow_config_change: List[str] = field(default_factory=list)
-    sft_steps: int = 0  # supervised warm start before unsupervised training
-    sft_batch_size: int = 32
+    sft_steps: int = 0  # steps of the supervised warm start (stage 1) before label-free training
+    sft_batch_size: int = 32  # prompts per warm-start step
 
 
 @dataclass
@@ -385,7 +388,9 @@ def validate(cfg: Config) -> Config:
     _choice("data.on_error", d.on_error, ("raise", "skip"))
     for name in ("max_image_pixels", "max_image_bytes", "max_images_per_row"):
         _check(f"data.{name}", getattr(d, name) >= 1, ">= 1", getattr(d, name))
-    _choice("data.instruction", d.instruction, ("full", "short", "mmupt", "none"))
+    from megatron_selfjudge.data.prompts import INSTRUCTIONS
+
+    _choice("data.instruction", d.instruction, list(INSTRUCTIONS))
     from megatron_selfjudge.data.synthetic import FAMILIES
 
     for fam in d.synthetic_families:

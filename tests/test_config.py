@@ -431,6 +431,7 @@ def test_tiny_yaml_lists_only_overrides():
 def test_choices_are_the_registries_names(monkeypatch):
     """Validation accepts exactly what the implementing registries hold (no second list)."""
     from megatron_selfjudge import advantages, judges, loss
+    from megatron_selfjudge.data import prompts
     from megatron_selfjudge.rewards import answers, combine, judge
     from megatron_selfjudge.rollout import base
 
@@ -439,6 +440,7 @@ def test_choices_are_the_registries_names(monkeypatch):
         "judge.kind": list(judges.JUDGE_KINDS), "judge.unparsed": list(judge.UNPARSED_POLICIES),
         "advantage.estimator": list(advantages.ESTIMATORS), "loss.agg": list(loss.AGG_MODES),
         "loss.impl": list(loss.IMPL_CHOICES), "rollout.backend": base.available_engines(),
+        "data.instruction": list(prompts.INSTRUCTIONS),
     }
     for key, names in registries.items():
         for name in names:
