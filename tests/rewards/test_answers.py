@@ -34,6 +34,21 @@ def test_equivalence_table(a, b, mode, expected, why):
     assert answers_equivalent(b, a, mode, timeout=TABLE_TIMEOUT) is expected
 
 
+def test_normalization_is_idempotent_on_the_table():
+    for a, b, *_ in CASES:
+        for x in (a, b):
+            assert normalize_answer(normalize_answer(x)) == normalize_answer(x), x
+
+
+def test_modes_are_nested_on_the_table():
+    # exact-equal implies normalized-equal implies symbolic-equal, for every pair in the table
+    for a, b, *_ in CASES:
+        if answers_equivalent(a, b, "exact"):
+            assert answers_equivalent(a, b, "normalized"), (a, b)
+        if answers_equivalent(a, b, "normalized"):
+            assert answers_equivalent(a, b, "symbolic", timeout=TABLE_TIMEOUT), (a, b)
+
+
 # ------------------------------------------------------------------ extraction
 
 
