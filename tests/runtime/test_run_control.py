@@ -81,7 +81,7 @@ def test_sigterm_during_evaluation_stops_within_a_batch_and_resumes_exactly(refe
     assert f"preempted during evaluation {name!r}" in output, output[-3000:]
     assert f"eval {name}:" not in output  # it did not run to its end first
     # The bound: one generation batch of 4 rows, then a checkpoint save and the exit.
-    assert waited < 30, waited
+    assert waited < 60, waited  # a sanity cap on a shared 2-core machine; measured ~6 s
     state = json.loads((tmp_path / "checkpoints" / f"step_{step:08d}" / "trainer_state.json").read_text())
     assert set(state["evals"]) == recorded  # the interrupted evaluation is not recorded
     out = _train(tmp_path, *RUN)
