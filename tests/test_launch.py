@@ -9,6 +9,7 @@ SLURM_NODEID/SLURM_PROCID set; expand the node list; record `requeue`).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -172,22 +174,19 @@ TRAIN = ["trainer.sft_steps=2", "trainer.max_steps=60", "trainer.save_every=0", 
          "data.synthetic_unlabeled=64", "data.synthetic_test=4", "model.num_layers=1"]
 
 
-@CPU_ONLY
-@pytest.mark.slow
-def test_sigusr1_to_the_job_step_saves_and_requeues(tmp_path):
+def _preempt_through_sbatch(tmp_path: Path, after_step: int, send: Callable[[int], None], *extra: str) -> None:
+    """Start single_node.sbatch on 2 CPU ranks, `send(step pid)` after `after_step`, check save and requeue."""
     run_dir = tmp_path / "run"
     env = _slurm_env(tmp_path, SLURM_GPUS_ON_NODE="2", MASTER_PORT=str(free_port()))
-    batch = subprocess.Popen(["bash", str(SLURM / "single_node.sbatch"), *TRAIN, f"trainer.run_dir={run_dir}"],
+    batch = subprocess.Popen(["bash", str(SLURM / "single_node.sbatch"), *TRAIN, *extra, f"trainer.run_dir={run_dir}"],
                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + TIMEOUT
-    while not any(r["step"] >= 1 for r in read_metrics(run_dir)):
+    while not any(r["step"] >= after_step for r in read_metrics(run_dir)):
         assert batch.poll() is None, batch.stdout.read()[-4000:]
         assert time.monotonic() < deadline, "no training step within the timeout"
         time.sleep(0.05)
     [step_pid] = (tmp_path / "step_pids").read_text().split()
-    # Slurm signals the job step's processes; the training processes sit in sessions of their own
-    # (torchrun starts them so), so they hear of it only through the launcher.
-    os.killpg(int(step_pid), signal.SIGUSR1)
+    send(int(step_pid))
     output, _ = batch.communicate(timeout=TIMEOUT)
     assert batch.returncode == 0, output[-4000:]
     assert "preempted: saved step" in output
@@ -197,8 +196,35 @@ def test_sigusr1_to_the_job_step_saves_and_requeues(tmp_path):
     assert output.index("preempted: saved step") < output.index("stopped by SIGUSR1")
     assert f"requeue {JOB_ID}" in (tmp_path / "slurm.log").read_text()
     stopped = max(r["step"] for r in read_metrics(run_dir))
-    assert 1 <= stopped < 60
+    assert after_step <= stopped < 60
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{stopped:08d}"
+
+
+@CPU_ONLY
+@pytest.mark.slow
+def test_sigusr1_to_the_job_step_saves_and_requeues(tmp_path):
+    # The launcher's process group (launcher and torchrun) is signalled; the training processes sit in
+    # sessions of their own (torchrun starts them so), so they hear of it only through the launcher.
+    _preempt_through_sbatch(tmp_path, 1, lambda pid: os.killpg(pid, signal.SIGUSR1))
+
+
+def _signal_every_process(pid: int) -> None:
+    import psutil
+
+    for proc in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.send_signal(signal.SIGUSR1)
+
+
+@CPU_ONLY
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="known bug: Slurm's --signal reaches every process of the step (proctrack/"
+                   "cgroup); the checkpoint writer's spawned Manager server keeps SIGUSR1's default action and dies, "
+                   "so the save fails with BrokenPipeError. Fix: helper processes ignore SIGUSR1/SIGTERM "
+                   "(runtime/children.py, the math-verify worker); then remove this mark")
+def test_sigusr1_to_every_process_of_the_step_saves(tmp_path):
+    # With trainer.save_every=2 the checkpoint writer's helper processes exist by step 3.
+    _preempt_through_sbatch(tmp_path, 3, _signal_every_process, "trainer.save_every=2")
 
 
 # --- the image's pins (docker/container_requirements.py) -------------------------------------------
