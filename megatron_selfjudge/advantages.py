@@ -175,10 +175,3 @@ def compute_advantages(
     # Saturate rather than overflow: an advantage beyond fp32 range is still "as large as fp32 holds".
     adv = adv.clamp(-FP32_MAX, FP32_MAX).to(torch.float32)
     return torch.empty_like(adv).index_copy_(0, order, adv).to(device)
-
-
-def broadcast_to_tokens(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Sequence advantages [B] spread over response tokens: fp32 [B, T], 0 where mask is 0."""
-    if advantages.dim() != 1 or mask.dim() != 2 or advantages.shape[0] != mask.shape[0]:
-        raise ValueError(f"need advantages [B] and mask [B, T], got {tuple(advantages.shape)} and {tuple(mask.shape)}")
-    return torch.where(mask.bool(), advantages.float()[:, None], torch.zeros((), device=advantages.device))

@@ -273,14 +273,20 @@ def _finite(x: float) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
-def leaf_items(obj: Any, prefix: str = "") -> Iterator[Tuple[str, Any]]:
-    """(dotted key, value) of every leaf field of a config dataclass, in declaration order."""
+def leaf_fields(obj: Any, prefix: str = "") -> Iterator[Tuple[str, Any, dataclasses.Field]]:
+    """(dotted key, the dataclass instance holding it, its field) of every leaf, in declaration order."""
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if dataclasses.is_dataclass(value):
-            yield from leaf_items(value, f"{prefix}{f.name}.")
+            yield from leaf_fields(value, f"{prefix}{f.name}.")
         else:
-            yield f"{prefix}{f.name}", value
+            yield f"{prefix}{f.name}", obj, f
+
+
+def leaf_items(obj: Any, prefix: str = "") -> Iterator[Tuple[str, Any]]:
+    """(dotted key, value) of every leaf field of a config dataclass, in declaration order."""
+    for key, owner, f in leaf_fields(obj, prefix):
+        yield key, getattr(owner, f.name)
 
 
 def _check_leaves(cfg: Config) -> None:
@@ -559,11 +565,6 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
 def to_yaml(cfg: Config) -> str:
     """Resolved config as YAML text (written to the run directory)."""
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
-
-
-def to_dict(cfg: Config) -> dict:
-    """Resolved config as a plain nested dict."""
-    return dataclasses.asdict(cfg)
 
 
 # --- resume -----------------------------------------------------------------------------

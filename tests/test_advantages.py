@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from megatron_selfjudge import advantages as A
-from megatron_selfjudge.advantages import ESTIMATORS, broadcast_to_tokens, compute_advantages, register_estimator
+from megatron_selfjudge.advantages import ESTIMATORS, compute_advantages, register_estimator
 
 VARIANTS = [("grpo", True), ("grpo_no_std", True), ("energy", True), ("energy", False)]
 FP32_MAX = float(np.finfo(np.float32).max)
@@ -120,15 +120,6 @@ def test_extreme_rewards_saturate_instead_of_overflowing(estimator, center):
         assert float(got[0]) == FP32_MAX
     else:  # log-probability of the losers: -2M / T
         assert float(got[1]) == -FP32_MAX and abs(float(got[0]) - math.log(3)) < 1e-6
-
-
-def test_broadcast_to_tokens():
-    adv = torch.tensor([1.5, -2.0])
-    mask = torch.tensor([[0, 1, 1], [1, 1, 0]])
-    want = torch.tensor([[0.0, 1.5, 1.5], [-2.0, -2.0, 0.0]])
-    assert torch.equal(broadcast_to_tokens(adv, mask), want)
-    with pytest.raises(ValueError, match="mask"):
-        broadcast_to_tokens(adv, torch.ones(3, 3))
 
 
 def test_bad_input_raises_clear_errors():

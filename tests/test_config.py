@@ -97,17 +97,7 @@ import megatron_selfjudge.config as C  # noqa: E402
 from megatron_selfjudge import cli  # noqa: E402
 
 
-def _leaves(obj, prefix=""):
-    """(dotted key, default value) of every leaf field, walked from the dataclasses themselves."""
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value):
-            yield from _leaves(value, f"{prefix}{f.name}.")
-        else:
-            yield f"{prefix}{f.name}", value
-
-
-LEAVES = dict(_leaves(Config()))
+LEAVES = dict(C.leaf_items(Config()))  # dotted key -> default value
 FLOAT_KEYS = [k for k, v in LEAVES.items() if isinstance(v, float)]
 INT_KEYS = [k for k, v in LEAVES.items() if isinstance(v, int) and not isinstance(v, bool)]
 SEED_KEYS = ["trainer.seed", "data.synthetic_seed"]
@@ -393,14 +383,10 @@ _OLD_TINY_YAML = {
 
 
 def test_embedded_default_resolves_as_before():
-    import dataclasses
-
-    from megatron_selfjudge.config import to_dict
-
-    expected = to_dict(Config())
+    expected = dataclasses.asdict(Config())
     for section, values in _OLD_TINY_YAML.items():
         expected[section].update(values)
-    assert to_dict(load_config(None, [])) == expected
+    assert dataclasses.asdict(load_config(None, [])) == expected
     fields = {f.name for f in dataclasses.fields(Config)}
     assert set(_OLD_TINY_YAML) <= fields
 

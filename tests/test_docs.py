@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 METHOD = ROOT / "docs" / "method.md"
 DOCUMENTS = sorted((ROOT / "docs").rglob("*.md")) + [ROOT / "README.md"]
 SECTIONS = tuple(Config.__dataclass_fields__)
-FILE_SUFFIXES = {"py", "md", "yaml", "yml", "json", "jsonl", "sh", "txt", "parquet", "pt"}
+FILE_SUFFIXES = {"py", "md", "yaml", "yml", "json", "jsonl", "sh", "txt", "parquet", "pt", "bin", "safetensors"}
 
 
 def test_defaults_table_is_generated_from_the_dataclasses():
