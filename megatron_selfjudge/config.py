@@ -620,4 +620,6 @@ def load_saved_config(path: str | Path) -> Config:
 
 def uses_generative_judge(cfg: Config) -> bool:
     """Whether the rewards need the frozen model to write rubric judgements (its context must fit too)."""
-    return cfg.reward.mode in ("judge", "judge_raw") and cfg.judge.kind == "generative"
+    from megatron_selfjudge.rewards.combine import REWARD_MODES
+
+    return REWARD_MODES[cfg.reward.mode].needs_judge and cfg.judge.kind == "generative"

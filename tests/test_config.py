@@ -442,3 +442,12 @@ def test_choices_are_the_registries_names(monkeypatch):
     monkeypatch.setattr(base, "_REGISTERED_ENGINES", {**base._REGISTERED_ENGINES, "echo": object})
     cfg = load_config(overrides=["rollout.backend=echo", "judge.backend=echo"])
     assert (cfg.rollout.backend, cfg.judge.backend) == ("echo", "echo")
+
+
+def test_uses_generative_judge_follows_the_reward_registry():
+    from megatron_selfjudge.config import uses_generative_judge
+
+    for mode in ("majority", "consistency", "judge", "judge_raw", "ground_truth", "random"):
+        for kind in ("generative", "likelihood"):
+            cfg = load_config(overrides=[f"reward.mode={mode}", f"judge.kind={kind}"])
+            assert uses_generative_judge(cfg) == (mode in ("judge", "judge_raw") and kind == "generative")
