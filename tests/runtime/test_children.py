@@ -96,6 +96,41 @@ def test_writer_manager_and_forked_workers_die_with_a_killed_parent():
                 pass
 
 
+# A child forked by a helper thread that then ends. prctl(2): PR_SET_PDEATHSIG fires when the
+# creating *thread* ends, so such a child gets the watchdog: alive while the parent is, gone with it.
+THREAD_FORK = """
+import multiprocessing as mp, threading, time
+from megatron_selfjudge.runtime import children
+children.guard_children()
+box = []
+def start():
+    proc = mp.get_context("fork").Process(target=time.sleep, args=(120,))
+    proc.start()
+    box.append(proc.pid)
+thread = threading.Thread(target=start)
+thread.start()
+thread.join()
+print(box[0], flush=True)
+time.sleep(600)
+"""
+
+
+def test_child_forked_by_an_ended_thread_lives_until_the_parent_dies():
+    parent = subprocess.Popen([sys.executable, "-c", THREAD_FORK], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    try:
+        time.sleep(1.0)
+        assert psutil.Process(child).status() != psutil.STATUS_ZOMBIE  # outlived the thread that forked it
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=30)
+        assert _gone_within([child], 5.0) == []  # the watchdog saw the parent go
+    finally:
+        try:
+            psutil.Process(child).kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
 def _is_manager(proc: psutil.Process) -> bool:
     try:
         return "multiprocessing.spawn" in " ".join(proc.cmdline())
