@@ -3,6 +3,7 @@
 Single process:  selfjudge train [--config FILE] [key=value ...]
 Bug reports:     selfjudge env [--config FILE] [key=value ...]
 Check a config:  selfjudge config check [--config FILE] [key=value ...]  (resolved YAML, or the error; exit 2)
+HF checkpoints:  selfjudge convert hf-to-megatron HF_DIR OUT | megatron-to-hf CKPT OUT [--hf-dir DIR]
 Multi-process:   torchrun --nproc-per-node N -m megatron_selfjudge.cli train parallel.tp=2 ...
 With no --config, `train` runs the embedded tiny default on CPU.
 """
@@ -61,6 +62,12 @@ def _cmd_data(args: argparse.Namespace) -> int:
     return data_cli.main(args.data_args)
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from megatron_selfjudge import convert
+
+    return convert.main(args.convert_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `selfjudge` command."""
     parser = argparse.ArgumentParser(prog="selfjudge", description=__doc__,
@@ -89,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="write the synthetic task (`data synthetic --out DIR`) or check a file")
     p.add_argument("data_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=_cmd_data)
+
+    p = sub.add_parser("convert", help="`convert hf-to-megatron HF_DIR OUT` / `convert megatron-to-hf CKPT OUT`")
+    p.add_argument("convert_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_cmd_convert)
     return parser
 
 

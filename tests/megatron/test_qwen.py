@@ -174,3 +174,50 @@ def test_parallel_layouts_match_transformers(kind, tp, pp, vl_dir, text_dir):
     if without is not None:
         off = (last["logits_without"] - reference).abs()[inputs["attention_mask"].bool()].max().item()
         assert off > 1e-2, f"without merger_fc1_split the TP=2 logits should be wrong, max diff {off:.3g}"
+
+
+def _adjustment_worker(rank: int, world: int, vl_path: str, text_path: str, tied_path: str) -> dict:
+    """What mbridge does on this machine with each of four adjustments switched off."""
+    from megatron_selfjudge.megatron.models import mbridge_compat, qwen
+    from megatron_selfjudge.megatron.parallel import initialize_parallel
+
+    initialize_parallel(tp=1, pp=1)
+    seen: dict = {}
+    vl_config = qwen.load_hf_config(vl_path)
+    with mbridge_compat.disabled("text_config_view"):
+        try:
+            qwen.make_bridge(vl_config)
+        except AttributeError as exc:
+            seen["no_view"] = str(exc)
+    bridge = qwen.make_bridge(vl_config)
+    name = "language_model.decoder.layers.1.pre_mlp_layernorm.weight"
+    seen["norm_name"] = bridge._weight_name_mapping_mcore_to_hf(name)
+    with mbridge_compat.disabled("unfused_norm_names"):
+        try:
+            bridge._weight_name_mapping_mcore_to_hf(name)
+        except (KeyError, NotImplementedError) as exc:
+            seen["no_norm_names"] = type(exc).__name__
+    seen["vision_hidden"] = mbridge_compat.vision_transformer_config(bridge.config, vl_config.vision_config).hidden_size
+    with mbridge_compat.disabled("vision_config_from_hf"):
+        seen["hardcoded_hidden"] = mbridge_compat.vision_transformer_config(
+            bridge.config, vl_config.vision_config).hidden_size
+    # A tied model's bridge first, then an untied one of the same class.
+    qwen.make_bridge(qwen.load_hf_config(tied_path))
+    untied = qwen.make_bridge(qwen.load_hf_config(text_path))
+    seen["untied_output"] = untied._weight_name_mapping_mcore_to_hf("output_layer.weight")
+    with mbridge_compat.disabled("per_instance_weight_maps"):
+        qwen.make_bridge(qwen.load_hf_config(tied_path))
+        seen["untied_output_without"] = qwen.make_bridge(
+            qwen.load_hf_config(text_path))._weight_name_mapping_mcore_to_hf("output_layer.weight")
+    return seen
+
+
+def test_each_adjustment_is_needed(vl_dir, text_dir, tmp_path):
+    untied = tiny_qwen.make_tiny_qwen2_5(tmp_path / "untied", tie_word_embeddings=False)
+    seen = run_distributed(_adjustment_worker, 1, str(vl_dir), str(untied), str(text_dir), timeout=600)[0]
+    assert "has no attribute" in seen["no_view"]  # mbridge reads text keys at the top level
+    assert seen["norm_name"] == ["model.layers.1.post_attention_layernorm.weight"]
+    assert seen["no_norm_names"] in ("KeyError", "NotImplementedError")
+    assert (seen["vision_hidden"], seen["hardcoded_hidden"]) == (64, 1280)
+    assert seen["untied_output"] == ["lm_head.weight"]
+    assert seen["untied_output_without"] == ["model.embed_tokens.weight"]  # mbridge's class-level map leak

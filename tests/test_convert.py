@@ -1,0 +1,106 @@
+"""`selfjudge convert`: HF folder -> megatron checkpoint -> HF folder is lossless and loads in transformers."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent / "megatron"))
+
+import tiny_qwen  # noqa: E402
+
+from megatron_selfjudge import convert  # noqa: E402
+
+pytest.importorskip("mbridge")
+
+
+def _selfjudge(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        env.pop(key, None)
+    return subprocess.run([sys.executable, "-m", "megatron_selfjudge.cli", "convert", *args],
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+def _logits(path: Path, vision: bool, inputs: dict) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    cls = AutoModelForImageTextToText if vision else AutoModelForCausalLM
+    model = cls.from_pretrained(str(path), local_files_only=True).eval()
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def _inputs(path: Path, vision: bool) -> dict:
+    from megatron_selfjudge.megatron.models import qwen
+
+    if not vision:
+        return dict(qwen.load_tokenizer(path)(["The answer is 42."], return_tensors="pt"))
+    processor = qwen.load_processor(path)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many sides?"}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return dict(processor(images=[tiny_qwen.test_image(3)], text=[text], return_tensors="pt"))
+
+
+@pytest.mark.parametrize("vision", [True, False], ids=["qwen2_5_vl", "qwen2_5"])
+def test_round_trip_is_bit_identical_and_loads_in_transformers(vision, tmp_path):
+    from safetensors.torch import load_file
+
+    make = tiny_qwen.make_tiny_qwen2_5_vl if vision else tiny_qwen.make_tiny_qwen2_5
+    src = make(tmp_path / "src", seed=7)
+    ckpt, back = tmp_path / "ckpt", tmp_path / "back"
+
+    done = _selfjudge("hf-to-megatron", str(src), str(ckpt))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (ckpt / "latest").read_text().strip() == "step_00000000"
+    state = json.loads((ckpt / "step_00000000" / "trainer_state.json").read_text())
+    assert state["step"] == 0 and state["model_type"] == ("qwen2_5_vl" if vision else "qwen2")
+    assert (ckpt / "hf" / "config.json").is_file() and (ckpt / "hf" / "tokenizer.json").is_file()
+
+    done = _selfjudge("megatron-to-hf", str(ckpt), str(back))  # the root: its newest checkpoint
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    original, exported = load_file(str(src / "model.safetensors")), load_file(str(back / "model.safetensors"))
+    assert sorted(exported) == sorted(original)
+    assert all(torch.equal(exported[k], original[k]) for k in original)
+    inputs = _inputs(back, vision)
+    assert torch.equal(_logits(back, vision, inputs), _logits(src, vision, inputs))
+    assert (back / "chat_template.jinja").read_text() == (src / "chat_template.jinja").read_text()
+
+
+def test_bad_input_is_one_line_exit_2(tmp_path, capsys):
+    assert convert.main(["hf-to-megatron", str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+    llama = tmp_path / "llama"
+    llama.mkdir()
+    (llama / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert convert.main(["hf-to-megatron", str(llama), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "model_type 'llama' is not supported" in err and err.count("\n") == 1
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    assert convert.main(["hf-to-megatron", str(broken), str(tmp_path / "out")]) == 2
+    assert str(broken / "config.json") in capsys.readouterr().err
+
+    assert convert.main(["megatron-to-hf", str(tmp_path / "nothing"), str(tmp_path / "out")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert convert.main(["megatron-to-hf", str(llama), str(tmp_path / "out")]) == 2
+    assert "neither a checkpoint folder nor a root" in capsys.readouterr().err
+
+
+def test_existing_output_is_refused(tmp_path, capsys):
+    src = tiny_qwen.make_tiny_qwen2_5(tmp_path / "src")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert convert.main(["hf-to-megatron", str(src), str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "mine"
