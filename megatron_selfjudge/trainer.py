@@ -407,20 +407,16 @@ class Trainer:
         by_uid = {r.uid: r for r in records}
         texts = [t.text for t in trajectories]
         gids = [t.uid for t in trajectories]
-        mode = "majority" if rw.mode == "random" else rw.mode
         labels = [by_uid[t.uid].answer for t in trajectories]
         if rw.mode == "ground_truth" and any(lab is None for lab in labels):
             raise ValueError("reward.mode=ground_truth needs an answer for every training prompt")
-        res = compute_rewards(texts, gids, mode, judge_scores=judge_scores,
+        res = compute_rewards(texts, gids, rw.mode, judge_scores=judge_scores,
                               ground_truths=labels if all(lab is not None for lab in labels) else None,
                               equivalence=rw.equivalence, consistency_gate=rw.consistency_gate,
-                              format_penalty=rw.format_penalty, calibration=_calibration_kwargs(rw.calibration),
-                              unparsed_policy=self.cfg.judge.unparsed, timeout=rw.symbolic_timeout)
-        rewards = res.as_tensor()
-        if rw.mode == "random":
-            gen = torch.Generator().manual_seed(self.cfg.trainer.seed * 1_000_003 + self.state["step"])
-            rewards = torch.randint(0, 2, (len(texts),), generator=gen).float()
-        return rewards, res
+                              format_penalty=rw.format_penalty, calibration=rw.calibration,
+                              unparsed_policy=self.cfg.judge.unparsed, timeout=rw.symbolic_timeout,
+                              seed=self.cfg.trainer.seed * 1_000_003 + self.state["step"])
+        return res.as_tensor(), res
 
     def upt_step(self) -> dict:
         """This rank's share of the step's prompts -> rollouts -> old/ref log-probs -> Judge -> rewards
@@ -691,11 +687,6 @@ class Trainer:
                 f"reward.mode={self.cfg.reward.mode}, advantage.estimator={self.cfg.advantage.estimator}, "
                 f"{self.state['step']} steps\n\n{table}\n")
             self.log.info("\n" + table)
-
-
-def _calibration_kwargs(c) -> dict:
-    return {k: getattr(c, k) for k in ("tau_h", "tau_l", "kappa_h", "kappa_l", "alpha_h", "alpha_l",
-                                       "g_min", "g_max")}
 
 
 def _dp_size() -> int:
