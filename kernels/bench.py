@@ -3,6 +3,7 @@
     python -m megatron_selfjudge.kernels.bench [--tokens 4096 16384 32768] [--vocab 152064]
         [--dtype bfloat16] [--reps 20] [--out benchmarks/results] [--providers fused eager compile liger]
         [--block-v 4096]   (the fused kernel's vocab block, for tuning sweeps on a new GPU)
+        [--suite logits fused_linear]   (fused_linear: hidden states in, see bench_fused_linear.py)
 
 Every provider computes the same objective: per-token GRPO loss (old and reference log-probs
 given, so ratio, clipping and KL are all live) summed with token-mean weights, then its
@@ -404,20 +405,46 @@ def _print_table(payload: dict) -> None:
     console.print(f"wrote {payload['path']}")
 
 
+SUITES = ("logits", "fused_linear")
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
-    """Command-line entry point (also used by ``selfjudge bench kernels``)."""
+    """Command-line entry point (also used by ``selfjudge bench kernels``); returns {suite: payload}."""
+    from . import bench_fused_linear
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tokens", type=int, nargs="+", help="token counts N (default GPU: 4096 16384 32768)")
+    parser.add_argument("--suite", nargs="+", choices=SUITES, default=list(SUITES),
+                        help="logits: the logits-in kernel; fused_linear: hidden states in (bench_fused_linear.py)")
+    parser.add_argument("--tokens", type=int, nargs="*", help="token counts N timed (default GPU: 4096 16384 32768; "
+                        "fused_linear: 16384; an empty list: fused_linear times nothing, only the memory curve)")
+    parser.add_argument("--memory-tokens", type=int, nargs="+",
+                        help="fused_linear: token counts of the peak-memory curve (default GPU: 4096 .. 131072)")
     parser.add_argument("--vocab", type=int, help="vocabulary size V (default GPU: 152064)")
+    parser.add_argument("--hidden", type=int, help="fused_linear: hidden size H (default GPU: 3584)")
     parser.add_argument("--dtype", default="bfloat16", choices=tuple(DTYPES))
     parser.add_argument("--reps", type=int, help="timed repetitions per measurement (median reported)")
     parser.add_argument("--warmup", type=int, help="untimed repetitions first")
     parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON result")
-    parser.add_argument("--providers", nargs="+", choices=PROVIDERS, help="subset of providers to run")
-    parser.add_argument("--block-v", type=int, help="override the fused kernel's vocab block (tuning sweeps)")
+    parser.add_argument("--providers", nargs="+", help=f"subset of providers: logits {PROVIDERS}, "
+                        f"fused_linear {bench_fused_linear.PROVIDERS}")
+    parser.add_argument("--block-v", type=int, help="override the kernels' vocab block (tuning sweeps)")
+    parser.add_argument("--chunk-tokens", type=int, help="fused_linear: tokens per backward chunk")
     args = parser.parse_args(argv)
-    return run_kernel_bench(tokens=args.tokens, vocab=args.vocab, dtype=args.dtype, reps=args.reps,
-                            out_dir=args.out, providers=args.providers, warmup=args.warmup, block_v=args.block_v)
+    common = dict(vocab=args.vocab, dtype=args.dtype, reps=args.reps, out_dir=args.out, warmup=args.warmup,
+                  block_v=args.block_v)
+    wanted = lambda names: None if args.providers is None else [p for p in args.providers if p in names]  # noqa: E731
+    unknown = set(args.providers or ()) - set(PROVIDERS) - set(bench_fused_linear.PROVIDERS)
+    if unknown:
+        parser.error(f"unknown providers {sorted(unknown)}")
+    out = {}
+    # A suite none of whose providers were named is skipped.
+    if "logits" in args.suite and wanted(PROVIDERS) != []:
+        out["logits"] = run_kernel_bench(tokens=args.tokens, providers=wanted(PROVIDERS), **common)
+    if "fused_linear" in args.suite and wanted(bench_fused_linear.PROVIDERS) != []:
+        out["fused_linear"] = bench_fused_linear.run_fused_linear_bench(
+            tokens=args.tokens, memory_tokens=args.memory_tokens, hidden=args.hidden, chunk_tokens=args.chunk_tokens,
+            providers=wanted(bench_fused_linear.PROVIDERS), **common)
+    return out
 
 
 if __name__ == "__main__":

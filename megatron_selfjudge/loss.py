@@ -346,7 +346,11 @@ class LossImpl(abc.ABC):
                   old_logp: Optional[torch.Tensor], ref_logp: Optional[torch.Tensor], params: LossParams, *,
                   valid: Optional[torch.Tensor] = None, shard: VocabShard = VocabShard(),
                   entropy_grad: bool = False) -> TokenTerms:
-        """Per-token terms for N tokens ([N] inputs); ``valid`` None means every token counts."""
+        """Per-token terms for N tokens ([N] inputs); ``valid`` None means every token counts.
+
+        The kernels skip tokens with ``valid`` False (zero outputs and gradient); the reference
+        computes them too, so its callers zero masked tokens' inputs and weights (policy_loss does).
+        """
 
     @abc.abstractmethod
     def logprobs(self, source: Source, targets: torch.Tensor, temperature: float, *,
@@ -430,13 +434,13 @@ class _FusedLinear(LossImpl):
                   shard=VocabShard(), entropy_grad=False):
         hidden = _hidden_only(self, source)
         out = self._kernel().fused_linear_grpo_loss(
-            hidden.hidden, hidden.weight, targets, advantages, valid, old_logp, ref_logp, compute_entropy=True,
+            _in_weight_dtype(hidden), hidden.weight, targets, advantages, valid, old_logp, ref_logp, compute_entropy=True,
             tp_group=shard.group, vocab_start_index=shard.start, **_hyper(params))
         return self._terms_from_kernel(out, old_logp, params)
 
     def logprobs(self, source, targets, temperature, *, shard=VocabShard()):
         hidden = _hidden_only(self, source)
-        return self._kernel().fused_linear_logprobs(hidden.hidden, hidden.weight, targets, temperature,
+        return self._kernel().fused_linear_logprobs(_in_weight_dtype(hidden), hidden.weight, targets, temperature,
                                                     shard.group, shard.start)
 
 
@@ -450,6 +454,12 @@ def _hidden_only(impl: LossImpl, source: Source) -> HiddenStates:
     if not isinstance(source, HiddenStates):
         raise TypeError(f"loss impl {impl.name!r} takes HiddenStates(hidden, weight), got {type(source).__name__}")
     return source
+
+
+def _in_weight_dtype(source: HiddenStates) -> torch.Tensor:
+    """The hidden states in the weight's dtype: megatron's Float16Module hands the last stage's output
+    back in fp32, and bf16 -> fp32 -> bf16 is exact."""
+    return source.hidden.to(source.weight.dtype)
 
 
 LOSS_IMPLS: dict[str, LossImpl] = {impl.name: impl for impl in (_Reference(), _LogitsKernel(), _FusedLinear())}

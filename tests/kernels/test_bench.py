@@ -14,8 +14,8 @@ PHASES = ("forward", "backward", "fwd_bwd")
 @pytest.fixture(scope="module")
 def payload(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    return bench.main(["--tokens", "16", "24", "--vocab", "300", "--reps", "1", "--warmup", "0",
-                       "--providers", "fused", "eager", "liger", "--block-v", "128", "--out", str(out)])
+    return bench.main(["--suite", "logits", "--tokens", "16", "24", "--vocab", "300", "--reps", "1", "--warmup", "0",
+                       "--providers", "fused", "eager", "liger", "--block-v", "128", "--out", str(out)])["logits"]
 
 
 def test_json_is_written_with_device_versions_and_shapes(payload):
@@ -65,6 +65,8 @@ def test_bad_arguments_are_rejected(tmp_path):
         bench.run_kernel_bench(tokens=[4], vocab=10, dtype="int8", out_dir=tmp_path, show=False)
     with pytest.raises(SystemExit):
         bench.main(["--providers", "nope"])
+    with pytest.raises(SystemExit):
+        bench.main(["--suite", "everything"])
 
 
 def test_ulp_distance_counts_representable_values():

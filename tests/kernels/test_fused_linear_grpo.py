@@ -280,3 +280,23 @@ def test_cuda_bf16_long_sequence_matches_the_chain():
     for key in ("d_hidden", "d_weight"):
         largest = float(want[key].abs().max())
         assert float((got[key].float() - want[key]).abs().max()) <= 4 * largest * torch.finfo(torch.bfloat16).eps, key
+
+
+def test_registry_impl_takes_fp32_hidden_with_a_bf16_weight():
+    """megatron's Float16Module returns the last stage's output in fp32: the impl casts it back exactly."""
+    batch, upstream = make_batch(dtype=torch.bfloat16, seed=11)
+    impl = ref_loss.LOSS_IMPLS["fused_linear"]
+    params = ref_loss.LossParams(temperature=0.9)
+    grads = []
+    for hidden in (batch["hidden"], batch["hidden"].float()):
+        leaf = hidden.clone().requires_grad_()
+        terms = impl.per_token(ref_loss.HiddenStates(leaf, batch["weight"]), batch["targets"], batch["advantages"],
+                               batch["old_logp"], batch["ref_logp"], params, valid=batch["mask"])
+        (terms.loss * upstream).sum().backward()
+        grads.append((terms.loss.detach(), leaf.grad))
+    assert grads[1][1].dtype == torch.float32
+    torch.testing.assert_close(grads[1][0], grads[0][0], atol=0, rtol=0)
+    torch.testing.assert_close(grads[1][1], grads[0][1].float(), atol=0, rtol=0)
+    logp = impl.logprobs(ref_loss.HiddenStates(batch["hidden"].float(), batch["weight"]), batch["targets"], 0.9)
+    same = impl.logprobs(ref_loss.HiddenStates(batch["hidden"], batch["weight"]), batch["targets"], 0.9)
+    torch.testing.assert_close(logp, same, atol=0, rtol=0)
