@@ -53,6 +53,12 @@ if [ -n "$FETCH" ]; then
   if [ "$LEAN" = 1 ]; then
     mapfile -t wanted < <(printf '%s\n' "${wanted[@]}" | grep -viE '^(numpy|pillow|pyarrow)([<>=]|$)')
   fi
+  # A lower bound is fetched at the exact version constraints.txt pins (the tested one).
+  for i in "${!wanted[@]}"; do
+    name=${wanted[$i]%%[<>=]*}
+    pinned=$(grep -iE "^${name}==" constraints.txt || true)
+    [ -n "$pinned" ] && wanted[i]=$pinned
+  done
   # setuptools builds this project's own wheel (pip's build isolation takes it from the wheelhouse too).
   "${pip_cmd[@]}" "${args[@]}" "${wanted[@]}" setuptools==84.2.1
   du -sh "$FETCH"
