@@ -1,4 +1,4 @@
-"""Group-relative advantage estimators (ALGORITHM.md section 5), in a registry keyed by name.
+"""Group-relative advantage estimators (docs/method.md, "Advantages"), in a registry keyed by name.
 
 One group = one prompt's rollouts, keyed by a uid. Every estimator works in float64 on the
 rewards of each group and returns fp32:

@@ -5,8 +5,10 @@ an optional YAML file, and ``key=value`` overrides on the command line whose key
 dotted paths of the dataclasses (``loss.beta_kl=0.02``). OmegaConf structured configs do
 the merging, the unknown-key and the type checks; :func:`validate` adds range checks.
 
-The defaults are the paper's (ALGORITHM.md): Qwen2.5-VL-7B scale, 512 prompts x 8 rollouts.
-The embedded CPU default (``configs/tiny.yaml``) overrides only what it must.
+The method's defaults are the paper's (docs/method.md): 512 prompts x 8 rollouts per step, its
+rewards, calibration, advantages, loss and optimiser; the model's size defaults to the tiny
+preset. The embedded CPU default (``configs/tiny.yaml``) lists only what differs from these
+dataclasses, and docs/method.md's defaults table is generated from them (``docs_table.py``).
 
 Validation rules beyond the per-key ranges (every failure is a one-line ConfigError naming the
 key or the file; ``selfjudge config check`` prints it, or the resolved YAML):

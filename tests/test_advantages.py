@@ -15,7 +15,7 @@ FP32_MAX = float(np.finfo(np.float32).max)
 
 
 def numpy_reference(rewards, groups, estimator, temperature=1.0, center=True, eps=1e-6):
-    """Loop-per-group float64 implementation written straight from ALGORITHM.md section 5."""
+    """Loop-per-group float64 implementation written straight from the formulas (docs/method.md, "Advantages")."""
     r, g = np.asarray(rewards, dtype=np.float64), np.asarray(groups)
     out = np.zeros_like(r)
     for uid in np.unique(g):

@@ -1,4 +1,4 @@
-"""One entry point for every reward mode of ALGORITHM.md section 3, computed per prompt group.
+"""One entry point for every reward mode (docs/method.md, "Rewards"), computed per prompt group.
 
 Rows are trajectories in any order; `group_ids` holds each row's prompt uid (any hashable);
 groups may have any size. Modes live in `REWARD_MODES` (name -> RewardMode: its function and

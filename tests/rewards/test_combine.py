@@ -14,7 +14,7 @@ FORMAT_RE = re.compile(r"<think>.*</think>.*\\boxed\{.*\}.*", re.DOTALL)  # the 
 
 
 def g_ref(s):
-    """ALGORITHM.md's g(s) with its defaults, written out independently."""
+    """The method's g(s) with its defaults, written out independently."""
     sig = lambda x: 1.0 / (1.0 + math.exp(-x))  # noqa: E731
     return min(1.2, max(0.8, 1 + 0.2 * sig((s - 0.95) / 0.02) - 0.2 * sig((0.40 - s) / 0.05)))
 

@@ -12,7 +12,7 @@ from megatron_selfjudge.rewards.judge import (
     CRITERIA_WEIGHTS, build_judge_prompt, calibrate, parse_judge_output, resolve_judge_scores,
 )
 
-# ALGORITHM.md's check values, to the precision printed there.
+# The method's check values of g(s) (docs/method.md), to the precision printed there.
 CHECK_VALUES = [(0.0, 0.8001, 4), (0.4, 0.90, 2), (0.5, 0.976, 3), (0.95, 1.10, 2), (1.0, 1.1848, 4)]
 
 
