@@ -106,7 +106,7 @@ def main(config: Optional[str], overrides: Sequence[str]) -> int:
     cfg = load_config(config, overrides)
     vocab = preflight.policy_vocab_size(cfg)
     checks = preflight.launch_checks(cfg, platform, vocab)
-    estimate = preflight.estimate_memory(cfg, preflight.parameter_count(cfg, vocab), vocab, platform.world_size)
+    estimate = preflight.memory_estimate(cfg, vocab, platform.world_size)
     layout, others = [_layout_row()], []
     created = False
     if platform.world_size > 1 and all(c.ok for c in checks):

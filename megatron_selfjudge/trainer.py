@@ -22,7 +22,6 @@ DP=1 run does; only the loss normaliser and the logged metrics cross ranks.
 """
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -36,11 +35,9 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from megatron_selfjudge.config import Config, to_yaml
+from megatron_selfjudge.config import Config, to_yaml, uses_generative_judge
 from megatron_selfjudge.metrics import MetricsWriter
 
-_PARAMS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-IMAGE_TOKEN_INDEX = -200  # LLaVAModel's placeholder id in input_ids
 
 
 # --- process / rank set-up ------------------------------------------------------------------
@@ -147,39 +144,7 @@ class PromptSampler:
         return {"epoch": self.epoch, "offset": self.offset}
 
 
-# --- models ---------------------------------------------------------------------------------
-
-def uses_generative_judge(cfg: Config) -> bool:
-    """Whether the rewards need the frozen model to write rubric judgements."""
-    return cfg.reward.mode in ("judge", "judge_raw") and cfg.judge.kind == "generative"
-
-
-def model_builder(cfg: Config, vocab_size: int) -> Callable[[], torch.nn.Module]:
-    """A zero-argument builder of this rank's stage of the policy (also used for frozen copies)."""
-    from megatron.core import parallel_state
-    from megatron_selfjudge.megatron import models
-
-    m = cfg.model
-    text_len = cfg.rollout.max_prompt_len + cfg.rollout.max_response_len
-    if uses_generative_judge(cfg):  # the Judge is a copy of this model: its context must fit too
-        text_len = max(text_len, cfg.judge.max_prompt_len + cfg.judge.max_tokens)
-    common = dict(vocab_size=vocab_size, num_layers=m.num_layers, hidden_size=m.hidden_size,
-                  num_attention_heads=m.num_attention_heads, ffn_hidden_size=m.ffn_hidden_size,
-                  max_seq_len=text_len + (m.image_size // m.patch_size) ** 2,
-                  pre_process=parallel_state.is_pipeline_first_stage(),
-                  post_process=parallel_state.is_pipeline_last_stage(),
-                  transformer_impl=m.transformer_impl, params_dtype=_PARAMS_DTYPES[m.params_dtype],
-                  seed=cfg.trainer.seed)
-    if m.preset == "tiny-llava":
-        return functools.partial(models.build_tiny_llava, vision_num_layers=m.vision_num_layers,
-                                 vision_hidden_size=m.vision_hidden_size,
-                                 **models.tiny_vit_dims(m.vision_hidden_size), img_size=m.image_size,
-                                 patch_dim=m.patch_size, image_token_index=IMAGE_TOKEN_INDEX, **common)
-    if m.preset == "tiny-gpt":
-        return functools.partial(models.build_gpt, **common)
-    raise ValueError(f"model.preset={m.preset!r}: this build knows 'tiny-llava' and 'tiny-gpt'; "
-                     "HF checkpoints (Qwen2.5-VL via mbridge) come with the mbridge integration")
-
+# --- optimizer state -----------------------------------------------------------------------
 
 def reset_optimizer_state(optimizer: Any) -> None:
     """Forget Adam moments (the UPT stage starts its optimizer afresh after SFT)."""
@@ -204,7 +169,7 @@ class Trainer:
     """Holds the run's components; `run()` executes SFT, evaluation, UPT steps, evaluation."""
 
     def __init__(self, cfg: Config):
-        from megatron_selfjudge.data.tokenizer import CharTokenizer
+        from megatron_selfjudge.megatron.models.family import build_family
         from megatron_selfjudge.megatron.optimizer import build_optimizer
         from megatron_selfjudge.rollout.base import build_engine
         from megatron_selfjudge.rollout.weight_sync import WeightSync
@@ -215,10 +180,10 @@ class Trainer:
         self.ckpt_root = self.run_dir / "checkpoints"
         self.log = _Printer(self.main)
         self.task = load_task(cfg)
-        self.text_only = cfg.model.preset == "tiny-gpt"
-        self.tokenizer = CharTokenizer()
+        self.family = build_family(cfg)  # tokenizer, prompts, images and the module builder
+        self.tokenizer = self.family.tokenizer
         self.check_prompt_lengths()
-        self.build = model_builder(cfg, self.tokenizer.vocab_size)
+        self.build = self.family.builder()
         self.policy = self.build()
         o = cfg.optim
         self.ddp, self.optimizer = build_optimizer(
@@ -233,17 +198,17 @@ class Trainer:
         self.state: dict = {"phase": "sft", "sft_step": 0, "step": 0, "evals": {}, "skipped_steps": 0,
                             "policy_version": 0}
         self.initial = None  # FrozenModel: reference + Judge
+        self.offload_frozen = cfg.trainer.offload_frozen and torch.cuda.is_available()
         self.metrics = MetricsWriter(self.run_dir, enabled=self.main)
 
     # ---- prompts and batches ----
     def encode(self, question: str, n_images: int, instruction: Optional[str] = None,
                limit_key: str = "rollout.max_prompt_len") -> list[int]:
-        """Prompt token ids: [bos] + image placeholders + question + instruction, length-checked."""
-        from megatron_selfjudge.data import collate, prompts
+        """Prompt token ids in the model family's format (question, instruction, image placeholders), length-checked."""
+        from megatron_selfjudge.data import prompts
 
         text_instruction = prompts.get_instruction(self.cfg.data.instruction) if instruction is None else instruction
-        ids = collate.encode_prompt(question, n_images, self.tokenizer, image_token_id=IMAGE_TOKEN_INDEX,
-                                    instruction=text_instruction)
+        ids = self.family.prompt_ids(question, n_images, text_instruction)
         section, key = limit_key.split(".")
         limit = getattr(getattr(self.cfg, section), key)
         if len(ids) > limit:
@@ -251,12 +216,8 @@ class Trainer:
         return ids
 
     def images_of(self, record) -> Optional[torch.Tensor]:
-        """Preprocessed images [N, C, H, W] of a record (None for a text-only policy)."""
-        from megatron_selfjudge.data.collate import image_to_tensor
-
-        if self.text_only:
-            return None
-        return torch.stack([image_to_tensor(img, self.cfg.model.image_size) for img in record.images])
+        """Preprocessed images of a record, as the model family wants them (None for a text-only policy)."""
+        return self.family.images(record.images)
 
     def requests(self, records: Sequence) -> list:
         """Rollout requests (uid = record uid) for records."""
@@ -267,7 +228,7 @@ class Trainer:
 
     def num_images(self, record) -> int:
         """Image placeholders in the record's prompt (0 for a text-only policy)."""
-        return 0 if self.text_only else len(record.images)
+        return self.family.num_images(record.images)
 
     def check_prompt_lengths(self) -> None:
         """Refuse, before any training, a prompt longer than rollout.max_prompt_len (names file and row)."""
@@ -287,7 +248,7 @@ class Trainer:
         from megatron_selfjudge.megatron.batching import PolicyBatch
 
         seqs = build_sequences(prompt_ids, response_ids, self.tokenizer.pad_token_id)
-        if self.text_only:
+        if not self.family.multimodal:
             return PolicyBatch.from_sequences(seqs, advantages.float())
         return PolicyBatch.from_sequences(seqs, advantages.float(), images=torch.cat(list(images)),
                                           num_images=torch.tensor([im.shape[0] for im in images]))
@@ -455,9 +416,10 @@ class Trainer:
         # At temperature 1 the reference log-probs are also the likelihood Judge's: compute once.
         judge_reuses_ref = (cfg.reward.mode in ("judge", "judge_raw") and cfg.judge.kind == "likelihood"
                             and r.temperature == 1.0)
-        ref = self.initial.logprobs(batch, temperature=r.temperature, max_tokens=mb, shard_data_parallel=False) \
-            if cfg.loss.beta_kl > 0 or judge_reuses_ref else None
-        scores = self.judge_scores(records, trajs, batch, ref)
+        with self.initial.use():  # on GPU the frozen copy is in host memory except here
+            ref = self.initial.logprobs(batch, temperature=r.temperature, max_tokens=mb, shard_data_parallel=False) \
+                if cfg.loss.beta_kl > 0 or judge_reuses_ref else None
+            scores = self.judge_scores(records, trajs, batch, ref)
         rewards, res = self.rewards(records, trajs, scores)
         gids = [x.uid for x in trajs]
         a = cfg.advantage
@@ -567,7 +529,7 @@ class Trainer:
             if not from_disk:
                 save_checkpoint(init_root, 0, self.ddp, None, {"what": "initial policy: reference and Judge"},
                                 keep_last=1)
-                self.initial = frozen_copy(self.policy, self.build)
+                self.initial = frozen_copy(self.policy, self.build, self.offload_frozen)
             else:  # resumed mid-run: the policy has moved on, so the copy can only come from disk
                 path = require_initial_copy(init_root, self.state["step"], latest_checkpoint(init_root))
                 module = self.build()
@@ -576,7 +538,7 @@ class Trainer:
                 except CheckpointDamaged as exc:
                     raise RunStateError(f"the frozen initial copy (reference and Judge) is damaged: {exc}") \
                         from None
-                self.initial = frozen_copy(module, self.build)
+                self.initial = frozen_copy(module, self.build, self.offload_frozen)
         if uses_generative_judge(self.cfg):
             from megatron_selfjudge.rollout.base import build_engine
 

@@ -1,12 +1,15 @@
 """Running a megatron-core policy on a PolicyBatch: stage forward, label positions, forward-only log-probs.
 
-Where a label's logits live. For a GPT the logits at text position t predict labels[t]. For
-LLaVA each image placeholder is replaced by `image_seq_len` embeddings, so text position t sits
+What is model-specific (the module's forward, its placeholder id, how many decoder positions an
+image placeholder expands to) comes from the module's model family (megatron/models/family.py).
+
+Where a label's logits live. Without expansion the logits at text position t predict labels[t].
+When each image placeholder is replaced by `image_seq_len` embeddings, text position t sits
 at decoder position `cumsum(span)[t] - 1` (span = image_seq_len for a placeholder, else 1): the
 LAST position of token t's span, which is exactly the position whose logits predict the token
 after t (an image's last embedding predicts the text that follows it). Losses are computed on
 the logits gathered at those positions for response labels only, so prompt and image positions
-never enter the loss. LLaVA and GPT logits both come back batch-first, [b, s, V/tp].
+never enter the loss. Every family's logits come back batch-first, [b, s, V/tp].
 
 `compute_logprobs` is the forward-only path for old/reference log-probs and for a likelihood
 judge: rows are split over data-parallel ranks, cut into token-budget micro-batches, run through
@@ -15,7 +18,6 @@ result to the other stages and the DP shards are all-gathered, so every rank ret
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from contextlib import contextmanager, nullcontext
 from typing import Callable, Iterator, Optional
 
@@ -24,53 +26,19 @@ import torch.distributed as dist
 
 from megatron_selfjudge import loss as loss_ref
 from megatron_selfjudge.megatron.batching import PolicyBatch, data_parallel_shard, micro_batches_by_tokens
-
-DEFAULT_IMAGE_TOKEN_INDEX = -200
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What the data path needs to know about a (possibly wrapped) megatron model on this rank."""
-
-    is_llava: bool
-    image_token_index: int  # placeholder id in tokens (unused for GPT)
-    image_seq_len: int  # decoder positions per image (0 for GPT)
-    max_seq_len: Optional[int]  # LLaVA decoder cap (it truncates beyond it); None for GPT
-    pipeline_parallel: bool
-    device: torch.device
-    dtype: torch.dtype
+from megatron_selfjudge.megatron.models.family import ModelInfo, family_of
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     """The bare megatron model inside DDP / Float16Module wrappers."""
-    from megatron.core.distributed import DistributedDataParallel
-    from megatron.core.transformer.module import Float16Module
+    from megatron.core.utils import unwrap_model as megatron_unwrap
 
-    while isinstance(model, (DistributedDataParallel, Float16Module)):
-        model = model.module
-    return model
+    return megatron_unwrap(model)
 
 
 def model_info(model: torch.nn.Module) -> ModelInfo:
-    """Describe `model` (GPTModel or LLaVAModel, bare or wrapped) for batching and loss code."""
-    from megatron.core import parallel_state
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.multimodal.llava_model import LLaVAModel
-
-    bare = unwrap_model(model)
-    if not isinstance(bare, (GPTModel, LLaVAModel)):
-        raise TypeError(f"model must be a megatron-core GPTModel or LLaVAModel, got {type(bare).__name__}")
-    param = next(bare.parameters())
-    is_llava = isinstance(bare, LLaVAModel)
-    return ModelInfo(
-        is_llava=is_llava,
-        image_token_index=bare.image_token_index if is_llava else DEFAULT_IMAGE_TOKEN_INDEX,
-        image_seq_len=bare.img_seq_len if is_llava else 0,
-        max_seq_len=bare._language_max_sequence_length if is_llava else None,
-        pipeline_parallel=parallel_state.get_pipeline_model_parallel_world_size() > 1,
-        device=param.device,
-        dtype=param.dtype,
-    )
+    """Describe `model` (bare or wrapped) for batching and loss code: asks its model family."""
+    return family_of(model)
 
 
 def label_positions(tokens: torch.Tensor, image_token_index: int, image_seq_len: int) -> torch.Tensor:
@@ -82,7 +50,7 @@ def label_positions(tokens: torch.Tensor, image_token_index: int, image_seq_len:
 
 
 def check_fits(batch: PolicyBatch, info: ModelInfo) -> None:
-    """Refuse rows that the LLaVA decoder would silently truncate."""
+    """Refuse rows that a decoder with a length cap (images expanded) would silently truncate."""
     if info.max_seq_len is None:
         return
     longest = int(batch.token_costs(info.image_token_index, info.image_seq_len).max())
@@ -159,23 +127,6 @@ def bypass_output_layer(model: torch.nn.Module) -> Iterator[_OutputLayerBypass]:
         del layer.forward
 
 
-def _run_model(model: torch.nn.Module, micro: PolicyBatch, info: ModelInfo) -> torch.Tensor:
-    positions = torch.arange(micro.tokens.shape[1], device=info.device).expand_as(micro.tokens)
-    if not info.is_llava:
-        return model(micro.tokens, positions, None)
-    placeholders = int((micro.tokens == info.image_token_index).sum())
-    images = micro.images
-    if images is None:
-        images = torch.zeros(0, 3, 1, 1)  # LLaVAModel needs a tensor even when there is no image
-    if images.shape[0] != placeholders:
-        raise ValueError(f"tokens hold {placeholders} image placeholders ({info.image_token_index}) but the "
-                         f"batch has {images.shape[0]} images")
-    images = images.to(device=info.device, dtype=info.dtype)
-    num_tiles = torch.ones(images.shape[0], dtype=torch.int, device=info.device)
-    output, _ = model(images, micro.tokens, positions, None, num_image_tiles=num_tiles)
-    return output
-
-
 def stage_forward(model: torch.nn.Module, micro: PolicyBatch, info: ModelInfo,
                   from_hidden: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """This pipeline stage's output for one micro-batch, and the output weight when ``from_hidden``.
@@ -187,7 +138,7 @@ def stage_forward(model: torch.nn.Module, micro: PolicyBatch, info: ModelInfo,
 
     bypass = from_hidden and parallel_state.is_pipeline_last_stage()
     with bypass_output_layer(model) if bypass else nullcontext() as layer:
-        output = _run_model(model, micro, info)
+        output = info.family.run(model, micro, info)
     return output, (layer.weight if bypass else None)
 
 
@@ -228,7 +179,8 @@ def run_schedule(model: torch.nn.Module, micro_batches: list[PolicyBatch], forwa
         # Token-budget micro-batches differ in shape; stages exchange shapes before activations.
         get_model_config(model).variable_seq_lengths = True
     lengths = [int(m.token_costs(info.image_token_index, info.image_seq_len).max()) for m in micro_batches]
-    seq_length = info.max_seq_len if (info.is_llava and info.pipeline_parallel) else max(lengths)
+    # A decoder with a length cap pads every stage's activations to it under pipeline parallelism.
+    seq_length = info.max_seq_len if (info.max_seq_len is not None and info.pipeline_parallel) else max(lengths)
     return get_forward_backward_func()(
         forward_step_func=forward_step_func, data_iterator=iter(micro_batches), model=[model],
         num_microbatches=len(micro_batches), seq_length=seq_length,
@@ -327,9 +279,3 @@ def compute_logprobs(
     if shard_data_parallel:
         result = _gather_data_parallel(result, batch.size)
     return result
-
-
-def sequence_logprobs(model: torch.nn.Module, batch: PolicyBatch, *, temperature: float = 1.0,
-                      max_tokens: int = 4096, impl: str = "auto") -> torch.Tensor:
-    """fp32 [B]: summed log-prob of each row's masked labels (a likelihood judge's score)."""
-    return compute_logprobs(model, batch, temperature=temperature, max_tokens=max_tokens, impl=impl).sum(dim=1)

@@ -8,6 +8,7 @@ how one GPU fits policy + reference + Judge for a 7B model.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Iterator
 
 import torch
@@ -17,11 +18,16 @@ from megatron_selfjudge.megatron.forward import compute_logprobs, unwrap_model
 
 
 class FrozenModel:
-    """A no-grad, eval-mode megatron model with explicit offload()/onload() between uses."""
+    """A no-grad, eval-mode megatron model with explicit offload()/onload() between uses.
 
-    def __init__(self, module: torch.nn.Module):
+    With `offload_between_uses`, `use()` brings the weights in for a block and sends them back to
+    host memory after it (the trainer does this around the reference and Judge stages on GPU).
+    """
+
+    def __init__(self, module: torch.nn.Module, offload_between_uses: bool = False):
         self.module = module
         self.device = next(module.parameters()).device
+        self.offload_between_uses = offload_between_uses
         self._offloaded = False
         module.eval()
         for param in module.parameters():
@@ -59,6 +65,16 @@ class FrozenModel:
             torch.cuda.synchronize(self.device)
         self._offloaded = False
 
+    @contextlib.contextmanager
+    def use(self) -> Iterator["FrozenModel"]:
+        """The weights on their device for the block; offloaded again after it when offloading between uses."""
+        self.onload()
+        try:
+            yield self
+        finally:
+            if self.offload_between_uses:
+                self.offload()
+
     def logprobs(self, batch: PolicyBatch, **kwargs) -> torch.Tensor:
         """forward.compute_logprobs with this model (reference log-probs, likelihood-judge scores)."""
         if self._offloaded:
@@ -73,7 +89,8 @@ class FrozenModel:
             return self.module(*args, **kwargs)
 
 
-def frozen_copy(policy: torch.nn.Module, build: Callable[[], torch.nn.Module]) -> FrozenModel:
+def frozen_copy(policy: torch.nn.Module, build: Callable[[], torch.nn.Module],
+                offload_between_uses: bool = False) -> FrozenModel:
     """A FrozenModel holding `policy`'s current weights, built by `build()` (the policy's builder).
 
     `build` must create the same architecture on this rank's TP/PP stage (e.g. a functools.partial
@@ -91,4 +108,7 @@ def frozen_copy(policy: torch.nn.Module, build: Callable[[], torch.nn.Module]) -
         if isinstance(value, torch.Tensor) and value.shape != source_state[name].shape:
             raise ValueError(f"{name}: shape {tuple(value.shape)} != policy's {tuple(source_state[name].shape)}")
     module.load_state_dict(source_state, strict=True)  # copies: the policy's storage is not shared
-    return FrozenModel(module)
+    frozen = FrozenModel(module, offload_between_uses)
+    if offload_between_uses:
+        frozen.offload()
+    return frozen

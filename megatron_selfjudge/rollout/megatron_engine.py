@@ -11,9 +11,9 @@ What is megatron-core's and what is ours:
   follows the same schedule (prefill up to the shortest prompt, then one position per step, the
   longer prompts feeding their own tokens until they start generating), so no padding mask is
   ever needed, and adds what RL needs (see `generate`).
-- LLaVA: `VLMInferenceWrapper` sizes the KV-cache offset with the image count of the whole
-  batch (correct only for batch size 1), so `_LlavaWrapper` subclasses the GPT wrapper and
-  advances the offset by one row's image embeddings instead.
+- the model itself: its model family (megatron/models/family.py) says where the vocabulary and
+  length cap live, which id marks an image, how many decoder positions an image takes, and which
+  inference wrapper runs it (the tiny LLaVA's is in megatron/models/tiny.py).
 
 Sampling is deterministic per sample and identical on every rank of a model-parallel group:
 every sampled sequence has its own CPU generator seeded by (seed, uid, sample index)
@@ -32,6 +32,8 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from megatron_selfjudge.megatron import cpu
+from megatron_selfjudge.megatron.forward import unwrap_model
+from megatron_selfjudge.megatron.models.family import family_of
 from megatron_selfjudge.rollout.base import (
     RolloutEngine,
     RolloutRequest,
@@ -108,80 +110,8 @@ class _BatchState:
                 for i, n in enumerate(self.n_gen.tolist())]
 
 
-def _unwrap(model: Any) -> Any:
-    from megatron.core.utils import unwrap_model
-
-    return unwrap_model(model)
-
-
-def _is_llava(model: Any) -> bool:
-    from megatron.core.models.multimodal.llava_model import LLaVAModel
-
-    return isinstance(_unwrap(model), LLaVAModel)
-
-
-def _language_model(model: Any) -> Any:
-    inner = _unwrap(model)
-    return inner.language_model if _is_llava(model) else inner
-
-
-@functools.lru_cache(maxsize=None)
-def _wrapper_classes():
-    """(GPT wrapper, LLaVA wrapper), defined on first use so importing this module stays light."""
-    from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper import (
-        GPTInferenceWrapper,
-    )
-
-    class _LlavaWrapper(GPTInferenceWrapper):
-        """GPT wrapper for LLaVAModel: images on the prefill step, per-row image KV offsets."""
-
-        def set_images(self, images: torch.Tensor, image_token_index: int, extra_per_row: int) -> None:
-            """Images [sum of images, C, H, W] in row order; extra_per_row = embeddings - tokens."""
-            self._images = images
-            self._num_tiles = torch.ones(images.shape[0], dtype=torch.int, device=images.device)
-            self._image_token_index = image_token_index
-            self._extra_per_row = extra_per_row
-
-        def _forward(self, inference_input: dict) -> torch.Tensor:
-            tokens = inference_input["tokens"]
-            if not bool((tokens == self._image_token_index).any()):
-                # No image in this window: run the decoder alone. LLaVAModel's KV-cache branch
-                # hands the decoder [batch, seq, h] embeddings where it expects [seq, batch, h],
-                # which is only right for batch size 1.
-                return _unwrap(self.model).language_model(
-                    tokens, inference_input["position_ids"], None,
-                    inference_context=self.inference_context, runtime_gather_output=True,
-                )
-            out = self.model(
-                self._images,
-                tokens,
-                position_ids=inference_input["position_ids"],
-                attention_mask=None,
-                inference_context=self.inference_context,
-                num_image_tiles=self._num_tiles,
-                runtime_gather_output=True,
-            )
-            return out[0] if isinstance(out, tuple) else out
-
-        def run_one_forward_step(self, inference_input: dict, recv_buffer_seq_len=None) -> torch.Tensor:
-            tokens = inference_input["tokens"]
-            has_images = bool((tokens == self._image_token_index).any())
-            # Each image token expands to img_seq_len embeddings in the decoder's sequence.
-            seq_len = tokens.size(1) + (self._extra_per_row if has_images else 0)
-            offset = self.inference_context.sequence_len_offset
-            logits = super().run_one_forward_step(inference_input, recv_buffer_seq_len=seq_len)
-            self.inference_context.sequence_len_offset = offset + seq_len
-            if has_images:
-                # Later steps must skip the vision tower on every stage, not only the first one
-                # (LLaVA sets this key only where the encoder lives).
-                self.inference_context.key_value_memory_dict["image_tokens_count"] = self._extra_per_row
-            return logits
-
-    return GPTInferenceWrapper, _LlavaWrapper
-
-
 class MegatronRolloutEngine(RolloutEngine):
-    """In-process rollouts from a megatron-core GPTModel or LLaVAModel (this rank's TP/PP shard).
+    """In-process rollouts from this rank's TP/PP shard of any model family's megatron module.
 
     The engine holds a reference to the policy module, so optimizer steps are seen by the next
     generate() without any copy (`shares_weights`: update_weights only records the version). The
@@ -212,6 +142,8 @@ class MegatronRolloutEngine(RolloutEngine):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a megatron-core module, got {type(model).__name__}")
         self.model = model
+        self.info = family_of(model)
+        self._language = self.info.family.language_model(unwrap_model(model))
 
     # ---- RolloutEngine ----
     def close(self) -> None:
@@ -274,29 +206,29 @@ class MegatronRolloutEngine(RolloutEngine):
         return images
 
     def _rows(self, requests: Sequence[RolloutRequest], n: int) -> list[_Row]:
-        llava = _is_llava(self.model)
-        image_index = _unwrap(self.model).image_token_index if llava else None
-        vocab = _language_model(self.model).vocab_size
+        multimodal = self.info.multimodal
+        image_index = self.info.image_token_index if multimodal else None
+        vocab = self._language.vocab_size
         rows = []
         for r, req in enumerate(requests):
             bad = [t for t in req.prompt_ids if not (0 <= t < vocab or t == image_index)]
             if bad:
                 raise ValueError(f"request {req.uid!r}: prompt id {bad[0]} outside the model vocabulary "
                                  f"[0, {vocab})")
-            n_img = sum(t == image_index for t in req.prompt_ids) if llava else 0
-            if not llava and req.images is not None:
+            n_img = sum(t == image_index for t in req.prompt_ids) if multimodal else 0
+            if not multimodal and req.images is not None:
                 raise ValueError(f"request {req.uid!r} has images but the model is text-only")
-            images = self._images_of(req, n_img) if llava else None
+            images = self._images_of(req, n_img) if multimodal else None
             rows.extend(_Row(r, s, req.uid, list(req.prompt_ids), images) for s in range(n))
         return rows
 
     def _extra_per_row(self, row: _Row) -> int:
         if row.images is None:
             return 0
-        return row.images.shape[0] * (_unwrap(self.model).img_seq_len - 1)
+        return row.images.shape[0] * max(self.info.image_seq_len - 1, 0)
 
     def _check_lengths(self, rows: list[_Row], max_new: int) -> None:
-        limit = _language_model(self.model).max_sequence_length
+        limit = self._language.max_sequence_length
         for row in rows:
             total = len(row.prompt) + max_new + self._extra_per_row(row)
             if total > limit:
@@ -322,7 +254,6 @@ class MegatronRolloutEngine(RolloutEngine):
         )
         from megatron.core.utils import get_model_config
 
-        gpt_wrapper, llava_wrapper = _wrapper_classes()
         config = get_model_config(self.model)
         extra = self._extra_per_row(batch[0])
         wrapper_config = InferenceWrapperConfig(
@@ -330,26 +261,20 @@ class MegatronRolloutEngine(RolloutEngine):
             params_dtype=config.params_dtype,
             # -1: never split the batch into pipeline micro-batches; one forward per stage.
             inference_batch_times_seqlen_threshold=-1,
-            padded_vocab_size=_language_model(self.model).vocab_size,
+            padded_vocab_size=self._language.vocab_size,
             inference_max_requests=len(batch),
             inference_max_seq_length=total_len + extra,
             fp32_residual_connection=config.fp32_residual_connection,
         )
         context = StaticInferenceContext(len(batch), total_len + extra)
-        if not _is_llava(self.model):
-            return gpt_wrapper(self.model, wrapper_config, context)
-        wrapper = llava_wrapper(self.model, wrapper_config, context)
-        if extra:
-            images = torch.cat([row.images for row in batch]).to(device=device, dtype=config.params_dtype)
-        else:
-            images = torch.empty(0, dtype=config.params_dtype, device=device)
-        wrapper.set_images(images, _unwrap(self.model).image_token_index, extra)
-        return wrapper
+        # Rows of a batch hold the same number of images (see _batches), so all or none have some.
+        images = torch.cat([row.images for row in batch]) if batch[0].images is not None else None
+        return self.info.family.inference_wrapper(self.model, wrapper_config, context, images, extra)
 
     def _check_image_positions(self, batch: list[_Row], prefill_len: int) -> None:
-        if not _is_llava(self.model):
+        if not self.info.multimodal:
             return
-        index = _unwrap(self.model).image_token_index
+        index = self.info.image_token_index
         for row in batch:
             if any(t == index for t in row.prompt[prefill_len:]):
                 raise ValueError(

@@ -138,16 +138,13 @@ def check_prompt_split(mini_batch_prompts: int, tp: int, pp: int, world_size: in
 
 def check_split(cfg: Config, vocab_size: int) -> str:
     """Megatron splits heads, FFN width and vocabulary evenly over tp ranks and layers over pp stages."""
-    from megatron_selfjudge.megatron.models import tiny_vit_dims
+    from megatron_selfjudge.megatron.models.family import build_family
 
     m, tp, pp = cfg.model, cfg.parallel.tp, cfg.parallel.pp
     splits = [(f"model.num_attention_heads={m.num_attention_heads}", m.num_attention_heads, "parallel.tp", tp),
               (f"model.ffn_hidden_size={m.ffn_hidden_size}", m.ffn_hidden_size, "parallel.tp", tp),
               (f"model.num_layers={m.num_layers}", m.num_layers, "parallel.pp", pp)]
-    if m.preset == "tiny-llava":  # the ViT is tensor-parallel too; its head count follows its width
-        heads = tiny_vit_dims(m.vision_hidden_size)["vision_num_attention_heads"]
-        splits.append((f"the ViT's {heads} heads (model.vision_hidden_size={m.vision_hidden_size} / 16)", heads,
-                       "parallel.tp", tp))
+    splits += [(what, count, "parallel.tp", tp) for what, count in build_family(cfg).tensor_parallel_splits()]
     for what, value, key, by in splits:
         if value % by:
             raise PreflightError(f"{what} is not divisible by {key}={by}")
@@ -216,10 +213,10 @@ def check_gpus(cuda: bool, gpu_count: int, local_world_size: int, local_rank: in
 
 
 def policy_vocab_size(cfg: Config) -> int:
-    """Vocabulary the policy is built with (the character tokenizer of the tiny presets)."""
-    from megatron_selfjudge.data.tokenizer import CharTokenizer
+    """Vocabulary the policy is built with (its model family's tokenizer)."""
+    from megatron_selfjudge.megatron.models.family import build_family
 
-    return CharTokenizer().vocab_size
+    return build_family(cfg).tokenizer.vocab_size
 
 
 def launch_checks(cfg: Config, platform: Platform, vocab_size: int) -> list[Check]:
@@ -240,34 +237,18 @@ def launch_checks(cfg: Config, platform: Platform, vocab_size: int) -> list[Chec
 
 # --- memory estimate ------------------------------------------------------------------------
 
-def _layer_params(hidden: int, ffn: int) -> int:
-    # Local-spec layer: two LayerNorms (weight+bias), QKV and output projections, a two-layer MLP, all with bias.
-    return 4 * hidden * hidden + 2 * hidden * ffn + 9 * hidden + ffn
-
-
 def image_tokens(cfg: Config) -> int:
-    """Embeddings one image adds to a sequence (0 for the text-only preset)."""
-    m = cfg.model
-    return (m.image_size // m.patch_size) ** 2 if m.preset == "tiny-llava" else 0
+    """Decoder positions one image adds to a sequence (its model family's answer)."""
+    from megatron_selfjudge.megatron.models.family import build_family
+
+    return build_family(cfg).image_positions()
 
 
-def parameter_count(cfg: Config, vocab_size: int) -> int:
-    """Parameters of the whole policy of a tiny preset (local spec, untied embeddings), from the config."""
-    from megatron_selfjudge.megatron.models import tiny_vit_dims
+def parameter_count(cfg: Config) -> int:
+    """Parameters of the whole policy, from the config (its model family's answer)."""
+    from megatron_selfjudge.megatron.models.family import build_family
 
-    m = cfg.model
-    h = m.hidden_size
-    count = m.num_layers * _layer_params(h, m.ffn_hidden_size) + 2 * h + 2 * vocab_size * h  # + final norm
-    if m.preset == "tiny-llava":
-        hv = m.vision_hidden_size
-        patches = image_tokens(cfg)
-        count += 3 * m.patch_size ** 2 * hv          # patch conv, no bias
-        count += (patches + 1) * hv + hv + 2 * hv    # position embeddings (with class token), class token, ln_pre
-        count += m.vision_num_layers * _layer_params(hv, tiny_vit_dims(hv)["vision_ffn_hidden_size"])
-        count += hv * h + h + h * h + h              # MLP projector
-    elif m.preset != "tiny-gpt":
-        raise ValueError(f"parameter_count knows the tiny presets, not model.preset={m.preset!r}")
-    return count
+    return build_family(cfg).parameter_count()
 
 
 @dataclass(frozen=True)
@@ -326,8 +307,20 @@ def estimate_memory(cfg: Config, num_params: int, vocab_size: int, world_size: i
     })
 
 
-def check_memory(estimate: MemoryEstimate, free_bytes: Optional[int], where: str) -> str:
+def memory_estimate(cfg: Config, vocab_size: int, world_size: int) -> Optional[MemoryEstimate]:
+    """`estimate_memory` for the config's model, or None when its family cannot count its parameters."""
+    from megatron_selfjudge.megatron.models.family import NotSupported
+
+    try:
+        return estimate_memory(cfg, parameter_count(cfg), vocab_size, world_size)
+    except NotSupported:
+        return None
+
+
+def check_memory(estimate: Optional[MemoryEstimate], free_bytes: Optional[int], where: str) -> str:
     """The estimate must fit in the free memory of this rank's device."""
+    if estimate is None:
+        return f"not estimated (model.preset cannot count its parameters before it is built); {where}"
     if free_bytes is None:
         return f"{estimate.describe()} (free memory unknown)"
     if free_bytes < estimate.total:
@@ -439,7 +432,7 @@ class RankProbe:
                 probe_path(self.run_dir, self.rank).unlink(missing_ok=True)
 
 
-def rank_checks(cfg: Config, platform: Platform, estimate: MemoryEstimate) -> RankProbe:
+def rank_checks(cfg: Config, platform: Platform, estimate: Optional[MemoryEstimate]) -> RankProbe:
     """Phase 2 verdicts of this rank alone (data, run directory, memory); writes this rank's probe file."""
     token = f"{platform.host}:{os.getpid()}:{secrets.token_hex(8)}"
 
@@ -479,7 +472,7 @@ class Preflight:
 
     platform: Platform
     checks: list
-    estimate: MemoryEstimate
+    estimate: Optional[MemoryEstimate]
 
     def summary(self) -> list[str]:
         """Lines for the run's log: the verdicts, then the memory estimate."""
@@ -494,8 +487,7 @@ def check_launch(cfg: Config, platform: Optional[Platform] = None) -> Preflight:
     vocab = policy_vocab_size(cfg)
     checks = launch_checks(cfg, platform, vocab)
     require(checks)
-    estimate = estimate_memory(cfg, parameter_count(cfg, vocab), vocab, platform.world_size)
-    return Preflight(platform, checks, estimate)
+    return Preflight(platform, checks, memory_estimate(cfg, vocab, platform.world_size))
 
 
 def check_ranks(cfg: Config, pre: Preflight) -> list[Check]:

@@ -92,3 +92,16 @@ def test_offload_onload_round_trip_keeps_state(frozen_run):
 @pytest.mark.slow
 def test_copy_with_other_architecture_is_refused(frozen_run):
     assert frozen_run["mismatch_error"] is not None and "shape" in frozen_run["mismatch_error"]
+
+
+def test_use_offloads_between_uses_only_when_asked():
+    from megatron_selfjudge.megatron.frozen import FrozenModel
+
+    for between in (False, True):
+        frozen = FrozenModel(torch.nn.Linear(3, 2), offload_between_uses=between)
+        before = [p.detach().clone() for p in frozen.module.parameters()]
+        with frozen.use() as inside:
+            assert inside is frozen and not frozen.offloaded
+        assert frozen.offloaded == between
+        with frozen.use():
+            assert all(torch.equal(p, q) for p, q in zip(frozen.module.parameters(), before))

@@ -159,7 +159,7 @@ def test_memory_check_refuses_what_does_not_fit():
 
 
 def _count_built(rank: int, world: int, variants: list) -> list[tuple[int, int]]:
-    from megatron_selfjudge import trainer
+    from megatron_selfjudge.megatron.models.family import build_family
     from megatron_selfjudge.megatron.parallel import initialize_parallel
 
     initialize_parallel(1, 1, seed=0)
@@ -167,8 +167,8 @@ def _count_built(rank: int, world: int, variants: list) -> list[tuple[int, int]]
     for overrides in variants:
         cfg = load_config(None, overrides)
         vocab = preflight.policy_vocab_size(cfg)
-        model = trainer.model_builder(cfg, vocab)()
-        out.append((sum(p.numel() for p in model.parameters()), preflight.parameter_count(cfg, vocab)))
+        model = build_family(cfg).builder()()
+        out.append((sum(p.numel() for p in model.parameters()), preflight.parameter_count(cfg)))
     return out
 
 
@@ -295,3 +295,7 @@ def test_prompt_split_over_data_parallel_ranks():
     assert "8 prompts" in preflight.check_prompt_split(8, 2, 1, 2)  # tp=2 on 2 ranks: dp = 1
     with pytest.raises(PreflightError, match=r"mini_batch_prompts=6 does not split over the 4 data-parallel"):
         preflight.check_prompt_split(6, 1, 1, 4)
+
+
+def test_memory_check_without_a_parameter_count_says_so():
+    assert preflight.check_memory(None, 10 * preflight.GIB, "GPU 0").startswith("not estimated")

@@ -42,7 +42,7 @@ Only without Transformer Engine (the local spec: always on CPU, and on a GPU wit
 5. unfused_norm_names: without TE the norms are separate modules (`input_layernorm`,
    `pre_mlp_layernorm`) instead of being fused into the linears (`linear_qkv.layer_norm_weight`,
    `linear_fc1.layer_norm_weight`), so their names are translated before mbridge's maps.
-6. cpu_fusions_off: masked-softmax, bias-activation, bias-dropout, rope and gradient-accumulation
+6. local_fusions_off: masked-softmax, bias-activation, bias-dropout, rope and gradient-accumulation
    fusions and persist_layer_norm need CUDA kernels from TE / Apex / megatron's compiled ops
    (none of which the local spec has) and are turned off.
 
@@ -62,7 +62,7 @@ import torch
 EXPECTED_VERSIONS = {"mbridge": "0.15.1", "megatron-core": "0.16.1", "transformers": "5.19.0"}
 EVERY_DEVICE = ("text_config_view", "vision_config_from_hf", "rotary_pos_cos_sin", "merger_fc1_split",
                 "per_instance_weight_maps", "caller_position_ids")
-WITHOUT_TE = ("local_specs", "packed_vision_attention", "unfused_norm_names", "cpu_fusions_off")
+WITHOUT_TE = ("local_specs", "packed_vision_attention", "unfused_norm_names", "local_fusions_off")
 ADJUSTMENTS = EVERY_DEVICE + WITHOUT_TE
 
 _ACTIVE = False
@@ -70,7 +70,7 @@ _DISABLED: set[str] = set()
 # Norm names of the local spec -> the TE-fused names mbridge's weight maps know.
 _UNFUSED_NORMS = ((".input_layernorm.weight", ".self_attention.linear_qkv.layer_norm_weight"),
                   (".pre_mlp_layernorm.weight", ".mlp.linear_fc1.layer_norm_weight"))
-_CPU_FUSIONS_OFF = dict(masked_softmax_fusion=False, bias_activation_fusion=False, bias_dropout_fusion=False,
+_LOCAL_FUSIONS_OFF = dict(masked_softmax_fusion=False, bias_activation_fusion=False, bias_dropout_fusion=False,
                         apply_rope_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False)
 _MERGER_PREFIX = "vision_model.projection."
 
@@ -443,6 +443,6 @@ def prepare_bridge(bridge: Any, transformer_impl: str) -> Any:
     bridge._selfjudge_impl = transformer_impl
     if transformer_impl == "local":
         bridge._weight_name_mapping_mcore_to_hf = _translate_norm_names(bridge._weight_name_mapping_mcore_to_hf)
-        if enabled("cpu_fusions_off"):
-            bridge.set_extra_args(**_CPU_FUSIONS_OFF)
+        if enabled("local_fusions_off"):
+            bridge.set_extra_args(**_LOCAL_FUSIONS_OFF)
     return bridge

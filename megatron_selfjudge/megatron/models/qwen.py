@@ -263,7 +263,21 @@ def save_hf_folder(model: QwenModel, source_dir: Union[str, Path], out_dir: Unio
             shutil.copyfile(source / name, out / name)
     (out / WEIGHTS_INDEX_FILE).unlink(missing_ok=True)  # one file, no index (sharded sources included)
     save_file(weights, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    if dtype is not None:
+        _set_config_dtype(out / "config.json", dtype)
     return out
+
+
+def _set_config_dtype(config_file: Path, dtype: torch.dtype) -> None:
+    """Make config.json name the dtype the weights were written in (top level and text_config)."""
+    config = json.loads(config_file.read_text())
+    name = str(dtype).replace("torch.", "")
+    for section in (config, config.get("text_config")):
+        if isinstance(section, dict):
+            for key in ("dtype", "torch_dtype"):
+                if key in section or (key == "dtype" and section is config):
+                    section[key] = name
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _rope_index_helper(hf_config: Any) -> Any:
