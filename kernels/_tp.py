@@ -14,7 +14,10 @@ import torch.distributed as dist
 
 
 def gather_partials(stats: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
-    """[world, N, 5] partials from every rank of ``group`` ([1, N, 5], no communication, without one)."""
+    """[world, *stats.shape] partials from every rank of ``group`` ([1, ...], no communication, without one).
+
+    ``stats`` is [N, 5], or [splits, N, 5] when an op splits its vocabulary pass (fused_linear_grpo).
+    """
     if group is None or dist.get_world_size(group) == 1:
         return stats.unsqueeze(0)
     parts = [torch.empty_like(stats) for _ in range(dist.get_world_size(group))]

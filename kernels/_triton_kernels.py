@@ -292,30 +292,36 @@ def _logits_tile(h_ptr, h_stride, w_ptr, w_stride, rows, row_ok, cols, col_ok, H
 @triton.jit
 def linear_row_stats_kernel(
     h_ptr, h_stride, w_ptr, w_stride, targets_ptr, valid_ptr, stats_ptr,
-    N, V, H, vocab_start, inv_temp,
+    N, V, H, vocab_start, cols_per_split, inv_temp,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, HAS_VALID: tl.constexpr,
     WITH_ENTROPY: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
 ):
     """``row_stats_kernel``'s (m, s, w, t, found) for BLOCK_N tokens, from hidden states and this shard's weight.
 
-    Each program streams the vocabulary in BLOCK_V columns; every logits tile is computed by
-    ``_logits_tile`` in fp32 and folded into the online softmax at once, so no logits reach memory.
+    Program (i, j) streams columns [j * cols_per_split, (j + 1) * cols_per_split) of the vocabulary in
+    BLOCK_V tiles; every logits tile is computed by ``_logits_tile`` in fp32 and folded into the
+    online softmax at once, so no logits reach memory. Each vocabulary split writes its own partial
+    to stats[j] (a [splits, N, 5] tensor): splits are merged exactly like tensor-parallel shards, and
+    they give the GPU enough programs when N / BLOCK_N alone would not fill it.
     """
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    split = tl.program_id(1).to(tl.int64)
+    col_lo = split * cols_per_split
+    col_hi = tl.minimum(col_lo + cols_per_split, V)
     inside = rows < N
     keep = inside
     if HAS_VALID:
         keep = inside & (tl.load(valid_ptr + rows, mask=inside, other=0) != 0)
     tgt = tl.load(targets_ptr + rows, mask=inside, other=0).to(tl.int64) - vocab_start
-    found = (tgt >= 0) & (tgt < V)
-    tgt = tl.where(found, tgt, -1)  # a target in another shard must not meet this tile's padding columns
+    found = (tgt >= col_lo) & (tgt < col_hi)
+    tgt = tl.where(found, tgt, -1)  # a target in another shard or split must not meet this tile's padding columns
     m = tl.full([BLOCK_N], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK_N], tl.float32)
     w = tl.zeros([BLOCK_N], tl.float32)
     t = tl.zeros([BLOCK_N], tl.float32)
-    for v0 in range(0, V, BLOCK_V):
+    for v0 in range(col_lo, col_hi, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
-        col_ok = cols < V
+        col_ok = cols < col_hi
         z = _logits_tile(h_ptr, h_stride, w_ptr, w_stride, rows, keep, cols, col_ok, H, inv_temp,
                          BLOCK_N, BLOCK_V, BLOCK_H, DOT_FP32, IEEE)
         z = tl.where(col_ok[None, :], z, NEG_INF)
@@ -328,7 +334,7 @@ def linear_row_stats_kernel(
         s += tl.sum(e, axis=1)
         m = m_new
         t += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
-    out = stats_ptr + rows * 5
+    out = stats_ptr + (split * N + rows) * 5
     # Masked rows get row_stats_kernel's neutral (0, 1, 0, 0, 0).
     tl.store(out, tl.where(keep, m, 0.0), mask=inside)
     tl.store(out + 1, tl.where(keep, s, 1.0), mask=inside)

@@ -5,11 +5,12 @@ outputs as ``grpo_loss.fused_grpo_loss`` applied to ``logits = hidden @ weight.T
 log-probs, KL, clipped flags, entropy), with autograd to ``hidden`` and ``weight``;
 ``fused_linear_logprobs`` is its forward-only form (old/reference log-probs, the likelihood Judge).
 
-Forward: ``linear_row_stats_kernel`` gives each program BLOCK_N tokens and streams this rank's
-vocabulary in BLOCK_V columns; each logits tile is a ``tl.dot`` over H in BLOCK_H steps with fp32
-accumulation, folded at once into an online log-sum-exp (fp32), so logits never reach memory.
-The [N, 5] row statistics it writes are those of the logits-in kernel, so the rest is literally
-the same code: ``grpo_loss.finish_forward`` (the one tensor-parallel collective, 20 bytes per
+Forward: ``linear_row_stats_kernel`` gives each program BLOCK_N tokens and one split of this
+rank's vocabulary, streamed in BLOCK_V columns; each logits tile is a ``tl.dot`` over H in BLOCK_H
+steps with fp32 accumulation, folded at once into an online log-sum-exp (fp32), so logits never
+reach memory. The row statistics it writes are those of the logits-in kernel, one [N, 5] partial
+per vocabulary split (splits keep the GPU busy when N is short), so the rest is literally the same
+code: ``grpo_loss.finish_forward`` (the one tensor-parallel collective, 20 bytes per
 token, and ``token_loss_kernel``: ratio, clip, dual clip, k3 and their derivative).
 
 Backward, per chunk of ``chunk_tokens`` tokens: ``linear_dlogits_kernel`` recomputes the chunk's
@@ -55,12 +56,20 @@ CHUNK_BYTES = 256 << 20  # default size of the backward's dlogits chunk buffer
 
 
 class Blocks(NamedTuple):
-    """Tile sizes of the fused kernels (powers of two >= 16, as tl.dot requires) and the backward chunk."""
+    """Tile sizes of the fused kernels (powers of two >= 16, as tl.dot requires), the forward's vocabulary
+    splits (columns per split, a multiple of block_v) and the backward chunk."""
 
     block_n: int
     block_v: int
     block_h: int
     chunk_tokens: int
+    cols_per_split: int
+    splits: int
+
+
+def _cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for grid sizes."""
+    return -(-a // b)
 
 
 def _pow2(value: int, name: str) -> int:
@@ -70,9 +79,14 @@ def _pow2(value: int, name: str) -> int:
 
 
 def launch_blocks(n: int, vocab: int, hidden: int, elem: int, device: torch.device, block_n: int | None = None,
-                  block_v: int | None = None, block_h: int | None = None,
-                  chunk_tokens: int | None = None) -> Blocks:
-    """Tiles for this shape: tensor-core sized on the GPU, smaller in the (slow, per-op) interpreter."""
+                  block_v: int | None = None, block_h: int | None = None, chunk_tokens: int | None = None,
+                  vocab_splits: int | None = None) -> Blocks:
+    """Tiles for this shape: tensor-core sized on the GPU, smaller in the (slow, per-op) interpreter.
+
+    The forward splits the vocabulary when N / block_n token tiles alone would leave the GPU's
+    multiprocessors idle (about four programs per multiprocessor); the interpreter gains nothing
+    from splitting, so it uses one split unless asked.
+    """
     fit = lambda size, cap: min(cap, max(16, 1 << math.ceil(math.log2(max(size, 1)))))  # noqa: E731
     gpu = device.type == "cuda"
     bn = _pow2(block_n, "block_n") if block_n else fit(n, 64 if gpu else 32)
@@ -83,7 +97,14 @@ def launch_blocks(n: int, vocab: int, hidden: int, elem: int, device: torch.devi
         chunk_tokens = max(bn, (CHUNK_BYTES // max(vocab * elem, 1)) // bn * bn)
     elif chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
-    return Blocks(bn, bv, bh, int(chunk_tokens))
+    tiles = _cdiv(max(vocab, 1), bv)
+    if vocab_splits is None:
+        programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count if gpu else 1
+        vocab_splits = max(1, _cdiv(programs, _cdiv(max(n, 1), bn)))
+    elif vocab_splits < 1:
+        raise ValueError(f"vocab_splits must be >= 1, got {vocab_splits}")
+    cols = _cdiv(tiles, min(vocab_splits, tiles)) * bv
+    return Blocks(bn, bv, bh, int(chunk_tokens), cols, _cdiv(max(vocab, 1), cols))
 
 
 def _kernel_flags(weight: torch.Tensor) -> dict:
@@ -122,21 +143,16 @@ def _check(hidden, weight, targets, advantages, mask, old_logp, ref_logp, params
 
 def _row_stats(hidden, weight, targets, valid, params: LossParams, vocab_start: int, with_entropy: bool,
                blocks: Blocks) -> torch.Tensor:
-    """This shard's [N, 5] softmax statistics (row_stats_kernel's layout) straight from hidden @ weight.T."""
+    """This shard's [splits, N, 5] softmax statistics (row_stats_kernel's layout) straight from hidden @ weight.T."""
     n, vocab = hidden.shape[0], weight.shape[0]
-    stats = torch.empty((n, 5), dtype=torch.float32, device=hidden.device)
+    stats = torch.empty((blocks.splits, n, 5), dtype=torch.float32, device=hidden.device)
     if n:
-        _kernels().linear_row_stats_kernel[(triton_cdiv(n, blocks.block_n),)](
+        _kernels().linear_row_stats_kernel[(_cdiv(n, blocks.block_n), blocks.splits)](
             hidden, hidden.stride(0), weight, weight.stride(0), targets, valid if valid is not None else targets,
-            stats, n, vocab, hidden.shape[1], vocab_start, 1.0 / params.temperature,
+            stats, n, vocab, hidden.shape[1], vocab_start, blocks.cols_per_split, 1.0 / params.temperature,
             BLOCK_N=blocks.block_n, BLOCK_V=blocks.block_v, BLOCK_H=blocks.block_h, HAS_VALID=valid is not None,
             WITH_ENTROPY=with_entropy, **_kernel_flags(weight))
     return stats
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    """ceil(a / b) for grid sizes."""
-    return -(-a // b)
 
 
 def _accumulate_wgrad(acc: torch.Tensor, grad: torch.Tensor, hidden: torch.Tensor) -> None:
@@ -188,8 +204,8 @@ class _FusedLinearGRPOLoss(torch.autograd.Function):
             for start in range(0, n, chunk):
                 stop = min(start + chunk, n)
                 grad = buffer[:stop - start]
-                _kernels().linear_dlogits_kernel[(triton_cdiv(stop - start, blocks.block_n),
-                                                  triton_cdiv(vocab, blocks.block_v))](
+                _kernels().linear_dlogits_kernel[(_cdiv(stop - start, blocks.block_n),
+                                                  _cdiv(vocab, blocks.block_v))](
                     hidden, hidden.stride(0), weight, weight.stride(0), grad, grad.stride(0), targets, valid, softmax,
                     dloss, dkl, *upstream, start, stop, vocab, hidden.shape[1], vocab_start, 1.0 / temperature,
                     BLOCK_N=blocks.block_n, BLOCK_V=blocks.block_v, BLOCK_H=blocks.block_h, **flags)
@@ -206,13 +222,13 @@ class _FusedLinearGRPOLoss(torch.autograd.Function):
 
 
 def _prepare(hidden, weight, targets, advantages, mask, old_logp, ref_logp, params, block_n, block_v, block_h,
-             chunk_tokens):
+             chunk_tokens, vocab_splits):
     _check(hidden, weight, targets, advantages, mask, old_logp, ref_logp, params)
     if hidden.dtype != weight.dtype:
         raise TypeError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must have the same dtype")
     valid = None if mask is None else mask.bool().contiguous()
     blocks = launch_blocks(hidden.shape[0], weight.shape[0], hidden.shape[1], weight.element_size(), weight.device,
-                           block_n, block_v, block_h, chunk_tokens)
+                           block_n, block_v, block_h, chunk_tokens, vocab_splits)
     # Rows contiguous in H: the kernels index [row * stride + k].
     contiguous = lambda t: t if t.stride(-1) == 1 else t.contiguous()  # noqa: E731
     return contiguous(hidden), contiguous(weight), targets.contiguous(), valid, blocks
@@ -241,13 +257,14 @@ def fused_linear_grpo_loss(
     block_v: int | None = None,
     block_h: int | None = None,
     chunk_tokens: int | None = None,
+    vocab_splits: int | None = None,
 ) -> FusedLossOutput:
     """Per-token GRPO loss, log-probs, KL, clipped flags (and entropy) of logits = hidden @ weight.T, never built."""
     params = LossParams(temperature, eps_low, eps_high, dual_clip, beta_kl, logratio_clamp, kl_clamp)
     if not isinstance(advantages, torch.Tensor):
         raise TypeError(f"advantages must be a tensor [N], got {type(advantages).__name__}")
     hidden, weight, targets, valid, blocks = _prepare(hidden, weight, targets, advantages, mask, old_logp, ref_logp,
-                                                      params, block_n, block_v, block_h, chunk_tokens)
+                                                      params, block_n, block_v, block_h, chunk_tokens, vocab_splits)
     if valid is None:
         valid = torch.ones(hidden.shape[0], dtype=torch.bool, device=hidden.device)
     per_token = lambda t: None if t is None else t.detach().float().contiguous()  # noqa: E731
@@ -270,11 +287,12 @@ def fused_linear_logprobs(
     block_n: int | None = None,
     block_v: int | None = None,
     block_h: int | None = None,
+    vocab_splits: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """fp32 [N] log softmax(hidden @ weight.T / T)[target] (and the entropy), without grad or logits."""
     params = LossParams(temperature=temperature)
     hidden, weight, targets, _, blocks = _prepare(hidden, weight, targets, None, None, None, None, params,
-                                                  block_n, block_v, block_h, None)
+                                                  block_n, block_v, block_h, None, vocab_splits)
     stats = _row_stats(hidden, weight, targets, None, params, int(vocab_start_index), with_entropy, blocks)
     fwd = finish_forward(stats, None, None, None, None, params, tp_group)
     return (fwd.logprobs, fwd.softmax[:, 2].clone()) if with_entropy else fwd.logprobs

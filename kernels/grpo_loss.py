@@ -144,16 +144,18 @@ def _forward(logits, targets, valid, advantages, old_logp, ref_logp, params: Los
 
 def finish_forward(stats: torch.Tensor, valid, advantages, old_logp, ref_logp, params: LossParams,
                    tp_group) -> _Forward:
-    """From this shard's [N, 5] row statistics: the one collective, then the per-token loss in one launch.
+    """From this shard's [N, 5] (or [splits, N, 5]) row statistics: the one collective, then the per-token loss.
 
     Shared by every op whose vocabulary pass ends in ``row_stats_kernel``'s layout (the logits-in
-    kernel here, the fused linear op of ``fused_linear_grpo.py``): one copy of the loss math.
+    kernel here, the fused linear op of ``fused_linear_grpo.py``): one copy of the loss math. The
+    partials of every rank and every vocabulary split are merged alike by ``token_loss_kernel``.
     """
-    n, device = stats.shape[0], stats.device
+    n, device = stats.shape[-2], stats.device
     # loss, logprobs, kl, clipped, entropy, dloss/dlogp, dkl/dlogp: all written by token_loss_kernel.
     out = [torch.empty(n, dtype=torch.float32, device=device) for _ in range(7)]
     softmax = torch.empty((n, 4), dtype=torch.float32, device=device)
     parts = gather_partials(stats, tp_group)
+    parts = parts.reshape(parts.shape[:-2].numel(), n, 5)  # every rank's every split: partials to merge
     if n:
         with_loss = advantages is not None
         dummy = out[0]  # pointer for the inputs a constexpr flag switches off

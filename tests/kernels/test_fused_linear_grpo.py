@@ -4,7 +4,7 @@ On CPU the kernels run in Triton's interpreter (tests/kernels/conftest.py), so s
 and V = 103 are odd; with BLOCK_V = 32 every row's vocabulary is split over four tiles (the last
 ragged) and merged by the online log-sum-exp, BLOCK_H = 16 splits H in two, and chunk_tokens = 10
 (smaller than BLOCK_N = 16, not a divisor of N = 37) makes the backward's token chunks end inside a
-token tile. Gradients are checked for d_hidden and d_weight under a non-uniform upstream gradient.
+token tile; two vocabulary splits (64 + 39 columns) make the forward merge partials like TP shards. Gradients are checked for d_hidden and d_weight under a non-uniform upstream gradient.
 """
 import os
 import tempfile
@@ -21,7 +21,7 @@ from megatron_selfjudge.kernels.grpo_loss import fused_grpo_loss
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 N, H, V = 37, 21, 103
-BLOCKS = dict(block_n=16, block_v=32, block_h=16, chunk_tokens=10)
+BLOCKS = dict(block_n=16, block_v=32, block_h=16, chunk_tokens=10, vocab_splits=2)  # splits of 64 + 39 columns
 TOL = dict(atol=1e-5, rtol=1e-5)
 OUTPUTS = ("loss", "logprobs", "kl", "clipped", "entropy")
 
@@ -104,10 +104,11 @@ def test_fp32_forward_and_backward_match_the_reference_chain(case):
 
 
 @pytest.mark.parametrize("blocks", [
-    dict(block_n=16, block_v=16, block_h=16, chunk_tokens=37),  # one backward chunk
+    dict(block_n=16, block_v=16, block_h=16, chunk_tokens=37, vocab_splits=1),  # one backward chunk, one split
     dict(block_n=32, block_v=128, block_h=32, chunk_tokens=1),  # one vocab tile per row, one token per chunk
+    dict(block_n=16, block_v=16, block_h=16, vocab_splits=5),  # asks five: four splits, 32 + 32 + 32 + 7 columns
     dict(),  # the default launch configuration
-], ids=["one-chunk", "token-chunks", "defaults"])
+], ids=["one-chunk", "token-chunks", "five-splits", "defaults"])
 def test_tiling_does_not_change_the_result(blocks):
     batch, upstream = make_batch(seed=1)
     assert_close(fused(batch, upstream, temperature=0.8, entropy_weight=0.1, blocks=blocks),
@@ -149,7 +150,7 @@ def test_forward_only_logprobs_and_entropy():
     batch, _ = make_batch(seed=4, dtype=torch.bfloat16)
     h = batch["hidden"].requires_grad_()
     logp, entropy = fused_linear_logprobs(h, batch["weight"], batch["targets"], 1.3, with_entropy=True,
-                                          block_n=16, block_v=32, block_h=16)
+                                          block_n=16, block_v=32, block_h=16, vocab_splits=3)
     assert not logp.requires_grad and logp.dtype == torch.float32
     logits = h.detach().float() @ batch["weight"].float().T
     torch.testing.assert_close(logp, ref_loss.token_logprobs(logits, batch["targets"], 1.3), **TOL)
@@ -210,9 +211,12 @@ def test_bad_inputs_raise_clear_errors():
 def test_default_chunk_fits_the_buffer_budget():
     from megatron_selfjudge.kernels import fused_linear_grpo as op
 
-    blocks = launch_blocks(200_000, 152_064, 3584, 2, torch.device("cuda"))
+    blocks = launch_blocks(200_000, 152_064, 3584, 2, torch.device("cuda"), vocab_splits=1)
     assert blocks.chunk_tokens % blocks.block_n == 0
     assert blocks.chunk_tokens * 152_064 * 2 <= op.CHUNK_BYTES < (blocks.chunk_tokens + blocks.block_n) * 152_064 * 2
+    assert (blocks.splits, blocks.cols_per_split) == (1, 152_064)  # 1188 whole tiles of 128 columns
+    split = launch_blocks(512, 103, 21, 4, torch.device("cpu"), block_v=16, vocab_splits=5)
+    assert (split.cols_per_split, split.splits) == (32, 4)  # 7 tiles in 5 asks: 2 tiles a split, 4 splits
 
 
 # ---------------------------------------------------------------- tensor parallel (2 gloo ranks)
@@ -233,7 +237,7 @@ def _tp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         out = {key: getattr(res, key) for key in OUTPUTS}
         objective(out, upstream.cpu(), batch["mask"], 0.3, 0.0).backward()
         logp = fused_linear_logprobs(batch["hidden"], batch["weight"][start:stop], batch["targets"], 0.9,
-                                     dist.group.WORLD, start, block_n=16, block_v=32, block_h=16)
+                                     dist.group.WORLD, start, block_n=16, block_v=32, block_h=16, vocab_splits=2)
         torch.save(dict(out={k: v.detach() for k, v in out.items()}, d_hidden=h.grad, d_weight=w.grad, logp=logp),
                    os.path.join(out_dir, f"{rank}.pt"))
     finally:
