@@ -9,10 +9,10 @@
 #       with --no-index into a venv that sees the image's torch, then runs every step.
 #   bash scripts/gpu_check.sh --fetch-wheels DIR
 #       on a machine with PyPI: downloads those wheels for CPython 3.12 / manylinux x86_64 into DIR
-#       (about 27 MB without numpy, pillow and pyarrow, which most CUDA PyTorch images already have;
-#       75 MB with them). Keep DIR out of git (.gpu_wheels/ is ignored) and hand it to the GPU machine
-#       (the device tool's `carry` takes up to 64 MiB: carry the folder, drop the big three if the
-#       image has them: --fetch-wheels DIR --lean).
+#       (7 MB with --lean, which leaves out numpy, pillow and pyarrow, normally in a CUDA PyTorch
+#       image; 78 MB with them). Keep DIR out of git (.gpu_wheels/ is ignored) and hand it to the GPU
+#       machine (the device tool's `carry` takes up to 64 MiB: the lean folder fits).
+#   ... [--steps tests,logits,sweep,linear]   run only those steps (e.g. a second, shorter try)
 #   bash scripts/gpu_check.sh --dry-run [--out DIR]
 #       on a CPU: the same steps with the current Python, no install, tiny benchmark shapes (kernels
 #       in Triton's interpreter, the gpu tests skip), and the same JSON assembly (marked dry_run).
@@ -26,9 +26,10 @@ WHEELHOUSE=""
 FETCH=""
 LEAN=0
 DRY_RUN=0
-BUDGET_S=${GPU_CHECK_BUDGET_S:-460}  # the whole check must end within 8 minutes
+STEPS_WANTED=tests,logits,sweep,linear
+BUDGET_S=${GPU_CHECK_BUDGET_S:-465}  # the whole check must end within 8 minutes
 
-usage() { sed -n '2,22p' "$0"; exit 2; }
+usage() { sed -n '2,18p' "$0"; exit 2; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --wheelhouse) WHEELHOUSE=${2:?--wheelhouse needs a folder}; shift 2 ;;
@@ -36,6 +37,7 @@ while [ $# -gt 0 ]; do
     --lean) LEAN=1; shift ;;
     --out) OUT=${2:?--out needs a folder}; shift 2 ;;
     --dry-run) DRY_RUN=1; shift ;;
+    --steps) STEPS_WANTED=${2:?--steps needs a list}; shift 2 ;;
     -h|--help) usage ;;
     *) echo "gpu_check.sh: unknown argument $1" >&2; usage ;;
   esac
@@ -125,29 +127,35 @@ else
     export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
   fi
   pip_install=("$PY" -m pip install --quiet --no-index --find-links "$WHEELHOUSE" "${target[@]}")
-  step install 180 "${pip_install[@]}" -r "$REQUIREMENTS"
+  step install 120 "${pip_install[@]}" -r "$REQUIREMENTS"
   step install_package 60 "${pip_install[@]}" --no-deps .
   LOGITS_SHAPE=(--tokens 16384 --vocab 152064 --dtype bfloat16 --reps 10 --warmup 3)
   SWEEP=(2048 8192)
-  LINEAR_SHAPE=(--tokens 16384 --memory-tokens 4096 16384 32768 65536 131072 --vocab 152064 --hidden 3584
+  LINEAR_SHAPE=(--tokens 16384 --memory-tokens 4096 16384 65536 131072 --vocab 152064 --hidden 3584
                 --dtype bfloat16 --reps 5 --warmup 2)
 fi
 
+wants() { [[ ",$STEPS_WANTED," == *",$1,"* ]]; }
 mkdir -p "$WORK/logits" "$WORK/fused_linear"
-step gpu_tests 200 "$PY" -m pytest -q -m gpu -p no:cacheprovider --junitxml="$WORK/junit.xml" \
-  tests/kernels/test_grpo_loss.py tests/kernels/test_fused_linear_grpo.py tests/megatron/test_train_step.py
-step bench_logits 90 "$PY" -m megatron_selfjudge.kernels.bench --suite logits "${LOGITS_SHAPE[@]}" --out "$WORK/logits"
+if wants tests; then
+  # The gpu marker: the kernels at GPU sizes and the CUDA GRPO step of a tiny model with each loss.impl.
+  step gpu_tests 200 "$PY" -m pytest -q -m gpu -p no:cacheprovider --junitxml="$WORK/junit.xml" \
+    tests/kernels/test_grpo_loss.py tests/kernels/test_fused_linear_grpo.py tests/megatron/test_train_step.py
+fi
+wants logits && step bench_logits 150 "$PY" -m megatron_selfjudge.kernels.bench --suite logits "${LOGITS_SHAPE[@]}" \
+  --out "$WORK/logits"
+wants sweep || SWEEP=()
 for block_v in "${SWEEP[@]}"; do
   mkdir -p "$WORK/sweep_$block_v"
   # One provider per sweep point: only the kernel's launch changes. Distinct folders: same file name.
-  step "bench_logits_block_v_$block_v" 45 "$PY" -m megatron_selfjudge.kernels.bench --suite logits \
+  step "bench_logits_block_v_$block_v" 40 "$PY" -m megatron_selfjudge.kernels.bench --suite logits \
     "${LOGITS_SHAPE[@]}" --providers fused --block-v "$block_v" --out "$WORK/sweep_$block_v"
   if compgen -G "$WORK/sweep_$block_v/*.json" > /dev/null; then
     for f in "$WORK/sweep_$block_v"/*.json; do mv "$f" "$WORK/logits/block_v_${block_v}_$(basename "$f")"; done
   fi
 done
-step bench_fused_linear 150 "$PY" -m megatron_selfjudge.kernels.bench --suite fused_linear "${LINEAR_SHAPE[@]}" \
-  --out "$WORK/fused_linear"
+wants linear && step bench_fused_linear 150 "$PY" -m megatron_selfjudge.kernels.bench --suite fused_linear \
+  "${LINEAR_SHAPE[@]}" --out "$WORK/fused_linear"
 
 report=(--work "$WORK" --out "$OUT")
 [ "$DRY_RUN" = 1 ] && report+=(--dry-run)
