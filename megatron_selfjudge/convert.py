@@ -130,7 +130,7 @@ def megatron_to_hf(ckpt: str | Path, out: str | Path, hf_dir: Optional[str | Pat
     _setup()
     model = qwen.build_model(source, dtype=dtype, load_weights=False)
     load_checkpoint(step_dir, [model.module], optimizer=None, load_rng=False)
-    written = qwen.save_hf_folder(model, source, out, dtype=qwen.parse_dtype(dtype, config))
+    written = qwen.save_hf_folder(model, source, out, dtype=qwen.parse_dtype(dtype, config) if dtype else None)
     assert written is not None  # one process: rank 0
     return written
 

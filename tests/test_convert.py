@@ -71,6 +71,19 @@ def test_round_trip_is_bit_identical_and_loads_in_transformers(vision, tmp_path)
     inputs = _inputs(back, vision)
     assert torch.equal(_logits(back, vision, inputs), _logits(src, vision, inputs))
     assert (back / "chat_template.jinja").read_text() == (src / "chat_template.jinja").read_text()
+    assert (back / "config.json").read_bytes() == (src / "config.json").read_bytes()
+
+    if not vision:  # a bf16 export says so in its config and loads as bf16
+        half = tmp_path / "half"
+        done = _selfjudge("megatron-to-hf", str(ckpt / "step_00000000"), str(half), "--dtype", "bfloat16")
+        assert done.returncode == 0, done.stderr[-2000:]
+        weights = load_file(str(half / "model.safetensors"))
+        assert all(t.dtype == torch.bfloat16 for t in weights.values())
+        assert all(torch.equal(weights[k], original[k].to(torch.bfloat16)) for k in original)
+        assert json.loads((half / "config.json").read_text())["dtype"] == "bfloat16"
+        from transformers import AutoModelForCausalLM
+
+        assert AutoModelForCausalLM.from_pretrained(str(half), local_files_only=True).dtype == torch.bfloat16
 
 
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys):
