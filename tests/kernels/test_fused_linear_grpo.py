@@ -7,13 +7,12 @@ ragged) and merged by the online log-sum-exp, BLOCK_H = 16 splits H in two, and 
 token tile; two vocabulary splits (64 + 39 columns) make the forward merge partials like TP shards. Gradients are checked for d_hidden and d_weight under a non-uniform upstream gradient.
 """
 import os
-import tempfile
-import time
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from megatron_selfjudge import loss as ref_loss
 from megatron_selfjudge.kernels.fused_linear_grpo import fused_linear_grpo_loss, fused_linear_logprobs, launch_blocks
@@ -221,44 +220,32 @@ def test_default_chunk_fits_the_buffer_budget():
 
 # ---------------------------------------------------------------- tensor parallel (2 gloo ranks)
 
-def _tp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def _tp_worker(rank: int, world: int) -> dict:
+    """One rank of a TP=2 group (gloo, spawned by dist_utils): its vocab shard's outputs and gradients."""
     os.environ["TRITON_INTERPRET"] = "1"  # CPU tensors under gloo, also on a GPU machine
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        batch, upstream = make_batch(seed=9)
-        batch = {k: (v.cpu() if v is not None else None) for k, v in batch.items()}
-        bounds = [0, 51, V]  # uneven vocab shards (51 + 52 rows of the weight)
-        start, stop = bounds[rank], bounds[rank + 1]
-        h = batch["hidden"].clone().requires_grad_()
-        w = batch["weight"][start:stop].clone().requires_grad_()
-        res = fused_linear_grpo_loss(h, w, batch["targets"], batch["advantages"], batch["mask"], batch["old_logp"],
-                                     batch["ref_logp"], temperature=0.9, compute_entropy=True,
-                                     tp_group=dist.group.WORLD, vocab_start_index=start, **BLOCKS)
-        out = {key: getattr(res, key) for key in OUTPUTS}
-        objective(out, upstream.cpu(), batch["mask"], 0.3, 0.0).backward()
-        logp = fused_linear_logprobs(batch["hidden"], batch["weight"][start:stop], batch["targets"], 0.9,
-                                     dist.group.WORLD, start, block_n=16, block_v=32, block_h=16, vocab_splits=2)
-        torch.save(dict(out={k: v.detach() for k, v in out.items()}, d_hidden=h.grad, d_weight=w.grad, logp=logp),
-                   os.path.join(out_dir, f"{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    batch, upstream = make_batch(seed=9)
+    batch = {k: (v.cpu() if v is not None else None) for k, v in batch.items()}
+    bounds = [0, 51, V]  # uneven vocab shards (51 + 52 rows of the weight)
+    start, stop = bounds[rank], bounds[rank + 1]
+    h = batch["hidden"].clone().requires_grad_()
+    w = batch["weight"][start:stop].clone().requires_grad_()
+    res = fused_linear_grpo_loss(h, w, batch["targets"], batch["advantages"], batch["mask"], batch["old_logp"],
+                                 batch["ref_logp"], temperature=0.9, compute_entropy=True,
+                                 tp_group=dist.group.WORLD, vocab_start_index=start, **BLOCKS)
+    out = {key: getattr(res, key) for key in OUTPUTS}
+    objective(out, upstream.cpu(), batch["mask"], 0.3, 0.0).backward()
+    logp = fused_linear_logprobs(batch["hidden"], batch["weight"][start:stop], batch["targets"], 0.9,
+                                 dist.group.WORLD, start, block_n=16, block_v=32, block_h=16, vocab_splits=2)
+    return dict(out={k: v.detach() for k, v in out.items()}, d_hidden=h.grad, d_weight=w.grad, logp=logp)
 
 
 @pytest.mark.slow
 def test_tensor_parallel_two_ranks_equal_one():
     """Outputs equal on both ranks; d_weight shards concatenate and d_hidden parts sum to TP=1's."""
-    from megatron_selfjudge.trainer import free_port
+    sys.path.insert(0, str(Path(__file__).parents[1] / "megatron"))
+    from dist_utils import run_distributed
 
-    with tempfile.TemporaryDirectory() as out_dir:
-        context = mp.start_processes(_tp_worker, args=(2, free_port(), out_dir), nprocs=2, join=False,
-                                     start_method="spawn")
-        deadline = time.monotonic() + 240
-        while not context.join(timeout=5):
-            if time.monotonic() > deadline:
-                for process in context.processes:
-                    process.kill()
-                pytest.fail("TP=2 workers timed out")
-        parts = [torch.load(os.path.join(out_dir, f"{rank}.pt")) for rank in range(2)]
+    parts = run_distributed(_tp_worker, 2, timeout=240)
     batch, upstream = make_batch(seed=9)
     single = fused(batch, upstream, temperature=0.9, entropy_weight=0.3)
     for part in parts:
