@@ -135,6 +135,7 @@ def _single_rank_worker(rank: int, world: int, path: str, inputs: dict) -> dict:
 
     initialize_parallel(tp=1, pp=1)
     model = qwen.build_model(path)
+    assert qwen.of_module(model.module) is model
     with torch.no_grad():
         logits = _megatron_logits(model, inputs)
     # Backward: a loss over the real (unpadded) positions reaches every weight.

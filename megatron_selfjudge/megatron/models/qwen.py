@@ -29,7 +29,7 @@ from typing import Any, Iterator, Optional, Union
 import torch
 
 from megatron_selfjudge.megatron import cpu
-from megatron_selfjudge.megatron.models import resolve_transformer_impl, transformer_engine_available
+from megatron_selfjudge.megatron.models.builders import resolve_transformer_impl, transformer_engine_available
 from megatron_selfjudge.megatron.models import mbridge_compat
 
 VL_MODEL_TYPES = ("qwen2_5_vl",)
@@ -211,9 +211,20 @@ def build_model(hf_path: Union[str, Path], dtype: Union[str, torch.dtype, None] 
     module.model_type = ModelType.encoder_or_decoder
     model = QwenModel(module=module, bridge=bridge, hf_config=hf_config,
                       transformer_impl=bridge._selfjudge_impl, vision_language=is_vision_language(hf_config))
+    module.selfjudge_qwen = model  # so code that holds only the (wrapped) module finds the rest: of_module()
     if load_weights:
         load_hf_weights(model, path)
     return model
+
+
+def of_module(module: torch.nn.Module) -> QwenModel:
+    """The QwenModel a module was built as (through DDP / Float16Module wrappers); ValueError if none."""
+    from mbridge.core.util import unwrap_model
+
+    found = getattr(unwrap_model(module), "selfjudge_qwen", None)
+    if not isinstance(found, QwenModel):
+        raise ValueError(f"{type(module).__name__} was not built by qwen.build_model")
+    return found
 
 
 def load_hf_weights(model: QwenModel, hf_path: Union[str, Path]) -> None:
