@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from megatron_selfjudge.config import Config, to_yaml, uses_generative_judge
+from megatron_selfjudge.megatron import optimizer as optim
 from megatron_selfjudge.metrics import MetricsWriter
 
 
@@ -142,25 +143,6 @@ class PromptSampler:
     def state(self) -> dict:
         """JSON-able cursor."""
         return {"epoch": self.epoch, "offset": self.offset}
-
-
-# --- optimizer state -----------------------------------------------------------------------
-
-def reset_optimizer_state(optimizer: Any) -> None:
-    """Forget Adam moments (the UPT stage starts its optimizer afresh after SFT)."""
-    from collections import defaultdict
-
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = opt.optimizer
-        inner.state = defaultdict(dict)
-        for group in inner.param_groups:  # fused Adams (TE/Apex) keep the step count here
-            group.pop("step", None)
-
-
-def set_lr(optimizer: Any, lr: float) -> None:
-    """Set the learning rate of every parameter group."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
 
 
 # --- the trainer ----------------------------------------------------------------------------
@@ -297,7 +279,7 @@ class Trainer:
         if not self.task.sft or t.sft_steps == 0:
             self.state["phase"] = "upt"
             return False
-        set_lr(self.optimizer, self.cfg.optim.sft_lr)
+        optim.set_lr(self.optimizer, self.cfg.optim.sft_lr)
         self.metrics.truncate_after(self.state["sft_step"], prefix="sft")
         with self.log.progress("SFT warm start", t.sft_steps, self.state["sft_step"]) as advance:
             log_every = max(1, t.sft_steps // 10)
@@ -313,8 +295,8 @@ class Trainer:
                 if preempt.should_stop():
                     self.save()
                     return True
-        reset_optimizer_state(self.optimizer)
-        set_lr(self.optimizer, self.cfg.optim.lr)
+        optim.reset_optimizer_state(self.optimizer)
+        optim.set_lr(self.optimizer, self.cfg.optim.lr)
         self.state["phase"] = "upt"
         return False
 
@@ -579,12 +561,8 @@ class Trainer:
         with PreemptionHandler() as preempt:
             def stopped_in_eval(name: str) -> bool:
                 """Run evaluation `name`; True when a stop signal interrupted it (a checkpoint is saved)."""
-                # Before the first update the optimizer holds no state, and megatron-core 0.16.1
-                # writes a checkpoint of such an optimizer that it cannot load (no Adam moments, a
-                # zero step dropped): there a stop waits for the first step's check instead.
-                can_save = self.state["step"] > 0
                 try:
-                    self.evaluate(name, should_stop=preempt.should_stop if can_save else None)
+                    self.evaluate(name, should_stop=preempt.should_stop)
                     return False
                 except EvalInterrupted:
                     self.save()

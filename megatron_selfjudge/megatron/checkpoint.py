@@ -69,6 +69,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_selfjudge.megatron import cpu, dcp_metadata
+from megatron_selfjudge.megatron.optimizer import is_fresh, reset_optimizer_state
 from megatron_selfjudge.runtime.ranks import any_rank, raise_if_any_rank_failed
 from megatron_selfjudge.runtime.run_state import CheckpointDamaged
 
@@ -482,11 +483,15 @@ def save_checkpoint(root: Union[str, Path], step: int, model: Models, optimizer:
     _barrier()  # the folders exist before any rank writes into them
 
     metadata = _content_metadata()
-    state = _sharded_state_dict(_chunks(model), optimizer, metadata, is_loading=False)
+    # A never-stepped optimizer holds nothing to save, and megatron-core 0.16.1 writes a checkpoint
+    # of one that it cannot load (no Adam moments, the zero step dropped): record it as fresh.
+    fresh = optimizer is not None and is_fresh(optimizer)
+    state = _sharded_state_dict(_chunks(model), None if fresh else optimizer, metadata, is_loading=False)
     dist_checkpointing.save(state, str(tmp / DIST_DIR), content_metadata=metadata)
     torch.save(_rng_state(), _rng_file(tmp, rank))
     if rank == 0:
         meta = {"format_version": FORMAT_VERSION, "step": step, "has_optimizer": optimizer is not None,
+                "optimizer_fresh": fresh,
                 **_layout()}
         _write_text_atomic(tmp / META_FILE, json.dumps(meta, indent=2))
         _write_text_atomic(tmp / TRAINER_STATE_FILE, state_json)
@@ -570,6 +575,9 @@ def _prepare_load(ckpt: Path, chunks: list, optimizer: Any, load_rng: bool) -> t
         raise ValueError(f"checkpoint {ckpt} holds no optimizer state; pass optimizer=None to load weights only")
     with _weights_only_loads():
         metadata = dist_checkpointing.load_content_metadata(str(ckpt / DIST_DIR)) or _content_metadata()
+    if optimizer is not None and meta.get("optimizer_fresh"):
+        reset_optimizer_state(optimizer)  # the saved optimizer had never stepped: so must this one
+        optimizer = None
     if optimizer is not None:
         _init_empty_distributed_state(optimizer)
     state = _sharded_state_dict(chunks, optimizer, metadata, is_loading=True)
@@ -613,7 +621,7 @@ def load_checkpoint(path: Union[str, Path], model: Models, optimizer: Any = None
         loaded = dist_checkpointing.load(state, str(ckpt / DIST_DIR))
         for key, chunk in zip(_model_keys(len(chunks)), chunks):
             chunk.load_state_dict(loaded[key], strict=True)
-        if optimizer is not None:
+        if optimizer is not None and "optimizer" in loaded:  # absent: saved fresh (see save_checkpoint)
             optimizer.load_state_dict(loaded["optimizer"])
             _restore_step_counters(optimizer)
     if rng is not None:

@@ -107,3 +107,25 @@ def build_optimizer(
     # fp16 loss scaling (a no-op scale of 1 for fp32/bf16), as megatron's training loop wires it.
     config.grad_scale_func = optimizer.scale_loss
     return ddp, optimizer
+
+
+def reset_optimizer_state(optimizer: Any) -> None:
+    """Forget Adam moments (the UPT stage starts its optimizer afresh after SFT)."""
+    from collections import defaultdict
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = opt.optimizer
+        inner.state = defaultdict(dict)
+        for group in inner.param_groups:  # fused Adams (TE/Apex) keep the step count here
+            group.pop("step", None)
+
+
+def set_lr(optimizer: Any, lr: float) -> None:
+    """Set the learning rate of every parameter group."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def is_fresh(optimizer: Any) -> bool:
+    """True when the optimizer has never stepped (no moments in any inner optimizer)."""
+    return not any(getattr(opt, "optimizer", opt).state for opt in getattr(optimizer, "chained_optimizers", [optimizer]))
