@@ -218,10 +218,6 @@ def _signal_every_process(pid: int) -> None:
 
 @CPU_ONLY
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="known bug: Slurm's --signal reaches every process of the step (proctrack/"
-                   "cgroup); the checkpoint writer's spawned Manager server keeps SIGUSR1's default action and dies, "
-                   "so the save fails with BrokenPipeError. Fix: helper processes ignore SIGUSR1/SIGTERM "
-                   "(runtime/children.py, the math-verify worker); then remove this mark")
 def test_sigusr1_to_every_process_of_the_step_saves(tmp_path):
     # With trainer.save_every=2 the checkpoint writer's helper processes exist by step 3.
     _preempt_through_sbatch(tmp_path, 3, _signal_every_process, "trainer.save_every=2")

@@ -476,8 +476,9 @@ def _worker_main() -> None:
     import logging
     from functools import lru_cache
 
-    from megatron_selfjudge.runtime.children import start_parent_watchdog
+    from megatron_selfjudge.runtime.children import ignore_job_signals, start_parent_watchdog
 
+    ignore_job_signals()  # a job-wide preemption signal is the trainer's to handle
     start_parent_watchdog(os.getppid())  # exit with the run, even mid-comparison (runtime.children)
     proto = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # stray prints from libraries must not corrupt the protocol

@@ -61,8 +61,24 @@ def start_parent_watchdog(parent_pid: int, interval: float = _WATCH_INTERVAL_S) 
     return thread
 
 
+def ignore_job_signals() -> None:
+    """In a helper process: ignore the signals a scheduler sends to every process of a job step.
+
+    Slurm's `--signal=USR1@120` (and SIGTERM on preemption) reaches every process of the step under
+    proctrack/cgroup. The trainer turns them into a checkpoint save, which needs its helpers (the
+    checkpoint writer's Manager) alive; the helpers die with the trainer instead (die_with_parent).
+    """
+    for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
+        try:
+            signal.signal(sig, signal.SIG_IGN)
+        except ValueError:  # not this process's main thread: Python cannot change dispositions here
+            return
+
+
 def die_with_parent(parent_pid: int, started_by_main_thread: bool = True) -> str:
-    """In a child process: end it when `parent_pid` dies; returns "pdeathsig" or "watchdog" (how)."""
+    """In a child process: end it when `parent_pid` dies, and ignore job-wide stop signals
+    (ignore_job_signals); returns "pdeathsig" or "watchdog" (how it ends)."""
+    ignore_job_signals()
     prctl = _load_prctl()
     if started_by_main_thread and prctl is not None and prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0:
         if os.getppid() != parent_pid:  # the parent died before the signal was armed
