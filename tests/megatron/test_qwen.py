@@ -148,8 +148,19 @@ def _single_rank_worker(rank: int, world: int, path: str, inputs: dict) -> dict:
     reference = load_file(str(Path(path) / "model.safetensors"))
     differ = sorted(n for n in reference if n not in exported or not torch.equal(exported[n], reference[n]))
     extra = sorted(set(exported) - set(reference))
-    return {"logits": logits, "no_grad": no_grad, "n_params": n_params, "differ": differ, "extra": extra,
-            "n_exported": len(exported)}
+    result = {"logits": logits, "no_grad": no_grad, "n_params": n_params, "differ": differ, "extra": extra,
+              "n_exported": len(exported)}
+    if model.vision_language:  # the positions the caller passes are the ones used (caller_position_ids)
+        from megatron_selfjudge.megatron.models import mbridge_compat
+
+        ids = inputs["input_ids"]
+        flat = torch.arange(ids.shape[1]).expand(3, ids.shape[0], -1)
+        args = (inputs["pixel_values"], inputs["image_grid_thw"])
+        with torch.no_grad():
+            result["flat_used"] = qwen.forward(model, ids, flat, *args)
+            with mbridge_compat.disabled("caller_position_ids"):
+                result["flat_ignored"] = qwen.forward(model, ids, flat, *args)
+    return result
 
 
 def _assert_close(logits: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor) -> None:
@@ -170,6 +181,10 @@ def test_tp1_logits_gradients_and_export(kind, vl_dir, text_dir):
     if kind == "vl":
         assert inputs["image_grid_thw"].tolist() == [[1, 8, 12], [1, 8, 12]]
         assert got["n_exported"] == 57  # every HF tensor, vision tower and merger included
+        mask = inputs["attention_mask"].bool()
+        # 1-D positions change the logits (so the given ones are used); mbridge alone would ignore them.
+        assert (got["flat_used"] - got["logits"]).abs()[mask].max() > 1e-3
+        assert (got["flat_ignored"] - got["logits"]).abs()[mask].max() < 1e-6
 
 
 @pytest.mark.slow
