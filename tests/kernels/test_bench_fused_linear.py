@@ -8,7 +8,7 @@ import torch
 from megatron_selfjudge.kernels import bench, bench_fused_linear
 
 MEMORY_TOKENS = (64, 128, 256)
-VOCAB, HIDDEN, CHUNK = 256, 16, 32
+VOCAB, HIDDEN, CHUNK = 1024, 16, 32
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +42,10 @@ def test_fused_linear_memory_is_flat_in_n_while_the_others_grow_with_the_logits(
     peak = {(r["provider"], r["tokens"]): r["peak_bytes"] for r in payload["memory"] if r["status"] == "ok"}
     small, large = MEMORY_TOKENS[0], MEMORY_TOKENS[-1]
     logits = lambda n: n * VOCAB * 2  # noqa: E731 (bf16 logits of n tokens)
-    # Beyond one chunk the fused op grows only by per-token vectors (d_hidden, statistics): far below V * 2 bytes.
-    growth = peak[("fused_linear", large)] - peak[("fused_linear", small)]
-    assert 0 < growth < 0.25 * (logits(large) - logits(small))
+    # Beyond one chunk the fused op grows only by per-token vectors: d_hidden (H bf16) and at most 64
+    # fp32 statistics and outputs per token, whatever V is (a logits row alone is V * 2 = 2048 bytes).
+    per_token = (peak[("fused_linear", large)] - peak[("fused_linear", small)]) / (large - small)
+    assert 0 < per_token <= 2 * HIDDEN + 64 * 4
     assert peak[("fused_linear", large)] < logits(large)
     for provider in ("logits_kernel", "eager"):  # they hold at least the logits and their gradient
         assert peak[(provider, large)] >= 2 * logits(large)
