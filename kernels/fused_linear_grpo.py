@@ -161,7 +161,14 @@ def _accumulate_wgrad(acc: torch.Tensor, grad: torch.Tensor, hidden: torch.Tenso
         acc.addmm_(grad.t(), hidden)
         return
     if acc.is_cuda:
-        try:  # bf16/fp16 operands, fp32 result straight from cuBLAS (torch >= 2.8 on CUDA)
+        # bf16/fp16 operands, fp32 accumulation into acc itself (aten::addmm.dtype_out, CUDA only): no
+        # [V, H] temporary; then the variant with one; the fp32 copy of the chunk is the last resort.
+        try:
+            torch.addmm(acc, grad.t(), hidden, out_dtype=torch.float32, out=acc)
+            return
+        except (TypeError, RuntimeError, NotImplementedError):
+            pass
+        try:
             acc += torch.mm(grad.t(), hidden, out_dtype=torch.float32)
             return
         except (TypeError, RuntimeError, NotImplementedError):

@@ -39,6 +39,17 @@ def test_targets_are_met_missing_or_missed():
     assert got["logits_kernel_speedup_over_liger"] == {"value": None, "target": ">= 1.3", "met": None}
 
 
+def test_memory_growth_figure_per_token_against_a_logits_row():
+    memory = [{"provider": "fused_linear", "tokens": n, "peak_bytes": 1000 + 10 * n, "logits_bytes": 200 * n,
+               "status": "ok"} for n in (64, 256)]
+    memory.append({"provider": "eager", "tokens": 256, "peak_bytes": 10**6, "logits_bytes": 200 * 256, "status": "ok"})
+    run = {"vocab": 100, "hidden": 8, "dtype": "bfloat16", "gemm_tflops": 1.0, "copy_bandwidth_gbps": 1.0,
+           "memory": memory, "results": [], "targets": {}}
+    figures = gpu_report.fused_linear_summary([run])["figures"]
+    assert figures["fused_linear_peak_growth_per_token_over_logits_row"] == pytest.approx(10 / 200)
+    assert gpu_report.evaluate(figures)["fused_linear_peak_growth_per_token_over_logits_row"]["met"] is True
+
+
 def test_junit_outcomes_are_counted(tmp_path):
     (tmp_path / "junit.xml").write_text(
         '<testsuites><testsuite><testcase classname="a" name="ok" time="1.5"/>'
