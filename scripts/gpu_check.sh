@@ -21,6 +21,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 REQUIREMENTS=scripts/gpu_requirements.txt
+IMAGE_PACKAGES='numpy|pillow|pyarrow'  # normally in a CUDA PyTorch image (the end of $REQUIREMENTS)
 OUT=benchmarks/results
 WHEELHOUSE=""
 FETCH=""
@@ -53,7 +54,7 @@ if [ -n "$FETCH" ]; then
   # Requirement lines without comments; --lean leaves out what a CUDA PyTorch image normally has.
   mapfile -t wanted < <(sed -e 's/#.*//' -e '/^[[:space:]]*$/d' "$REQUIREMENTS")
   if [ "$LEAN" = 1 ]; then
-    mapfile -t wanted < <(printf '%s\n' "${wanted[@]}" | grep -viE '^(numpy|pillow|pyarrow)([<>=]|$)')
+    mapfile -t wanted < <(printf '%s\n' "${wanted[@]}" | grep -viE "^(${IMAGE_PACKAGES})([<>=]|$)")
   fi
   # A lower bound is fetched at the exact version constraints.txt pins (the tested one).
   for i in "${!wanted[@]}"; do
@@ -61,8 +62,8 @@ if [ -n "$FETCH" ]; then
     pinned=$(grep -iE "^${name}==" constraints.txt || true)
     [ -n "$pinned" ] && wanted[i]=$pinned
   done
-  # setuptools builds this project's own wheel (pip's build isolation takes it from the wheelhouse too).
-  "${pip_cmd[@]}" "${args[@]}" "${wanted[@]}" setuptools==84.2.1
+  # setuptools and wheel build this project's own wheel (pip's build isolation takes them from DIR too).
+  "${pip_cmd[@]}" "${args[@]}" "${wanted[@]}" setuptools==84.2.1 wheel==0.45.1
   du -sh "$FETCH"
   exit 0
 fi
@@ -94,18 +95,23 @@ step() {
     if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then status="timed out after ${limit}s"
     elif [ "$rc" != 0 ]; then status="failed (exit $rc)"; fi
   fi
-  "$PY" - "$STEPS" "$name" "$status" "$(( $(date +%s) - begin ))" <<'EOF'
+  record "$name" "$status" "$(( $(date +%s) - begin ))"
+}
+
+# record NAME STATUS SECONDS: one entry of steps.json.
+record() {
+  "$PY" - "$STEPS" "$@" <<'EOF'
 import json, sys
 path, name, status, seconds = sys.argv[1:]
 steps = json.load(open(path))
 steps[name] = {"status": status, "seconds": int(seconds)}
 json.dump(steps, open(path, "w"), indent=2)
 EOF
-  echo "== $name: $status"
+  echo "== $1: $2"
 }
 
 if [ "$DRY_RUN" = 1 ]; then
-  PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+  PY=${PYTHON:-$( [ -x "$ROOT/.venv/bin/python" ] && echo "$ROOT/.venv/bin/python" || echo python3 )}
   export TRITON_INTERPRET=1
   LOGITS_SHAPE=(--tokens 16 --vocab 300 --reps 1 --warmup 0 --providers fused eager liger)
   SWEEP=(128 256)
@@ -126,9 +132,26 @@ else
     target=(--target "$WORK/site")
     export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
   fi
-  pip_install=("$PY" -m pip install --quiet --no-index --find-links "$WHEELHOUSE" "${target[@]}")
-  step install 120 "${pip_install[@]}" -r "$REQUIREMENTS"
-  step install_package 60 "${pip_install[@]}" --no-deps .
+  # --no-deps everywhere: $REQUIREMENTS lists every dependency itself, so pip never tries to resolve
+  # (or replace) the image's torch, and --target (which ignores installed packages) works the same.
+  pip_install=("$PY" -m pip install --quiet --no-index --no-deps --find-links "$WHEELHOUSE" "${target[@]}")
+  sed -e 's/#.*//' -e '/^[[:space:]]*$/d' "$REQUIREMENTS" > "$WORK/all.txt"
+  grep -viE "^(${IMAGE_PACKAGES})([<>=]|$)" "$WORK/all.txt" > "$WORK/core.txt"
+  step install 120 "${pip_install[@]}" -r "$WORK/core.txt"
+  # What the image normally has is installed only when it cannot be imported, one at a time: one that
+  # is neither there nor in a --lean wheelhouse then fails only itself (and the tests needing it).
+  mapfile -t image < <(grep -iE "^(${IMAGE_PACKAGES})([<>=]|$)" "$WORK/all.txt")
+  for requirement in "${image[@]}"; do
+    name=${requirement%%[<>=]*}
+    module=$name
+    [ "$name" = pillow ] && module=PIL
+    if "$PY" -c "import $module" 2>/dev/null; then
+      record "install_$name" "ok: the image has it" 0
+    else
+      step "install_$name" 60 "${pip_install[@]}" "$requirement"
+    fi
+  done
+  step install_package 60 "${pip_install[@]}" "$ROOT"
   LOGITS_SHAPE=(--tokens 16384 --vocab 152064 --dtype bfloat16 --reps 10 --warmup 3)
   SWEEP=(2048 8192)
   LINEAR_SHAPE=(--tokens 16384 --memory-tokens 4096 16384 65536 131072 --vocab 152064 --hidden 3584
@@ -136,11 +159,16 @@ else
 fi
 
 wants() { [[ ",$STEPS_WANTED," == *",$1,"* ]]; }
-mkdir -p "$WORK/logits" "$WORK/fused_linear"
+mkdir -p "$WORK/logits" "$WORK/fused_linear" "$OUT"
+OUT=$(cd "$OUT" && pwd)
+# From here on the scratch folder is the working directory: `python -m` puts it first on sys.path, so
+# the installed package is imported, not the checkout's megatron_selfjudge/ (which lacks kernels/).
+cd "$WORK"
 if wants tests; then
   # The gpu marker: the kernels at GPU sizes and the CUDA GRPO step of a tiny model with each loss.impl.
   step gpu_tests 200 "$PY" -m pytest -q -m gpu -p no:cacheprovider --junitxml="$WORK/junit.xml" \
-    tests/kernels/test_grpo_loss.py tests/kernels/test_fused_linear_grpo.py tests/megatron/test_train_step.py
+    "$ROOT/tests/kernels/test_grpo_loss.py" "$ROOT/tests/kernels/test_fused_linear_grpo.py" \
+    "$ROOT/tests/megatron/test_train_step.py"
 fi
 wants logits && step bench_logits 150 "$PY" -m megatron_selfjudge.kernels.bench --suite logits "${LOGITS_SHAPE[@]}" \
   --out "$WORK/logits"
