@@ -24,128 +24,19 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import random
-import socket
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
-import numpy as np
 import torch
 
-from megatron_selfjudge.config import Config, to_yaml, uses_generative_judge
+from megatron_selfjudge.config import Config, uses_generative_judge
+from megatron_selfjudge.data.task import PromptSampler, load_task
 from megatron_selfjudge.megatron import optimizer as optim
 from megatron_selfjudge.metrics import MetricsWriter
+from megatron_selfjudge.runtime.console import Console
+from megatron_selfjudge.runtime.setup import is_main_rank, seed_everything, setup_distributed, teardown_distributed
 
-
-
-# --- process / rank set-up ------------------------------------------------------------------
-
-def free_port() -> int:
-    """A TCP port on loopback that is free right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def setup_distributed(cfg: Config) -> bool:
-    """Join (or, for a plain `selfjudge train`, create) the process group and megatron's groups.
-
-    Returns True when this call created a one-rank group that the caller should destroy.
-    """
-    import torch.distributed as dist
-
-    from megatron_selfjudge.megatron.parallel import initialize_parallel
-
-    created = False
-    if not dist.is_initialized() and "WORLD_SIZE" not in os.environ:
-        # Single process: a one-rank group on loopback, so the code path is the torchrun one.
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(free_port()))
-        created = True
-    initialize_parallel(cfg.parallel.tp, cfg.parallel.pp, seed=cfg.trainer.seed)
-    return created
-
-
-def is_main_rank() -> bool:
-    """Global rank 0 writes files and prints."""
-    import torch.distributed as dist
-
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def seed_everything(seed: int) -> None:
-    """Python, numpy and torch RNGs (megatron's tracker is seeded by initialize_parallel)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-# --- data -----------------------------------------------------------------------------------
-
-@dataclass
-class Task:
-    """Prompts of the run: unlabeled training prompts, optional SFT pairs, held-out test prompts."""
-
-    train: list  # PromptRecord
-    test: list
-    sft: list = field(default_factory=list)  # (PromptRecord, target response text)
-    skipped: int = 0
-
-
-def load_task(cfg: Config) -> Task:
-    """The embedded synthetic task, or local files in the published schemas."""
-    from megatron_selfjudge.data import datasets, prompts, synthetic
-
-    d = cfg.data
-    if d.train == "synthetic":
-        splits = synthetic.make_synthetic_splits(
-            seed=d.synthetic_seed, n_sft=d.synthetic_sft, n_unlabeled=d.synthetic_unlabeled,
-            n_test=d.synthetic_test, image_size=cfg.model.image_size, families=tuple(d.synthetic_families))
-        sft = list(zip(datasets.examples_to_records(splits["train_sft"], "synthetic:train_sft"),
-                       [prompts.sft_target(ex) for ex in splits["train_sft"]]))
-        return Task(train=datasets.examples_to_records(splits["train_unlabeled"], "synthetic:train_unlabeled"),
-                    test=datasets.examples_to_records(splits["test"], "synthetic:test"), sft=sft)
-    limits = datasets.ImageLimits.from_config(d, image_size=cfg.model.image_size)
-    train = datasets.load_records(d.train, on_error=d.on_error, limits=limits)
-    test = (datasets.load_records(d.eval, on_error=d.on_error, require_answer=True, limits=limits)
-            if d.eval else None)
-    skipped = train.skipped + (test.skipped if test else 0)
-    if not train.records:
-        raise datasets.DatasetError(f"data.train: {d.train!r} holds no usable rows ({train.skipped} skipped)")
-    return Task(train=list(train.records), test=list(test.records) if test else [], skipped=skipped)
-
-
-class PromptSampler:
-    """Epoch-wise shuffled order over the training prompts; its cursor is checkpointed."""
-
-    def __init__(self, num: int, seed: int, epoch: int = 0, offset: int = 0):
-        if num < 1:
-            raise ValueError("the training set is empty")
-        self.num, self.seed, self.epoch, self.offset = num, seed, epoch, offset
-
-    def _order(self, epoch: int) -> list[int]:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.num).tolist()
-
-    def next(self, k: int) -> list[int]:
-        """The next k indices of this epoch's order; a remainder shorter than k is dropped
-        (as DataLoader's drop_last), so a step never holds the same prompt twice."""
-        if k > self.num:
-            raise ValueError(f"trainer.prompts_per_step={k} exceeds the {self.num} training prompts")
-        if self.offset + k > self.num:
-            self.epoch, self.offset = self.epoch + 1, 0
-        out = self._order(self.epoch)[self.offset:self.offset + k]
-        self.offset += k
-        return out
-
-    def state(self) -> dict:
-        """JSON-able cursor."""
-        return {"epoch": self.epoch, "offset": self.offset}
-
-
-# --- the trainer ----------------------------------------------------------------------------
 
 class Trainer:
     """Holds the run's components; `run()` executes SFT, evaluation, UPT steps, evaluation."""
@@ -160,7 +51,7 @@ class Trainer:
         self.main = is_main_rank()
         self.run_dir = Path(cfg.trainer.run_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
-        self.log = _Printer(self.main)
+        self.log = Console(self.main)
         self.task = load_task(cfg)
         self.family = build_family(cfg)  # tokenizer, prompts, images and the module builder
         self.tokenizer = self.family.tokenizer
@@ -171,7 +62,7 @@ class Trainer:
         self.ddp, self.optimizer = build_optimizer(
             self.policy, lr=o.lr, weight_decay=o.weight_decay, clip_grad=o.grad_clip, adam_beta1=o.adam_beta1,
             adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
-            use_distributed_optimizer=cfg.parallel.use_distributed_optimizer and _dp_size() > 1)
+            use_distributed_optimizer=cfg.parallel.use_distributed_optimizer and optim.data_parallel_size() > 1)
         self.engine = build_engine(cfg.rollout.backend, model=self.policy, tokenizer=self.tokenizer,
                                    max_batch_size=cfg.rollout.max_batch_size)
         self.weight_sync = WeightSync(self.engine)
@@ -245,60 +136,6 @@ class Trainer:
             return LossSettings(temperature=1.0, beta_kl=0.0, agg="token-mean", entropy_coef=0.0, **clip)
         return LossSettings(temperature=self.cfg.rollout.temperature, beta_kl=lo.beta_kl, agg=lo.agg,
                             entropy_coef=lo.entropy_coef, **clip)
-
-    # ---- stage 1: supervised warm start ----
-    def sft_step(self, with_nll: bool) -> dict:
-        """One supervised step on a batch of labelled (prompt, target) pairs.
-
-        with_nll adds the batch's pre-update NLL (an extra forward pass, so only on logged steps).
-        """
-        from megatron_selfjudge.data.collate import encode_response
-        from megatron_selfjudge.megatron.forward import compute_logprobs
-        from megatron_selfjudge.megatron.train_step import train_step
-
-        t = self.cfg.trainer
-        rng = np.random.default_rng([t.seed, 7, self.state["sft_step"]])
-        picks = rng.choice(len(self.task.sft), size=min(t.sft_batch_size, len(self.task.sft)), replace=False)
-        recs = [self.task.sft[i][0] for i in picks]
-        batch = self.policy_batch([self.encode(r.question, self.num_images(r)) for r in recs],
-                                  [encode_response(self.task.sft[i][1], self.tokenizer) for i in picks],
-                                  [self.images_of(r) for r in recs], torch.ones(len(recs)))
-        out = {}
-        if with_nll:
-            logp = compute_logprobs(self.ddp, batch, temperature=1.0, max_tokens=t.micro_batch_tokens)
-            out["sft_nll"] = float(-(logp.sum() / batch.loss_mask.sum()))
-        m = train_step(self.ddp, self.optimizer, batch, self.loss_settings(sft=True), max_tokens=t.micro_batch_tokens)
-        return {**out, "grad_norm": m["grad_norm"]}
-
-    def run_sft(self, preempt) -> bool:
-        """Stage 1 at optim.sft_lr, then a fresh optimizer state at optim.lr for stage 2.
-
-        Returns True when a preemption signal stopped it (a checkpoint was saved).
-        """
-        t = self.cfg.trainer
-        if not self.task.sft or t.sft_steps == 0:
-            self.state["phase"] = "upt"
-            return False
-        optim.set_lr(self.optimizer, self.cfg.optim.sft_lr)
-        self.metrics.truncate_after(self.state["sft_step"], prefix="sft")
-        with self.log.progress("SFT warm start", t.sft_steps, self.state["sft_step"]) as advance:
-            log_every = max(1, t.sft_steps // 10)
-            nll = float("nan")
-            while self.state["sft_step"] < t.sft_steps:
-                logged = (self.state["sft_step"] + 1) % log_every == 0
-                m = self.sft_step(with_nll=logged)
-                self.state["sft_step"] += 1
-                if logged:
-                    nll = m["sft_nll"]
-                    self.metrics.log(self.state["sft_step"], m, prefix="sft")
-                advance(f"nll {nll:.3f}")
-                if preempt.should_stop():
-                    self.save()
-                    return True
-        optim.reset_optimizer_state(self.optimizer)
-        optim.set_lr(self.optimizer, self.cfg.optim.lr)
-        self.state["phase"] = "upt"
-        return False
 
     # ---- evaluation ----
     def evaluate(self, name: str, should_stop: Optional[Callable[[], bool]] = None) -> Optional[dict]:
@@ -374,13 +211,15 @@ class Trainer:
         from megatron_selfjudge.advantages import compute_advantages
         from megatron_selfjudge.megatron.batching import prompt_shard
         from megatron_selfjudge.megatron.forward import compute_logprobs
+        from megatron_selfjudge.megatron.parallel import mean_over_data_parallel
         from megatron_selfjudge.megatron.train_step import train_on_rollout
         from megatron_selfjudge.rollout.base import SamplingConfig
 
         cfg, t, r = self.cfg, self.cfg.trainer, self.cfg.rollout
         t0 = time.perf_counter()
         drawn = [self.task.train[i] for i in self.sampler.next(t.prompts_per_step)]
-        mine = prompt_shard(len(drawn), t.mini_batch_prompts, parallel_state.get_data_parallel_rank(), _dp_size())
+        mine = prompt_shard(len(drawn), t.mini_batch_prompts, parallel_state.get_data_parallel_rank(),
+                            optim.data_parallel_size())
         records = [drawn[i] for i in mine]
         requests = self.requests(records)
         self.weight_sync.ensure_current(self.state["policy_version"])
@@ -415,7 +254,7 @@ class Trainer:
         self.state["policy_version"] += len(history)
         synced = self.weight_sync.push(self.state["policy_version"])
         lengths = torch.tensor([len(x.response_ids) for x in trajs], dtype=torch.float32)
-        out = _mean_over_data_parallel({
+        out = mean_over_data_parallel({
             **res.metrics(), "reward_mean": float(rewards.mean()), "adv_mean": float(adv.mean()),
             "response_len_mean": float(lengths.mean()),
             "stop_frac": sum(x.finish_reason == "stop" for x in trajs) / len(trajs),
@@ -423,7 +262,7 @@ class Trainer:
             "rollouts_per_rank": float(len(trajs)),  # equal on every rank: P * G / dp
         }, sums=("judge_unparsed",))
         # The standard deviation of all ranks' advantages (unbiased, as torch.std of the whole batch).
-        n_all = len(trajs) * _dp_size()
+        n_all = len(trajs) * optim.data_parallel_size()
         var = max(out.pop("adv_sq_mean") - out["adv_mean"] ** 2, 0.0) * n_all / max(n_all - 1, 1)
         out["adv_std"] = math.sqrt(var) if n_all > 1 else 0.0
         for key in ("loss", "kl", "clip_frac", "entropy", "grad_norm", "ratio_min", "ratio_max", "pg_loss"):
@@ -436,7 +275,7 @@ class Trainer:
         out.update(time_rollout=t_roll - t0, time_prepare=t_prep - t_roll, time_update=t_upd - t_prep, **synced)
         return out
 
-    # ---- checkpoints ----
+    # ---- run state (runtime/run_state.py) ----
     def save(self) -> None:
         """Policy + optimizer + RNG + trainer state (incl. the data cursor) under checkpoints/."""
         from megatron_selfjudge.megatron.checkpoint import save_checkpoint
@@ -452,15 +291,11 @@ class Trainer:
         A damaged checkpoint is reported and the next older one tried; a folder whose step
         checkpoints are all unusable is refused (runtime.run_state).
         """
-        from megatron_selfjudge.megatron.checkpoint import checkpoint_candidates, has_step_checkpoints, \
-            load_checkpoint
-        from megatron_selfjudge.runtime.run_state import load_newest_intact
+        from megatron_selfjudge.runtime.run_state import resume_newest
 
         if self.cfg.trainer.resume != "auto":
             return False
-        found = load_newest_intact(checkpoint_candidates(self.ckpt_root),
-                                   lambda path: load_checkpoint(path, self.ddp, self.optimizer),
-                                   self.log.info, has_step_checkpoints(self.ckpt_root), self.ckpt_root)
+        found = resume_newest(self.ckpt_root, self.ddp, self.optimizer, self.log.info)
         if found is None:
             return False
         path, self.state = found
@@ -469,61 +304,14 @@ class Trainer:
         self.log.info(f"resumed from {path} (step {self.state['step']}, phase {self.state['phase']})")
         return True
 
-    def check_config(self) -> None:
-        """When resuming, refuse meaning-changing differences from the saved config.yaml (rank 0 reads it)."""
-        from megatron_selfjudge.runtime.ranks import raise_if_any_rank_failed
-        from megatron_selfjudge.runtime.run_state import RunStateError, check_config_drift
-
-        error = None
-        if self.main:
-            saved = self.run_dir / "config.yaml"
-            try:
-                if self.cfg.trainer.resume == "auto":
-                    changed = check_config_drift(saved, self.cfg, self.cfg.trainer.allow_config_change)
-                    if changed:
-                        self.log.info(f"resuming with changed settings: {', '.join(changed)}")
-            except RunStateError as exc:  # raised below, once every rank knows
-                error = exc
-        raise_if_any_rank_failed(error, "the run-directory config check")
-
-    def write_config(self) -> None:
-        """config.yaml (resolved); written only once the run is known to start or resume."""
-        if self.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
-
     def make_initial_copy(self, from_disk: bool) -> None:
-        """Reference + Judge: one frozen copy of the policy as it enters stage 2.
+        """Reference + Judge: one frozen copy of the policy as it enters stage 2 (and the Judge's engine)."""
+        from megatron_selfjudge.rollout.base import build_engine
+        from megatron_selfjudge.runtime.run_state import initial_copy
 
-        A run resumed inside stage 2 rebuilds it from checkpoints/initial (and refuses to go on
-        when that copy is missing or damaged); otherwise the current policy is copied and saved
-        there (replacing any older run's copy).
-        """
-        from megatron_selfjudge.megatron.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-        from megatron_selfjudge.megatron.frozen import frozen_copy
-
-        from megatron_selfjudge.megatron.checkpoint import CheckpointDamaged
-        from megatron_selfjudge.runtime.run_state import RunStateError, require_initial_copy
-
-        init_root = self.ckpt_root / "initial"
-        # The builders re-seed the global RNG; keep the run's stream where it was.
-        with torch.random.fork_rng(devices=[]):
-            if not from_disk:
-                save_checkpoint(init_root, 0, self.ddp, None, {"what": "initial policy: reference and Judge"},
-                                keep_last=1)
-                self.initial = frozen_copy(self.policy, self.build, self.offload_frozen)
-            else:  # resumed mid-run: the policy has moved on, so the copy can only come from disk
-                path = require_initial_copy(init_root, self.state["step"], latest_checkpoint(init_root))
-                module = self.build()
-                try:
-                    load_checkpoint(path, module, None, load_rng=False)
-                except CheckpointDamaged as exc:
-                    raise RunStateError(f"the frozen initial copy (reference and Judge) is damaged: {exc}") \
-                        from None
-                self.initial = frozen_copy(module, self.build, self.offload_frozen)
+        self.initial = initial_copy(self.ckpt_root / "initial", self.policy, self.build, from_disk=from_disk,
+                                    step=self.state["step"], offload=self.offload_frozen)
         if uses_generative_judge(self.cfg):
-            from megatron_selfjudge.rollout.base import build_engine
-
             # The Judge's engine is loaded once from the frozen initial weights and never synced.
             self.judge_engine = build_engine(self.cfg.judge.backend or self.cfg.rollout.backend,
                                              model=self.initial.module, tokenizer=self.tokenizer,
@@ -541,21 +329,22 @@ class Trainer:
         """SFT -> eval before -> UPT steps (checkpointed, preemptible) -> eval after -> table.
 
         A stop signal (SIGTERM/SIGUSR1) is honoured within one SFT step, one UPT step or one
-        generation batch of the final evaluation: the run saves a checkpoint and returns 0. An
-        interrupted evaluation is not recorded, so the resumed run repeats it. During the first
-        evaluation ("before") the stop waits for the first UPT step (see stopped_in_eval).
+        generation batch of an evaluation: the run saves a checkpoint and returns 0. An
+        interrupted evaluation is not recorded, so the resumed run repeats it.
         """
+        from megatron_selfjudge import sft
         from megatron_selfjudge.eval.heldout import EvalInterrupted
         from megatron_selfjudge.preemption import PreemptionHandler
+        from megatron_selfjudge.runtime.run_state import check_saved_config, write_saved_config
 
         t = self.cfg.trainer
-        self.check_config()
+        check_saved_config(self.run_dir, self.cfg, self.main, self.log.info)
         # Inside stage 2 the frozen copy comes from disk: load it before anything is written, so a
         # missing or damaged copy is refused with the run directory untouched.
         in_stage2 = self.resume() and self.state["step"] > 0
         if in_stage2:
             self.make_initial_copy(from_disk=True)
-        self.write_config()
+        write_saved_config(self.run_dir, self.cfg, self.main)
         if self.task.skipped:
             self.log.info(f"data: skipped {self.task.skipped} unusable rows (data.on_error=skip)")
         with PreemptionHandler() as preempt:
@@ -571,7 +360,7 @@ class Trainer:
                     self.metrics.close()
                     return True
 
-            if self.state["phase"] == "sft" and self.run_sft(preempt):
+            if self.state["phase"] == "sft" and sft.run_sft(self, preempt):
                 self.log.info(f"preempted during SFT: saved SFT step {self.state['sft_step']} and exiting")
                 self.metrics.close()
                 return 0
@@ -629,72 +418,8 @@ class Trainer:
             self.log.info("\n" + table)
 
 
-def _dp_size() -> int:
-    from megatron.core import parallel_state
-
-    return parallel_state.get_data_parallel_world_size()
-
-
-def _mean_over_data_parallel(values: dict[str, float], sums: Sequence[str] = ()) -> dict[str, float]:
-    """Each value averaged over the data-parallel ranks (summed for the keys in `sums`).
-
-    Every rank holds the same number of rows, so the mean of the ranks' means is the batch mean.
-    """
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    from megatron_selfjudge.megatron.forward import comm_device
-
-    dp = _dp_size()
-    if dp == 1:
-        return dict(values)
-    keys = sorted(values)
-    packed = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=comm_device())
-    dist.all_reduce(packed, group=parallel_state.get_data_parallel_group())
-    return {k: v if k in sums else v / dp for k, v in zip(keys, packed.tolist())}
-
-
-class _Printer:
-    """Rank-0 console output: rich progress bars and info lines."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-        if enabled:
-            from rich.console import Console
-
-            self.console = Console(stderr=True)
-
-    def info(self, msg: str) -> None:
-        """One log line."""
-        if self.enabled:
-            # soft_wrap: one log line stays one line in Slurm logs, whatever the terminal width.
-            self.console.print(f"[selfjudge] {msg}", highlight=False, markup=False, soft_wrap=True)
-
-    def progress(self, title: str, total: int, done: int):
-        """Context manager yielding advance(description) for a rich progress bar."""
-        from contextlib import contextmanager
-
-        @contextmanager
-        def bar():
-            if not self.enabled:
-                yield lambda desc="": None
-                return
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-                TimeRemainingColumn
-
-            with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                          TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-                          console=self.console, transient=False) as prog:
-                task = prog.add_task(title, total=total, completed=done, info="")
-                yield lambda desc="": prog.update(task, advance=1, info=desc)
-        return bar()
-
-
 def main(cfg: Config) -> int:
     """Run training as configured; returns a process exit code."""
-    import torch.distributed as dist
-
-    from megatron_selfjudge.megatron.parallel import destroy_parallel
     from megatron_selfjudge.runtime import preflight
     from megatron_selfjudge.runtime.children import guard_children
     from megatron_selfjudge.runtime.lock import hold_run_dir
@@ -703,19 +428,15 @@ def main(cfg: Config) -> int:
     # (before guard_children, which imports megatron-core's checkpoint machinery).
     checked = preflight.check_launch(cfg)
     guard_children()  # checkpoint writers and other helpers die with this process
-    created = setup_distributed(cfg)
+    created = setup_distributed(cfg.parallel.tp, cfg.parallel.pp, cfg.trainer.seed)
     seed_everything(cfg.trainer.seed)
     try:
         preflight.check_ranks(cfg, checked)  # data, run directory, memory: one rank's failure stops all
-        log = _Printer(is_main_rank())
+        log = Console(is_main_rank())
         for line in checked.summary():
             log.info(line)
         # Locked before anything is written there (the Trainer opens TensorBoard, run() config.yaml).
         with hold_run_dir(cfg.trainer.run_dir, is_main_rank()):
             return Trainer(cfg).run()
     finally:
-        destroy_parallel()
-        if created and dist.is_initialized():
-            dist.destroy_process_group()
-            for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-                os.environ.pop(key, None)
+        teardown_distributed(created)

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from megatron_selfjudge.metrics import read_metrics
-from megatron_selfjudge.trainer import free_port
+from megatron_selfjudge.runtime.setup import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SLURM = ROOT / "examples" / "slurm"

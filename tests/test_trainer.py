@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from megatron_selfjudge.metrics import STEP_KEYS, read_metrics
-from megatron_selfjudge.trainer import free_port
+from megatron_selfjudge.runtime.setup import free_port
 
 TINY = [
     "trainer.sft_steps=4", "trainer.max_steps=5", "trainer.save_every=2", "trainer.prompts_per_step=4",

@@ -195,13 +195,6 @@ def split_micro_batches(batch: PolicyBatch, info: ModelInfo, max_tokens: int) ->
     return groups, [batch.select(g, info.image_token_index).to(info.device) for g in groups]
 
 
-def comm_device() -> torch.device:
-    """Where tensors for collectives must live: the current GPU under NCCL, else the CPU (gloo)."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def _broadcast_from_last_stage(tensor: torch.Tensor) -> None:
     from megatron.core import parallel_state
 

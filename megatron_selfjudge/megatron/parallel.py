@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -50,3 +51,21 @@ def destroy_parallel() -> None:
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+
+
+def mean_over_data_parallel(values: dict[str, float], sums: Sequence[str] = ()) -> dict[str, float]:
+    """Each value averaged over the data-parallel ranks (summed for the keys in `sums`); same on every rank.
+
+    Meant for per-rank means over equally many rows, whose mean is then the whole batch's mean.
+    """
+    from megatron.core import parallel_state
+
+    from megatron_selfjudge.runtime.ranks import collective_device
+
+    dp = parallel_state.get_data_parallel_world_size()
+    if dp == 1:
+        return dict(values)
+    keys = sorted(values)
+    packed = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=collective_device())
+    dist.all_reduce(packed, group=parallel_state.get_data_parallel_group())
+    return {k: v if k in sums else v / dp for k, v in zip(keys, packed.tolist())}

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from megatron_selfjudge import loss as loss_ref
 from megatron_selfjudge.megatron import forward as fwd
 from megatron_selfjudge.megatron.batching import PolicyBatch, data_parallel_shard, prompt_mini_batches
+from megatron_selfjudge.runtime.ranks import collective_device
 
 # Per micro-batch sums, reduced over micro-batches and DP ranks before any division.
 _SUM_KEYS = ("loss", "pg", "kl", "clipped", "entropy", "tokens")
@@ -62,7 +63,7 @@ def global_normalizer(loss_mask: torch.Tensor, agg: str) -> float:
 
     valid = loss_mask.float()
     local = valid.sum() if agg == "token-mean" else (valid.sum(dim=1) > 0).sum().float()
-    total = local.reshape(1).to(device=fwd.comm_device(), dtype=torch.float64)
+    total = local.reshape(1).to(device=collective_device(), dtype=torch.float64)
     if parallel_state.get_data_parallel_world_size() > 1:
         dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
     return float(total.item())
@@ -176,7 +177,7 @@ def _length_stats(loss_mask: torch.Tensor) -> tuple[float, float]:
     from megatron.core import parallel_state
 
     stats = torch.tensor([float(loss_mask.shape[0]), float(loss_mask.sum())], dtype=torch.float64,
-                         device=fwd.comm_device())
+                         device=collective_device())
     if parallel_state.get_data_parallel_world_size() > 1:
         dist.all_reduce(stats, group=parallel_state.get_data_parallel_group())
     return float(stats[0]), float(stats[1] / max(float(stats[0]), 1.0))

@@ -85,3 +85,67 @@ def require_initial_copy(init_root: Path, step: int, found: Optional[Path]) -> P
                             "initial policy (the reference model and the Judge), which cannot be rebuilt from "
                             "the trained policy. Restore it, or start the run afresh (trainer.resume=never)")
     return found
+
+
+# --- the trainer's run state: what it saves, resumes and refuses ---------------------------------
+
+def check_saved_config(run_dir: Path, cfg: Any, main: bool, warn: Callable[[str], None]) -> None:
+    """When resuming (`trainer.resume=auto`), refuse meaning-changing drift from run_dir/config.yaml.
+
+    A collective: rank 0 reads the file, every rank raises if it refused.
+    """
+    from megatron_selfjudge.runtime.ranks import raise_if_any_rank_failed
+
+    error = None
+    if main and cfg.trainer.resume == "auto":
+        try:
+            changed = check_config_drift(run_dir / "config.yaml", cfg, cfg.trainer.allow_config_change)
+            if changed:
+                warn(f"resuming with changed settings: {', '.join(changed)}")
+        except RunStateError as exc:  # raised below, once every rank knows
+            error = exc
+    raise_if_any_rank_failed(error, "the run-directory config check")
+
+
+def write_saved_config(run_dir: Path, cfg: Any, main: bool) -> None:
+    """run_dir/config.yaml (resolved); written only once the run is known to start or resume."""
+    from megatron_selfjudge.config import to_yaml
+
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+
+
+def resume_newest(ckpt_root: Path, model: Any, optimizer: Any,
+                  warn: Callable[[str], None]) -> Optional[tuple[Path, dict]]:
+    """(path, trainer state) of the newest intact step checkpoint loaded into model and optimizer, or None."""
+    from megatron_selfjudge.megatron.checkpoint import checkpoint_candidates, has_step_checkpoints, load_checkpoint
+
+    return load_newest_intact(checkpoint_candidates(ckpt_root), lambda path: load_checkpoint(path, model, optimizer),
+                              warn, has_step_checkpoints(ckpt_root), ckpt_root)
+
+
+def initial_copy(init_root: Path, policy: Any, build: Callable[[], Any], *, from_disk: bool, step: int,
+                 offload: bool) -> Any:
+    """The frozen initial policy (reference and Judge), a FrozenModel.
+
+    `from_disk` (a run resumed inside stage 2): loaded from init_root, refused when missing or
+    damaged. Otherwise the current policy is copied and saved there, replacing an older copy.
+    """
+    import torch
+
+    from megatron_selfjudge.megatron.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from megatron_selfjudge.megatron.frozen import frozen_copy
+
+    # The builders re-seed the global RNG; keep the run's stream where it was.
+    with torch.random.fork_rng(devices=[]):
+        if not from_disk:
+            save_checkpoint(init_root, 0, policy, None, {"what": "initial policy: reference and Judge"}, keep_last=1)
+            return frozen_copy(policy, build, offload)
+        path = require_initial_copy(init_root, step, latest_checkpoint(init_root))
+        module = build()
+        try:
+            load_checkpoint(path, module, None, load_rng=False)
+        except CheckpointDamaged as exc:
+            raise RunStateError(f"the frozen initial copy (reference and Judge) is damaged: {exc}") from None
+        return frozen_copy(module, build, offload)

@@ -4,7 +4,7 @@ import pytest
 from PIL import Image
 from megatron_selfjudge.config import load_config
 from megatron_selfjudge.data.datasets import DatasetError
-from megatron_selfjudge.trainer import load_task
+from megatron_selfjudge.data.task import load_task
 
 
 def test_load_task_applies_the_data_limits(tmp_path):

@@ -1,0 +1,64 @@
+"""Process set-up of a run: the process group and megatron's groups, seeding, rank roles."""
+from __future__ import annotations
+
+import os
+import random
+import socket
+
+_RANK_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def free_port() -> int:
+    """A TCP port on loopback that is free right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup_distributed(tp: int, pp: int, seed: int) -> bool:
+    """Join (or, for a plain `selfjudge train`, create) the process group and megatron's groups.
+
+    Returns True when this call created a one-rank group that `teardown_distributed` must destroy.
+    """
+    import torch.distributed as dist
+
+    from megatron_selfjudge.megatron.parallel import initialize_parallel
+
+    created = False
+    if not dist.is_initialized() and "WORLD_SIZE" not in os.environ:
+        # Single process: a one-rank group on loopback, so the code path is the torchrun one.
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
+        created = True
+    initialize_parallel(tp, pp, seed=seed)
+    return created
+
+
+def teardown_distributed(created: bool) -> None:
+    """Destroy megatron's groups, and the process group when `setup_distributed` created it."""
+    import torch.distributed as dist
+
+    from megatron_selfjudge.megatron.parallel import destroy_parallel
+
+    destroy_parallel()
+    if created and dist.is_initialized():
+        dist.destroy_process_group()
+        for key in _RANK_VARS:
+            os.environ.pop(key, None)
+
+
+def is_main_rank() -> bool:
+    """Global rank 0 writes files and prints."""
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def seed_everything(seed: int) -> None:
+    """Python, numpy and torch RNGs (megatron's tracker is seeded by initialize_parallel)."""
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

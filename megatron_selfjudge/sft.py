@@ -1,0 +1,70 @@
+"""Stage 1, the supervised warm start: labelled (prompt, target) pairs before label-free training.
+
+Its gradient is the policy-gradient step with advantage 1 on the target tokens (on-policy ratio 1,
+no KL), which is exactly the gradient of the token-mean negative log-likelihood, so it runs
+through the same megatron train step as stage 2. It trains at `optim.sft_lr`; stage 2 then starts
+from a fresh optimizer state at `optim.lr`. The paper's premise allows labels only here.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from megatron_selfjudge.megatron import optimizer as optim
+
+if TYPE_CHECKING:
+    from megatron_selfjudge.trainer import Trainer
+
+
+def sft_step(tr: "Trainer", with_nll: bool) -> dict:
+    """One supervised step on a batch of labelled pairs drawn for this step.
+
+    with_nll adds the batch's pre-update NLL (an extra forward pass, so only on logged steps).
+    """
+    from megatron_selfjudge.data.collate import encode_response
+    from megatron_selfjudge.megatron.forward import compute_logprobs
+    from megatron_selfjudge.megatron.train_step import train_step
+
+    t = tr.cfg.trainer
+    rng = np.random.default_rng([t.seed, 7, tr.state["sft_step"]])
+    picks = rng.choice(len(tr.task.sft), size=min(t.sft_batch_size, len(tr.task.sft)), replace=False)
+    recs = [tr.task.sft[i][0] for i in picks]
+    batch = tr.policy_batch([tr.encode(r.question, tr.num_images(r)) for r in recs],
+                            [encode_response(tr.task.sft[i][1], tr.tokenizer) for i in picks],
+                            [tr.images_of(r) for r in recs], torch.ones(len(recs)))
+    out = {}
+    if with_nll:
+        logp = compute_logprobs(tr.ddp, batch, temperature=1.0, max_tokens=t.micro_batch_tokens)
+        out["sft_nll"] = float(-(logp.sum() / batch.loss_mask.sum()))
+    m = train_step(tr.ddp, tr.optimizer, batch, tr.loss_settings(sft=True), max_tokens=t.micro_batch_tokens)
+    return {**out, "grad_norm": m["grad_norm"]}
+
+
+def run_sft(tr: "Trainer", preempt: Any) -> bool:
+    """Stage 1 to `trainer.sft_steps`; True when a stop signal ended it early (a checkpoint was saved)."""
+    t = tr.cfg.trainer
+    if not tr.task.sft or t.sft_steps == 0:
+        tr.state["phase"] = "upt"
+        return False
+    optim.set_lr(tr.optimizer, tr.cfg.optim.sft_lr)
+    tr.metrics.truncate_after(tr.state["sft_step"], prefix="sft")
+    with tr.log.progress("SFT warm start", t.sft_steps, tr.state["sft_step"]) as advance:
+        log_every = max(1, t.sft_steps // 10)
+        nll = float("nan")
+        while tr.state["sft_step"] < t.sft_steps:
+            logged = (tr.state["sft_step"] + 1) % log_every == 0
+            m = sft_step(tr, with_nll=logged)
+            tr.state["sft_step"] += 1
+            if logged:
+                nll = m["sft_nll"]
+                tr.metrics.log(tr.state["sft_step"], m, prefix="sft")
+            advance(f"nll {nll:.3f}")
+            if preempt.should_stop():
+                tr.save()
+                return True
+    optim.reset_optimizer_state(tr.optimizer)
+    optim.set_lr(tr.optimizer, tr.cfg.optim.lr)
+    tr.state["phase"] = "upt"
+    return False
