@@ -36,7 +36,7 @@ def sft_step(tr: "Trainer", with_nll: bool) -> dict:
                             [tr.images_of(r) for r in recs], torch.ones(len(recs)))
     out = {}
     if with_nll:
-        logp = compute_logprobs(tr.ddp, batch, temperature=1.0, max_tokens=t.micro_batch_tokens)
+        logp = compute_logprobs(tr.ddp, batch, temperature=1.0, max_tokens=t.micro_batch_tokens, impl=tr.cfg.loss.impl)
         out["sft_nll"] = float(-(logp.sum() / batch.loss_mask.sum()))
     m = train_step(tr.ddp, tr.optimizer, batch, tr.loss_settings(sft=True), max_tokens=t.micro_batch_tokens)
     return {**out, "grad_norm": m["grad_norm"]}

@@ -123,8 +123,13 @@ class Trainer:
         seqs = build_sequences(prompt_ids, response_ids, self.tokenizer.pad_token_id)
         if not self.family.multimodal:
             return PolicyBatch.from_sequences(seqs, advantages.float())
-        return PolicyBatch.from_sequences(seqs, advantages.float(), images=torch.cat(list(images)),
-                                          num_images=torch.tensor([im.shape[0] for im in images]))
+        # A prompt's G rows pass the same image tensor: the batch holds it once.
+        return PolicyBatch.sharing_images(seqs, advantages.float(), images)
+
+    def scoring(self, temperature: float) -> dict:
+        """Options of a forward-only log-prob pass over this rank's own rows (old, reference, likelihood Judge)."""
+        return dict(temperature=temperature, max_tokens=self.cfg.trainer.micro_batch_tokens,
+                    shard_data_parallel=False, impl=self.cfg.loss.impl)
 
     def loss_settings(self, sft: bool = False):
         """Loss hyper-parameters; SFT is the on-policy, KL-free special case with advantage 1."""
@@ -167,8 +172,7 @@ class Trainer:
             return None
         if self.cfg.judge.kind == "likelihood":
             logp = ref_logp if self.cfg.rollout.temperature == 1.0 and ref_logp is not None else \
-                self.initial.logprobs(batch, temperature=1.0, max_tokens=self.cfg.trainer.micro_batch_tokens,
-                                      shard_data_parallel=False)
+                self.initial.logprobs(batch, **self.scoring(temperature=1.0))
             return LikelihoodJudge().scores_from_logprobs(logp, batch.loss_mask)
         j = self.cfg.judge
         judge = GenerativeJudge(self.judge_engine,
@@ -233,12 +237,12 @@ class Trainer:
         batch = self.policy_batch([x.prompt_ids for x in trajs], [x.response_ids for x in trajs],
                                   [req_by_uid[x.uid].images for x in trajs], torch.zeros(len(trajs)))
         mb = t.micro_batch_tokens
-        old = compute_logprobs(self.ddp, batch, temperature=r.temperature, max_tokens=mb, shard_data_parallel=False)
+        old = compute_logprobs(self.ddp, batch, **self.scoring(r.temperature))
         # At temperature 1 the reference log-probs are also the likelihood Judge's: compute once.
         judge_reuses_ref = (cfg.reward.mode in ("judge", "judge_raw") and cfg.judge.kind == "likelihood"
                             and r.temperature == 1.0)
         with self.initial.use():  # on GPU the frozen copy is in host memory except here
-            ref = self.initial.logprobs(batch, temperature=r.temperature, max_tokens=mb, shard_data_parallel=False) \
+            ref = self.initial.logprobs(batch, **self.scoring(r.temperature)) \
                 if cfg.loss.beta_kl > 0 or judge_reuses_ref else None
             scores = self.judge_scores(records, trajs, batch, ref)
         rewards, res = self.rewards(records, trajs, scores)

@@ -4,8 +4,10 @@ Layout (megatron's shifted convention, as data/collate.py builds it): row b hold
 whose next token is `labels[b, t]`; `loss_mask[b, t]` is 1 exactly where `labels[b, t]` is a
 response token. Rows are RIGHT-padded: with causal attention a real token never sees the padding
 after it, so no attention mask is needed. Each image is one `image_token_index` placeholder in
-`tokens` that the LLaVA model replaces by `image_seq_len` embeddings; images are stored in row
-order, `num_images[b]` of them for row b.
+`tokens` that a model family may expand into `image_seq_len` embeddings; row b shows
+`num_images[b]` images, in row order. A prompt's G samples show the same images, so a batch may
+hold each image once: `image_index` then says which of `images` each row's image slot shows,
+and `row_images()` materialises them in row order only for a micro-batch's forward.
 
 Micro-batches are padded, not packed (packed THD attention needs Transformer Engine): a
 micro-batch of n rows costs n * (longest row, images expanded) tokens, kept under the budget.
@@ -26,8 +28,9 @@ class PolicyBatch:
     labels: torch.Tensor  # [B, T] long, next token of each position
     loss_mask: torch.Tensor  # [B, T] 0/1: 1 where labels is a response token
     advantages: Optional[torch.Tensor] = None  # [B] fp32, one per sequence (needed for training)
-    images: Optional[torch.Tensor] = None  # [N_images, C, H, W] in row order; None for text-only
+    images: Optional[torch.Tensor] = None  # [N_images, C, H, W] (row order unless image_index); None: text-only
     num_images: Optional[torch.Tensor] = None  # [B] long; None = count placeholders in tokens
+    image_index: Optional[torch.Tensor] = None  # [sum num_images] long: the image each slot shows; None: identity
     old_logp: Optional[torch.Tensor] = None  # [B, T] fp32 behaviour-policy log-probs, or None (on-policy)
     ref_logp: Optional[torch.Tensor] = None  # [B, T] fp32 reference log-probs, or None (no KL term)
 
@@ -51,18 +54,50 @@ class PolicyBatch:
         if self.images is not None:
             if self.images.dim() != 4:
                 raise ValueError(f"images must be [N, C, H, W], got shape {tuple(self.images.shape)}")
-            if self.num_images is not None and int(self.num_images.sum()) != self.images.shape[0]:
-                raise ValueError(f"num_images sums to {int(self.num_images.sum())} but images holds "
-                                 f"{self.images.shape[0]}")
+            slots = self.images.shape[0] if self.image_index is None else self.image_index.numel()
+            if self.num_images is not None and int(self.num_images.sum()) != slots:
+                raise ValueError(f"num_images sums to {int(self.num_images.sum())} but the batch has {slots} "
+                                 "image slots")
+        if self.image_index is not None:
+            if self.images is None or self.image_index.dim() != 1 or self.image_index.dtype != torch.long:
+                raise ValueError("image_index must be a 1-D long tensor beside images")
+            if self.image_index.numel() and not (0 <= int(self.image_index.min())
+                                                 and int(self.image_index.max()) < self.images.shape[0]):
+                raise ValueError(f"image_index must lie in [0, {self.images.shape[0]})")
 
     @classmethod
     def from_sequences(cls, sequences, advantages: torch.Tensor, images: Optional[torch.Tensor] = None,
-                       num_images: Optional[torch.Tensor] = None) -> "PolicyBatch":
+                       num_images: Optional[torch.Tensor] = None,
+                       image_index: Optional[torch.Tensor] = None) -> "PolicyBatch":
         """From data.collate.SequenceBatch (right-padded) plus per-sequence advantages and images."""
         if getattr(sequences, "tokens", None) is None or getattr(sequences, "loss_mask", None) is None:
             raise TypeError("sequences must be a data.collate.SequenceBatch (tokens, labels, loss_mask)")
         return cls(tokens=sequences.tokens, labels=sequences.labels, loss_mask=sequences.loss_mask,
-                   advantages=advantages, images=images, num_images=num_images)
+                   advantages=advantages, images=images, num_images=num_images, image_index=image_index)
+
+    @classmethod
+    def sharing_images(cls, sequences, advantages: torch.Tensor,
+                       images_per_row: Sequence[torch.Tensor]) -> "PolicyBatch":
+        """`from_sequences` for rows given their image tensors, holding each distinct tensor once.
+
+        Rows that pass the same tensor object (a prompt's G samples) share its storage.
+        """
+        distinct: dict[int, int] = {}
+        held, index = [], []
+        for imgs in images_per_row:
+            if id(imgs) not in distinct:
+                distinct[id(imgs)] = sum(t.shape[0] for t in held)
+                held.append(imgs)
+            index.extend(range(distinct[id(imgs)], distinct[id(imgs)] + imgs.shape[0]))
+        return cls.from_sequences(sequences, advantages, images=torch.cat(held),
+                                  num_images=torch.tensor([im.shape[0] for im in images_per_row]),
+                                  image_index=torch.tensor(index, dtype=torch.long))
+
+    def row_images(self) -> Optional[torch.Tensor]:
+        """The images of every row's slots in row order ([sum num_images, C, H, W]), or None."""
+        if self.images is None or self.image_index is None:
+            return self.images
+        return self.images[self.image_index]
 
     @property
     def size(self) -> int:
@@ -99,13 +134,13 @@ class PolicyBatch:
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if value is None or f.name == "images":
+            if value is None or f.name in ("images", "image_index"):
                 out[f.name] = value
             elif value.dim() == 2:
                 out[f.name] = value[idx, :width]
             else:
                 out[f.name] = value[idx]
-        out["images"] = _select_images(self, idx, image_token_index)
+        out["images"], out["image_index"] = _select_images(self, idx, image_token_index)
         if self.images is not None and self.num_images is None:
             out["num_images"] = self.images_per_row(image_token_index)[idx]
         return PolicyBatch(**out)
@@ -135,13 +170,19 @@ def _check_2d(name: str, value: torch.Tensor, *, integer: bool = False, floating
         raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
 
 
-def _select_images(batch: PolicyBatch, idx: torch.Tensor, image_token_index: int) -> Optional[torch.Tensor]:
+def _select_images(batch: PolicyBatch, idx: torch.Tensor,
+                   image_token_index: int) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(images, image_index) of rows `idx`: the images they show, each once when the batch shares them."""
     if batch.images is None:
-        return None
+        return None, None
     counts = batch.images_per_row(image_token_index)
     starts = torch.cumsum(counts, 0) - counts
-    rows = [torch.arange(int(starts[i]), int(starts[i] + counts[i])) for i in idx.tolist()]
-    return batch.images[torch.cat(rows)] if rows else batch.images[:0]
+    slots = torch.cat([torch.arange(int(starts[i]), int(starts[i] + counts[i])) for i in idx.tolist()])
+    if batch.image_index is None:
+        return batch.images[slots], None
+    shown = batch.image_index[slots]
+    kept, remapped = torch.unique(shown, sorted=True, return_inverse=True)
+    return batch.images[kept], remapped.long()
 
 
 def micro_batches_by_tokens(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:

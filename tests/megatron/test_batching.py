@@ -139,3 +139,26 @@ def test_prompt_shard_gives_each_rank_its_part_of_every_mini_batch():
         prompt_shard(12, 6, 0, 4)
     with pytest.raises(ValueError, match="do not split into mini-batches"):
         prompt_shard(10, 4, 0, 1)
+
+
+def test_shared_images_are_held_once_and_select_like_copies():
+    """A prompt's G rows pass one image tensor: the batch keeps it once, and every selection and
+    row_images() equal those of a batch holding a copy per row."""
+    from megatron_selfjudge.data.collate import build_sequences
+
+    per_prompt = [torch.full((1, 3, 4, 4), float(p)) for p in range(3)]
+    rows = [per_prompt[p] for p in (0, 0, 1, 1, 2, 2)]  # 3 prompts x G = 2
+    seqs = build_sequences([[1, IMG, 5]] * 6, [[6, 7], [6], [7, 7], [5], [6, 6], [7]], pad_id=0)
+    shared = PolicyBatch.sharing_images(seqs, torch.zeros(6), rows)
+    copied = PolicyBatch.from_sequences(seqs, torch.zeros(6), images=torch.cat(rows),
+                                        num_images=torch.ones(6, dtype=torch.long))
+    assert shared.images.shape[0] == 3 and copied.images.shape[0] == 6
+    assert torch.equal(shared.row_images(), copied.row_images())
+    for pick in ([1, 4], [5, 0, 3], [2]):
+        a, b = shared.select(pick, IMG), copied.select(pick, IMG)
+        assert torch.equal(a.row_images(), b.row_images()), pick
+        assert a.images.shape[0] == len({r // 2 for r in pick})  # one image per distinct prompt
+    with pytest.raises(ValueError, match="image_index must lie in"):
+        PolicyBatch.from_sequences(seqs, torch.zeros(6), images=torch.cat(per_prompt),
+                                   num_images=torch.ones(6, dtype=torch.long),
+                                   image_index=torch.tensor([0, 0, 1, 1, 2, 3]))

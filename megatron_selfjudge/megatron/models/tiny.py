@@ -158,7 +158,7 @@ class TinyLlavaFamily(TinyGPTFamily):
     def run(cls, model: torch.nn.Module, micro: Any, info: ModelInfo) -> torch.Tensor:
         positions = torch.arange(micro.tokens.shape[1], device=info.device).expand_as(micro.tokens)
         placeholders = int((micro.tokens == info.image_token_index).sum())
-        images = micro.images
+        images = micro.row_images()
         if images is None:
             images = torch.zeros(0, 3, 1, 1)  # LLaVAModel needs a tensor even when there is no image
         if images.shape[0] != placeholders:
