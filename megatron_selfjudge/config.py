@@ -620,8 +620,13 @@ def load_saved_config(path: str | Path) -> Config:
     return cfg
 
 
-def uses_generative_judge(cfg: Config) -> bool:
-    """Whether the rewards need the frozen model to write rubric judgements (its context must fit too)."""
+def uses_judge(cfg: Config) -> bool:
+    """Whether the reward mode reads Judge scores (the reward-mode registry says)."""
     from megatron_selfjudge.rewards.combine import REWARD_MODES
 
-    return REWARD_MODES[cfg.reward.mode].needs_judge and cfg.judge.kind == "generative"
+    return REWARD_MODES[cfg.reward.mode].needs_judge
+
+
+def uses_generative_judge(cfg: Config) -> bool:
+    """Whether the rewards need the frozen model to write rubric judgements (its context must fit too)."""
+    return uses_judge(cfg) and cfg.judge.kind == "generative"

@@ -30,7 +30,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from megatron_selfjudge.config import Config, uses_generative_judge
+from megatron_selfjudge.config import Config, uses_generative_judge, uses_judge
 from megatron_selfjudge.data.task import PromptSampler, load_task
 from megatron_selfjudge.megatron import optimizer as optim
 from megatron_selfjudge.metrics import MetricsWriter
@@ -168,7 +168,7 @@ class Trainer:
         """Per-trajectory lists of K Judge scores (None = unparseable), or None when the reward needs none."""
         from megatron_selfjudge.judges import GenerativeJudge, JudgePrompt, LikelihoodJudge
 
-        if self.cfg.reward.mode not in ("judge", "judge_raw"):
+        if not uses_judge(self.cfg):
             return None
         if self.cfg.judge.kind == "likelihood":
             logp = ref_logp if self.cfg.rollout.temperature == 1.0 and ref_logp is not None else \
@@ -239,7 +239,7 @@ class Trainer:
         mb = t.micro_batch_tokens
         old = compute_logprobs(self.ddp, batch, **self.scoring(r.temperature))
         # At temperature 1 the reference log-probs are also the likelihood Judge's: compute once.
-        judge_reuses_ref = (cfg.reward.mode in ("judge", "judge_raw") and cfg.judge.kind == "likelihood"
+        judge_reuses_ref = (uses_judge(cfg) and cfg.judge.kind == "likelihood"
                             and r.temperature == 1.0)
         with self.initial.use():  # on GPU the frozen copy is in host memory except here
             ref = self.initial.logprobs(batch, **self.scoring(r.temperature)) \

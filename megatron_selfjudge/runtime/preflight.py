@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from megatron_selfjudge.config import Config
+from megatron_selfjudge.config import Config, uses_generative_judge
 
 GIB = 1024 ** 3
 PROBE_PREFIX = ".preflight-rank"
@@ -294,7 +294,7 @@ def estimate_memory(cfg: Config, num_params: int, vocab_size: int, world_size: i
     extra = image_tokens(cfg)
     rollout_kv = min(r.max_batch_size, t.prompts_per_step * r.n) * (r.max_prompt_len + r.max_response_len + extra)
     kv = rollout_kv
-    if cfg.reward.mode in ("judge", "judge_raw") and j.kind == "generative":
+    if uses_generative_judge(cfg):
         judge_rows = min(r.max_batch_size, t.prompts_per_step * r.n * j.samples)
         kv = max(kv, judge_rows * (j.max_prompt_len + j.max_tokens + extra))
     return MemoryEstimate(parts={
