@@ -22,6 +22,7 @@ DP=1 run does; only the loss normaliser and the logged metrics cross ranks.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -34,6 +35,7 @@ from megatron_selfjudge.config import Config, uses_generative_judge, uses_judge
 from megatron_selfjudge.data.task import PromptSampler, load_task
 from megatron_selfjudge.megatron import optimizer as optim
 from megatron_selfjudge.metrics import MetricsWriter
+from megatron_selfjudge.preemption import PreemptionHandler
 from megatron_selfjudge.runtime.console import Console
 from megatron_selfjudge.runtime.setup import is_main_rank, seed_everything, setup_distributed, teardown_distributed
 
@@ -329,16 +331,16 @@ class Trainer:
             return t.max_steps
         return t.epochs * (len(self.task.train) // t.prompts_per_step)
 
-    def run(self) -> int:
+    def run(self, preempt: Optional[PreemptionHandler] = None) -> int:
         """SFT -> eval before -> UPT steps (checkpointed, preemptible) -> eval after -> table.
 
         A stop signal (SIGTERM/SIGUSR1) is honoured within one SFT step, one UPT step or one
         generation batch of an evaluation: the run saves a checkpoint and returns 0. An
-        interrupted evaluation is not recorded, so the resumed run repeats it.
+        interrupted evaluation is not recorded, so the resumed run repeats it. `preempt` is the
+        caller's handler (trainer.main installs one before building anything); else run() installs one.
         """
         from megatron_selfjudge import sft
         from megatron_selfjudge.eval.heldout import EvalInterrupted
-        from megatron_selfjudge.preemption import PreemptionHandler
         from megatron_selfjudge.runtime.run_state import check_saved_config, write_saved_config
 
         t = self.cfg.trainer
@@ -351,7 +353,7 @@ class Trainer:
         write_saved_config(self.run_dir, self.cfg, self.main)
         if self.task.skipped:
             self.log.info(f"data: skipped {self.task.skipped} unusable rows (data.on_error=skip)")
-        with PreemptionHandler() as preempt:
+        with PreemptionHandler() if preempt is None else contextlib.nullcontext(preempt) as preempt:
             def stopped_in_eval(name: str) -> bool:
                 """Run evaluation `name`; True when a stop signal interrupted it (a checkpoint is saved)."""
                 try:
@@ -400,8 +402,9 @@ class Trainer:
             if stopped_in_eval("after"):
                 return 0
             self.save()
-        self.write_report()
-        self.metrics.close()
+            # Still inside the handler: a stop signal from here on has nothing left to save.
+            self.write_report()
+            self.metrics.close()
         return 0
 
     def write_report(self) -> None:
@@ -426,21 +429,26 @@ def main(cfg: Config) -> int:
     """Run training as configured; returns a process exit code."""
     from megatron_selfjudge.runtime import preflight
     from megatron_selfjudge.runtime.children import guard_children
+    from megatron_selfjudge.runtime.faults import sigterm_point
     from megatron_selfjudge.runtime.lock import hold_run_dir
 
     # Config against the platform, before any collective: every rank refuses alike, in seconds
     # (before guard_children, which imports megatron-core's checkpoint machinery).
     checked = preflight.check_launch(cfg)
     guard_children()  # checkpoint writers and other helpers die with this process
-    created = setup_distributed(cfg.parallel.tp, cfg.parallel.pp, cfg.trainer.seed)
-    seed_everything(cfg.trainer.seed)
-    try:
-        preflight.check_ranks(cfg, checked)  # data, run directory, memory: one rank's failure stops all
-        log = Console(is_main_rank())
-        for line in checked.summary():
-            log.info(line)
-        # Locked before anything is written there (the Trainer opens TensorBoard, run() config.yaml).
-        with hold_run_dir(cfg.trainer.run_dir, is_main_rank()):
-            return Trainer(cfg).run()
-    finally:
-        teardown_distributed(created)
+    # From here to the end a stop signal is a request: honoured at the run's next check (or, once
+    # everything is saved, simply the end of the run), never a kill in the middle of a write.
+    with PreemptionHandler() as preempt:
+        created = setup_distributed(cfg.parallel.tp, cfg.parallel.pp, cfg.trainer.seed)
+        seed_everything(cfg.trainer.seed)
+        try:
+            preflight.check_ranks(cfg, checked)  # data, run directory, memory: one rank's failure stops all
+            log = Console(is_main_rank())
+            for line in checked.summary():
+                log.info(line)
+            # Locked before anything is written there (the Trainer opens TensorBoard, run() config.yaml).
+            with hold_run_dir(cfg.trainer.run_dir, is_main_rank()):
+                return Trainer(cfg).run(preempt)
+        finally:
+            sigterm_point("teardown")
+            teardown_distributed(created)

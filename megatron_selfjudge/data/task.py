@@ -38,6 +38,10 @@ def load_task(cfg: Config) -> Task:
     skipped = train.skipped + (test.skipped if test else 0)
     if not train.records:
         raise datasets.DatasetError(f"data.train: {d.train!r} holds no usable rows ({train.skipped} skipped)")
+    if len(train.records) < cfg.trainer.prompts_per_step:
+        raise datasets.DatasetError(
+            f"data.train: {d.train!r} holds {len(train.records)} usable rows ({train.skipped} skipped), fewer than "
+            f"one step's trainer.prompts_per_step={cfg.trainer.prompts_per_step}")
     return Task(train=list(train.records), test=list(test.records) if test else [], skipped=skipped)
 
 

@@ -55,12 +55,15 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
 import random
 import re
 import shutil
+import stat
+import struct
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, Union
 
@@ -266,6 +269,45 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch_cpu"])
 
 
+_MT_N = 624  # words of a Mersenne-Twister state (Python, numpy and torch's CPU generator)
+_TORCH_CPU_STATE_BYTES = 5056
+
+
+def _torch_cpu_state_problem(state: Any, what: str) -> Optional[str]:
+    """Why a torch CPU generator state is not one torch could have written (its reader checks little)."""
+    if not isinstance(state, torch.Tensor) or state.dtype != torch.uint8 or state.numel() != _TORCH_CPU_STATE_BYTES:
+        return f"{what} is not a torch CPU generator state"
+    _, left, seeded, nxt = struct.unpack_from("<QiiQ", state.numpy().tobytes(), 0)
+    # Just seeded: left 1, next 0; after draws: left + next = N + 1 with 1 <= left <= N.
+    if seeded != 1 or not ((left == 1 and nxt == 0) or (1 <= left <= _MT_N and left + nxt == _MT_N + 1)):
+        return f"{what} has an impossible position (left {left}, next {nxt})"
+    return None
+
+
+def _rng_state_problem(state: dict) -> Optional[str]:
+    """Why a loaded RNG state must not be restored (its readers trust their input), or None.
+
+    numpy and torch index their state arrays with the saved positions: an out-of-range one reads
+    memory beyond them (numpy crashes), so positions and sizes are checked here.
+    """
+    try:
+        py, npy = state["python"], state["numpy"]
+        if py["state"].shape != (_MT_N + 1,) or not 0 <= int(py["state"][-1]) <= _MT_N:
+            return "the Python RNG state has the wrong size or position"
+        if npy["kind"] != "MT19937" or npy["keys"].shape != (_MT_N,) or not 0 <= int(npy["pos"]) <= _MT_N \
+                or int(npy["has_gauss"]) not in (0, 1):
+            return "the numpy RNG state has the wrong kind, size or position"
+    except (KeyError, TypeError, AttributeError, ValueError):
+        return "the Python or numpy RNG state is malformed"
+    states = [("the torch CPU state", state["torch_cpu"])]
+    if not isinstance(state["megatron_tracker"], dict):
+        return "the megatron RNG tracker states are malformed"
+    # On the CPU runtime the tracker's streams are CPU generator states too (CUDA ones are seed + offset).
+    states += [(f"tracker stream {name!r}", value) for name, value in state["megatron_tracker"].items()
+               if not torch.cuda.is_available()]
+    return next((p for p in (_torch_cpu_state_problem(v, w) for w, v in states) if p), None)
+
+
 def _rng_file(ckpt: Path, rank: int) -> Path:
     return ckpt / RNG_DIR / f"rank_{rank:05d}.pt"
 
@@ -342,6 +384,21 @@ def _write_manifest(tmp: Path) -> None:
     if _rank() == 0:
         _write_text_atomic(tmp / MANIFEST_FILE, json.dumps({"algorithm": "sha256", "files": files},
                                                            indent=1, sort_keys=True))
+
+
+def _refuse_links(ckpt: Path) -> None:
+    """Refuse a checkpoint folder that is, or holds, a symlink or anything but folders and regular files.
+
+    Every reader below follows links, so one would make a load read a file outside the checkpoint.
+    """
+    if ckpt.is_symlink():
+        raise CheckpointDamaged(f"checkpoint folder {ckpt} is a symbolic link")
+    for folder, dirs, files in os.walk(ckpt, followlinks=False):
+        for name in dirs + files:
+            path = Path(folder) / name
+            mode = path.lstat().st_mode
+            if stat.S_ISLNK(mode) or not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+                raise CheckpointDamaged(f"checkpoint entry {path} is not a plain file or folder (a link?)")
 
 
 def _verify_manifest(ckpt: Path, format_version: int, skip: tuple[str, ...] = ()) -> None:
@@ -531,6 +588,9 @@ def _load_rng_file(ckpt: Path, saved_world: int) -> dict:
         raise CheckpointDamaged(f"RNG state file {path} is unreadable ({type(exc).__name__})") from None
     if not isinstance(state, dict) or not {"python", "numpy", "torch_cpu", "megatron_tracker"} <= set(state):
         raise CheckpointDamaged(f"RNG state file {path} does not hold this project's RNG states")
+    problem = _rng_state_problem(state)
+    if problem:
+        raise CheckpointDamaged(f"RNG state file {path}: {problem}")
     if "torch_cuda" in state and not torch.cuda.is_available():
         raise RuntimeError(f"{path} holds CUDA RNG states but CUDA is not available; pass load_rng=False")
     return state
@@ -556,7 +616,36 @@ def _read_index(ckpt: Path) -> Any:
         raise CheckpointDamaged(str(exc)) from None
 
 
-def _prepare_load(ckpt: Path, chunks: list, optimizer: Any, load_rng: bool) -> tuple[dict, dict, Optional[dict]]:
+def _check_pickled_entries(ckpt: Path, index: Any) -> None:
+    """Unpickle common.pt and every byte object of the shards weights-only, before the collective load.
+
+    The load would refuse a non-tensor payload too (TORCH_FORCE_WEIGHTS_ONLY_LOAD), but mid-load,
+    as a traceback; here the refusal is a CheckpointDamaged naming the file, on every rank, so a
+    resume can fall back. Byte objects are small (extra states, scalars).
+    """
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    def weights_only(data: bytes, where: str) -> None:
+        try:
+            torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch reports refusals and garbage through several types
+            raise CheckpointDamaged(f"{where} holds something other than tensors and plain values "
+                                    f"({type(exc).__name__})") from None
+
+    common = ckpt / DIST_DIR / "common.pt"
+    if common.is_file():
+        weights_only(common.read_bytes(), f"checkpoint file {common}")
+    byte_entries = {k for k, v in index.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata)}
+    for entry, info in index.storage_data.items():
+        if entry.fqn in byte_entries and not info.transform_descriptors:
+            shard = ckpt / DIST_DIR / info.relative_path
+            with open(shard, "rb") as f:
+                f.seek(info.offset)
+                weights_only(f.read(info.length), f"checkpoint file {shard} (entry {entry.fqn!r})")
+
+
+def _prepare_load(ckpt: Path, chunks: list, optimizer: Any, load_rng: bool,
+                  index: Any) -> tuple[dict, dict, Optional[dict]]:
     """Validate the checkpoint on this rank; returns (trainer state, sharded state dict, RNG state).
 
     Runs inside `dcp_metadata.reading_metadata`, so megatron's reads of the index get the checked one.
@@ -571,6 +660,7 @@ def _prepare_load(ckpt: Path, chunks: list, optimizer: Any, load_rng: bool) -> t
     if not isinstance(meta.get("world_size"), int):
         raise CheckpointDamaged(f"{ckpt / META_FILE}: world_size {meta.get('world_size')!r} is not an integer")
     trainer_state = _read_json(ckpt / TRAINER_STATE_FILE)
+    _check_pickled_entries(ckpt, index)
     if optimizer is not None and not meta.get("has_optimizer"):
         raise ValueError(f"checkpoint {ckpt} holds no optimizer state; pass optimizer=None to load weights only")
     with _weights_only_loads():
@@ -603,11 +693,12 @@ def load_checkpoint(path: Union[str, Path], model: Models, optimizer: Any = None
     error, prepared, index = None, None, None
     try:
         # Every file against its saved digest first, so damage is found before any state changes.
+        _refuse_links(ckpt)
         _verify_manifest(ckpt, _read_json(ckpt / META_FILE).get("format_version") or 1,
                          skip=() if load_rng else (RNG_DIR + "/",))
         index = _read_index(ckpt)
         with dcp_metadata.reading_metadata(ckpt / DIST_DIR, index):
-            prepared = _prepare_load(ckpt, chunks, optimizer, load_rng)
+            prepared = _prepare_load(ckpt, chunks, optimizer, load_rng, index)
     except Exception as exc:  # re-raised below, after every rank learnt that one failed
         error = exc
     # Damage anywhere is damage everywhere, so every rank takes the same fallback decision.

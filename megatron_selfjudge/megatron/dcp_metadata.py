@@ -5,7 +5,8 @@ checkpoint could run any callable on resume. Here the file is read once by an un
   - admits only the exact (module, name) pairs that torch 2.x writes into the index: no dotted
     names (pickle resolves "a.b" through attributes, which reached arbitrary callables through an
     allowed module), no module-level wildcards;
-  - refuses the BUILD opcode on a class (which would set attributes on the class itself);
+  - allows the BUILD opcode (set an object's state) only on instances of the allowed dataclasses:
+    on a class, a function or an enum member it would change process-wide objects;
   - checks the result: a `Metadata` whose every reachable object is of an expected type, whose
     storage entries name plain shard files of the checkpoint folder (no paths).
 `reading_metadata(dist_dir, metadata)` then hands that one checked object to every
@@ -25,7 +26,7 @@ import pickle
 import re
 import threading
 from pathlib import Path, PurePath
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -49,6 +50,9 @@ _ALLOWED: frozenset[tuple[str, str]] = frozenset(
 # Leaves the checked index may hold besides the allowed classes' instances.
 _PLAIN = (str, int, float, bool, type(None), bytes, torch.dtype, torch.layout, torch.memory_format, torch.Size,
           PurePath)
+# Attributes an allowed dataclass may carry beyond its fields: megatron's saver attaches every
+# rank's save plan to the index (dist_checkpointing/strategies/state_dict_saver.py).
+_EXTRA_ATTRIBUTES = {"Metadata": {"all_local_plans"}}
 # dist_checkpointing names shard files "__<rank>_<n>.distcp".
 _SHARD_FILE = re.compile(r"^__\d+_\d+\.distcp$")
 
@@ -65,6 +69,7 @@ class _RestrictedUnpickler(pickle._Unpickler):  # the Python implementation: its
     def __init__(self, data: bytes, source: str):
         super().__init__(io.BytesIO(data))
         self.source = source
+        self.buildable = tuple(t for t in _allowed_types() if dataclasses.is_dataclass(t))
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in _ALLOWED:  # exact pairs: "a.b" names never match
@@ -72,8 +77,10 @@ class _RestrictedUnpickler(pickle._Unpickler):  # the Python implementation: its
         return getattr(importlib.import_module(module), name)
 
     def load_build(self) -> None:
-        if isinstance(self.stack[-2], type):
-            raise UnsafeMetadataError(f"{self.source} tries to set attributes of the class {self.stack[-2].__name__}")
+        target = self.stack[-2]
+        if type(target) not in self.buildable:
+            what = f"the class {target.__name__}" if isinstance(target, type) else f"a {type(target).__name__}"
+            raise UnsafeMetadataError(f"{self.source} tries to set attributes of {what}")
         super().load_build()
 
     dispatch[pickle.BUILD[0]] = load_build
@@ -85,26 +92,32 @@ def _allowed_types() -> tuple[type, ...]:
     return tuple(obj for obj in found if isinstance(obj, type))
 
 
-def _check_graph(obj: Any, source: str, allowed: tuple[type, ...], depth: int = 0) -> None:
-    """Every object reachable from the index is a plain value, a container, or an allowed class."""
+def _check_graph(obj: Any, source: str, allowed: tuple[type, ...], depth: int = 0,
+                 seen: Optional[set] = None) -> None:
+    """Every object reachable from the index is a plain value, a container, or an allowed dataclass
+    holding only its fields. Each object is visited once (a crafted file may share one object many times)."""
+    seen = set() if seen is None else seen
     if depth > 64:
         raise UnsafeMetadataError(f"{source} nests deeper than any checkpoint index does")
     if isinstance(obj, _PLAIN) or isinstance(obj, enum.Enum):
         return
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
     if isinstance(obj, dict):
-        for key, value in obj.items():
-            _check_graph(key, source, allowed, depth + 1)
-            _check_graph(value, source, allowed, depth + 1)
-        return
-    if isinstance(obj, (list, tuple)):
-        for item in obj:
-            _check_graph(item, source, allowed, depth + 1)
-        return
-    if type(obj) in allowed and dataclasses.is_dataclass(obj):
-        for f in dataclasses.fields(obj):
-            _check_graph(getattr(obj, f.name, None), source, allowed, depth + 1)
-        return
-    raise UnsafeMetadataError(f"{source} holds an unexpected {type(obj).__module__}.{type(obj).__qualname__}")
+        children = [x for item in obj.items() for x in item]
+    elif isinstance(obj, (list, tuple)):
+        children = list(obj)
+    elif type(obj) in allowed and dataclasses.is_dataclass(obj):
+        names = {f.name for f in dataclasses.fields(obj)} | _EXTRA_ATTRIBUTES.get(type(obj).__name__, set())
+        extra = sorted(set(vars(obj)) - names)
+        if extra:
+            raise UnsafeMetadataError(f"{source}: a {type(obj).__name__} carries attributes {extra[:3]} beyond its fields")
+        children = [getattr(obj, name, None) for name in names]
+    else:
+        raise UnsafeMetadataError(f"{source} holds an unexpected {type(obj).__module__}.{type(obj).__qualname__}")
+    for child in children:
+        _check_graph(child, source, allowed, depth + 1, seen)
 
 
 def parse_metadata(data: bytes, source: str) -> Any:

@@ -9,6 +9,7 @@ import random
 import shutil
 import sys
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -207,9 +208,60 @@ def _flip_byte(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+def _payload(victim: Path, size: Optional[int] = None) -> bytes:
+    """A torch.save (legacy format) of an object that deletes `victim` when unpickled, padded to `size`."""
+    import io
+
+    buf = io.BytesIO()
+    torch.save(_RemoveFile(str(victim)), buf, _use_new_zipfile_serialization=False)
+    data = buf.getvalue()
+    assert size is None or len(data) <= size, (len(data), size)
+    return data if size is None else data + b"\0" * (size - len(data))
+
+
+def _replace_byte_entry(folder: Path, victim: Path) -> None:
+    """Overwrite the first byte object of the shards (an extra state) with a same-sized payload."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    from megatron_selfjudge.megatron.dcp_metadata import read_metadata_file
+
+    index = read_metadata_file(folder / "dist")
+    entry, info = next((e, i) for e, i in index.storage_data.items()
+                       if isinstance(index.state_dict_metadata[e.fqn], BytesStorageMetadata))
+    shard = folder / "dist" / info.relative_path
+    data = bytearray(shard.read_bytes())
+    data[info.offset:info.offset + info.length] = _payload(victim, info.length)
+    shard.write_bytes(bytes(data))
+
+
+def _edit_rng(folder: Path, change) -> None:
+    path = folder / "rng" / "rank_00000.pt"
+    state = torch.load(path, weights_only=True)
+    change(state)
+    torch.save(state, path)
+
+
+def _torch_positions(state: dict, left: int, nxt: int) -> None:
+    import struct
+
+    raw = bytearray(state["torch_cpu"].numpy().tobytes())
+    struct.pack_into("<ii", raw, 8, left, 1)
+    struct.pack_into("<Q", raw, 16, nxt)
+    state["torch_cpu"] = torch.frombuffer(raw, dtype=torch.uint8).clone()
+
+
+def _link_outside(folder: Path, outside: Path) -> None:
+    (folder / "trainer_state.json").unlink()
+    (folder / "trainer_state.json").symlink_to(outside)
+
+
 def _damage_cases(root: Path, good: Path) -> dict:
     """Each kind of damage, loaded into a fresh model: (error type, message)."""
     shard = sorted((good / "dist").glob("*.distcp"))[0].name
+    victim = root.parent / "damage_victim.txt"
+    victim.write_text("still here")
+    outside = root.parent / "outside.json"
+    outside.write_text('{"secret": "outside the checkpoint"}')
     cases = {
         "shard_deleted": (lambda f: (f / "dist" / shard).unlink(), False),
         "shard_truncated": (lambda f: (f / "dist" / shard).write_bytes((f / "dist" / shard).read_bytes()[:100]), False),
@@ -221,11 +273,19 @@ def _damage_cases(root: Path, good: Path) -> dict:
         "trainer_state_garbage": (lambda f: (f / "trainer_state.json").write_bytes(b"\xff\xfe{not json"), True),
         "meta_garbage": (lambda f: (f / "checkpoint.json").write_text("[1, 2]"), True),
         "index_garbage": (lambda f: (f / "dist" / ".metadata").write_bytes(b"\x80\x04garbage"), True),
+        # Crafted pickles where megatron and torch unpickle: refused weights-only, before the load.
+        "common_payload": (lambda f: (f / "dist" / "common.pt").write_bytes(_payload(victim)), True),
+        "byte_entry_payload": (lambda f: _replace_byte_entry(f, victim), True),
+        # Found in review: links out of the folder, and RNG positions their readers do not check.
+        "symlink_out": (lambda f: _link_outside(f, outside), True),
+        "numpy_position": (lambda f: _edit_rng(f, lambda s: s["numpy"].update(pos=10**8)), True),
+        "torch_position": (lambda f: _edit_rng(f, lambda s: _torch_positions(s, 624, 624)), True),
     }
     out = {}
     for name, (damage, rewrite) in cases.items():
         folder = _damaged_copy(root, good, name, damage, rewrite)
         out[name] = _error(ck.load_checkpoint, folder, _tiny_gpt(0))
+    out["victim_exists"] = victim.exists()
     return out
 
 
@@ -365,11 +425,20 @@ def test_clear_errors(single_run):
     ("trainer_state_garbage", "trainer_state.json", "not valid JSON"),
     ("meta_garbage", "checkpoint.json", "not a JSON object"),
     ("index_garbage", ".metadata", "not a readable checkpoint index"),
+    ("common_payload", "common.pt", "something other than tensors"),
+    ("byte_entry_payload", ".distcp (entry", "something other than tensors"),
+    ("symlink_out", "trainer_state.json", "not a plain file or folder"),
+    ("numpy_position", "rank_00000.pt", "numpy RNG state"),
+    ("torch_position", "rank_00000.pt", "impossible position (left 624, next 624)"),
 ])
 def test_damage_is_one_error_naming_the_file(single_run, case, file, words):
     kind, message = single_run["errors"]["damage"][case]
     assert kind == "CheckpointDamaged", (kind, message)
     assert file in message and words in message and "\n" not in message, message
+
+
+def test_crafted_pickles_never_run(single_run):
+    assert single_run["errors"]["damage"]["victim_exists"]
 
 
 def test_manifest_lists_every_file_with_its_digest(single_run):

@@ -139,3 +139,39 @@ def test_readers_get_the_checked_object_and_never_reread_the_file(real_index, tm
             FileSystemReader(str(other)).read_metadata()
     assert FileSystemReader.read_metadata is original
     _assert_not_run(marker)
+
+
+def test_build_on_a_function_or_enum_is_refused_and_changes_nothing():
+    """BUILD on an allowed function or enum member would change process-wide objects (found in review)."""
+    from torch.distributed.checkpoint.planner import WriteItemType
+    from torch.serialization import _get_layout
+
+    for module, name in (("torch.serialization", "_get_layout"),):
+        payload = (b"\x80\x04" + _global(module, name)
+                   + pickle.dumps({"cache": {"torch.strided": "POISON"}}, protocol=2)[2:-1] + b"b.")
+        with pytest.raises(dm.UnsafeMetadataError, match="set attributes of a function"):
+            dm.parse_metadata(payload, "crafted")
+    assert _get_layout("torch.strided") is torch.strided
+    member = (b"\x80\x04" + _global("torch.distributed.checkpoint.planner", "WriteItemType")
+              + pickle.dumps((WriteItemType.TENSOR.value,), protocol=2)[2:-1] + b"R" + pickle.dumps({"_name_": "HACKED"}, protocol=2)[2:-1]
+              + b"b.")
+    with pytest.raises(dm.UnsafeMetadataError, match="set attributes of a WriteItemType"):
+        dm.parse_metadata(member, "crafted")
+    assert WriteItemType.TENSOR.name == "TENSOR"
+
+
+def test_shared_objects_are_checked_once_and_extra_attributes_refused(real_index):
+    import time as _time
+
+    good = pickle.loads((real_index / ".metadata").read_bytes())
+    chain: list = []
+    for _ in range(60):  # 2**60 paths through 60 shared lists: a naive walk never ends
+        chain = [chain, chain]
+    good.planner_data = chain
+    start = _time.perf_counter()
+    dm.parse_metadata(pickle.dumps(good), "shared lists")
+    assert _time.perf_counter() - start < 5
+    good.planner_data = None
+    good.smuggled = "extra"  # an attribute that is not a field
+    with pytest.raises(dm.UnsafeMetadataError, match=r"attributes \['smuggled'\] beyond its fields"):
+        dm.parse_metadata(pickle.dumps(good), "extra attribute")

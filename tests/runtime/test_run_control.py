@@ -109,3 +109,14 @@ def test_kill9_inside_a_save_inside_the_metrics_rewrite_and_at_random_resumes_ex
     assert _steps(tmp_path) == _steps(reference), f"random kill at {delay:.2f} s (seed {seed})"
     assert _evals(tmp_path) == _evals(reference)
     assert not (tmp_path / "metrics.jsonl.part").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_after_the_run_exits_zero(reference, tmp_path):
+    """Everything is saved; a stop signal during teardown (the probe found one killing the process,
+    exit -15) ends the run normally: the handler stays installed until the process groups are gone."""
+    env = {**_env(), "SELFJUDGE_TEST_SIGTERM_AT": "teardown"}
+    proc = subprocess.run(_cmd(tmp_path, *RUN), env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "results.md").is_file()
+    assert _steps(tmp_path) == _steps(reference)
