@@ -73,6 +73,7 @@ import torch.distributed as dist
 
 from megatron_selfjudge.megatron import cpu, dcp_metadata
 from megatron_selfjudge.megatron.optimizer import is_fresh, reset_optimizer_state
+from megatron_selfjudge.runtime.files import write_atomic
 from megatron_selfjudge.runtime.ranks import any_rank, raise_if_any_rank_failed
 from megatron_selfjudge.runtime.run_state import CheckpointDamaged
 
@@ -382,7 +383,7 @@ def _write_manifest(tmp: Path) -> None:
             for n in names[_rank()::_world_size()]}
     files = _gather_share(mine)
     if _rank() == 0:
-        _write_text_atomic(tmp / MANIFEST_FILE, json.dumps({"algorithm": "sha256", "files": files},
+        write_atomic(tmp / MANIFEST_FILE, json.dumps({"algorithm": "sha256", "files": files},
                                                            indent=1, sort_keys=True))
 
 
@@ -433,16 +434,6 @@ def _verify_manifest(ckpt: Path, format_version: int, skip: tuple[str, ...] = ()
 
 
 # ----------------------------------------------------------------------------- files and markers
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    """Write then rename, so readers see the old content or the new one, never half of it."""
-    part = path.with_name(path.name + ".part")
-    with open(part, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(part, path)
-
 
 def _is_complete(path: Path) -> bool:
     # metadata.json is the last file megatron writes, after every rank's shards.
@@ -550,8 +541,8 @@ def save_checkpoint(root: Union[str, Path], step: int, model: Models, optimizer:
         meta = {"format_version": FORMAT_VERSION, "step": step, "has_optimizer": optimizer is not None,
                 "optimizer_fresh": fresh,
                 **_layout()}
-        _write_text_atomic(tmp / META_FILE, json.dumps(meta, indent=2))
-        _write_text_atomic(tmp / TRAINER_STATE_FILE, state_json)
+        write_atomic(tmp / META_FILE, json.dumps(meta, indent=2))
+        write_atomic(tmp / TRAINER_STATE_FILE, state_json)
     _barrier()  # every rank's shards and RNG file are on disk
     _write_manifest(tmp)
 
@@ -569,7 +560,7 @@ def _publish(root: Path, tmp: Path, final: Path, keep_last: Optional[int]) -> No
             shutil.rmtree(old)
         os.replace(final, old)
     os.replace(tmp, final)
-    _write_text_atomic(root / LATEST_FILE, final.name + "\n")
+    write_atomic(root / LATEST_FILE, final.name + "\n")
     _prune(root, keep_last, keep=final)
 
 
@@ -644,14 +635,8 @@ def _check_pickled_entries(ckpt: Path, index: Any) -> None:
                 weights_only(f.read(info.length), f"checkpoint file {shard} (entry {entry.fqn!r})")
 
 
-def _prepare_load(ckpt: Path, chunks: list, optimizer: Any, load_rng: bool,
-                  index: Any) -> tuple[dict, dict, Optional[dict]]:
-    """Validate the checkpoint on this rank; returns (trainer state, sharded state dict, RNG state).
-
-    Runs inside `dcp_metadata.reading_metadata`, so megatron's reads of the index get the checked one.
-    """
-    from megatron.core import dist_checkpointing
-
+def _read_meta(ckpt: Path) -> dict:
+    """checkpoint.json, with the fields loading relies on checked."""
     meta = _read_json(ckpt / META_FILE)
     version = meta.get("format_version")
     if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
@@ -659,6 +644,17 @@ def _prepare_load(ckpt: Path, chunks: list, optimizer: Any, load_rng: bool,
                                 f"(1..{FORMAT_VERSION})")
     if not isinstance(meta.get("world_size"), int):
         raise CheckpointDamaged(f"{ckpt / META_FILE}: world_size {meta.get('world_size')!r} is not an integer")
+    return meta
+
+
+def _prepare_load(ckpt: Path, meta: dict, chunks: list, optimizer: Any, load_rng: bool,
+                  index: Any) -> tuple[dict, dict, Optional[dict]]:
+    """Validate the checkpoint on this rank; returns (trainer state, sharded state dict, RNG state).
+
+    Runs inside `dcp_metadata.reading_metadata`, so megatron's reads of the index get the checked one.
+    """
+    from megatron.core import dist_checkpointing
+
     trainer_state = _read_json(ckpt / TRAINER_STATE_FILE)
     _check_pickled_entries(ckpt, index)
     if optimizer is not None and not meta.get("has_optimizer"):
@@ -694,11 +690,11 @@ def load_checkpoint(path: Union[str, Path], model: Models, optimizer: Any = None
     try:
         # Every file against its saved digest first, so damage is found before any state changes.
         _refuse_links(ckpt)
-        _verify_manifest(ckpt, _read_json(ckpt / META_FILE).get("format_version") or 1,
-                         skip=() if load_rng else (RNG_DIR + "/",))
+        meta = _read_meta(ckpt)
+        _verify_manifest(ckpt, meta["format_version"], skip=() if load_rng else (RNG_DIR + "/",))
         index = _read_index(ckpt)
         with dcp_metadata.reading_metadata(ckpt / DIST_DIR, index):
-            prepared = _prepare_load(ckpt, chunks, optimizer, load_rng, index)
+            prepared = _prepare_load(ckpt, meta, chunks, optimizer, load_rng, index)
     except Exception as exc:  # re-raised below, after every rank learnt that one failed
         error = exc
     # Damage anywhere is damage everywhere, so every rank takes the same fallback decision.
