@@ -476,6 +476,8 @@ def _parse_override(item: str) -> DictConfig:
         raise ConfigError(f"override {item!r}: the value is not valid YAML: {_yaml_problem(exc)}") from None
     except RecursionError:
         raise ConfigError(f"override {item!r}: the value is nested too deeply") from None
+    except IndexError:  # OmegaConf's key-path parser on keys such as "[" (found by hypothesis)
+        raise ConfigError(f"override {item!r} has an empty or malformed key") from None
 
 
 def _parse_yaml_mapping(text: str, origin: str) -> DictConfig:

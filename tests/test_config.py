@@ -451,3 +451,10 @@ def test_uses_generative_judge_follows_the_reward_registry():
         for kind in ("generative", "likelihood"):
             cfg = load_config(overrides=[f"reward.mode={mode}", f"judge.kind={kind}"])
             assert uses_generative_judge(cfg) == (mode in ("judge", "judge_raw") and kind == "generative")
+
+
+@pytest.mark.parametrize("item", ["[=", "[=1"])
+def test_keys_omegaconf_cannot_parse_are_one_error(item):
+    """Found by the property test: OmegaConf's key parser raised IndexError on "["."""
+    with pytest.raises(ConfigError, match="malformed key"):
+        load_config(None, [item])
