@@ -225,21 +225,18 @@ def fused_grpo_loss(
     old_logp: torch.Tensor | None = None,
     ref_logp: torch.Tensor | None = None,
     *,
-    temperature: float = 1.0,
-    eps_low: float = 0.2,
-    eps_high: float = 0.2,
-    dual_clip: float = 3.0,
-    beta_kl: float = 0.01,
-    logratio_clamp: float = 20.0,
-    kl_clamp: float = 10.0,
     compute_entropy: bool = False,
     tp_group: dist.ProcessGroup | None = None,
     vocab_start_index: int = 0,
     inplace_backward: bool = False,
     block_v: int | None = None,
+    **hyper: float,
 ) -> FusedLossOutput:
-    """Per-token GRPO loss, log-probs, KL, clipped flags (and entropy) from logits [N, V_local]."""
-    params = LossParams(temperature, eps_low, eps_high, dual_clip, beta_kl, logratio_clamp, kl_clamp)
+    """Per-token GRPO loss, log-probs, KL, clipped flags (and entropy) from logits [N, V_local].
+
+    `hyper`: fields of LossParams (temperature, eps_low, ...; defaults: the config's).
+    """
+    params = LossParams.of(hyper)
     if not isinstance(advantages, torch.Tensor):
         raise TypeError(f"advantages must be a tensor [N], got {type(advantages).__name__}")
     _check_inputs(logits, targets, advantages, mask, old_logp, ref_logp, params)

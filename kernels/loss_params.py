@@ -4,10 +4,18 @@
 and the Triton ops (``grpo_loss.py``, ``fused_linear_grpo.py``) all import from here, and this
 module imports neither, so there is no import cycle between the reference and the kernels.
 Nothing here needs Triton.
+
+The defaults of the configurable hyper-parameters are read from the config dataclasses
+(``config.LossConfig`` and the sampling temperature of ``config.RolloutConfig``), their one
+source; the public loss functions take them as ``**hyper`` keywords and build a ``LossParams``,
+so no signature restates them.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
+
+from megatron_selfjudge.config import LossConfig, RolloutConfig
 
 LOGRATIO_CLAMP = 20.0  # |log-ratio| bound before exp, for both the ratio and the k3 KL
 KL_CLAMP = 10.0  # |k3| bound
@@ -33,14 +41,18 @@ def check_loss_args(eps_low, eps_high, dual_clip, beta_kl, logratio_clamp, kl_cl
         raise ValueError(f"logratio_clamp and kl_clamp must be > 0, got {logratio_clamp!r}, {kl_clamp!r}")
 
 
-class LossParams(NamedTuple):
-    """Hyper-parameters of the per-token loss (defaults of ALGORITHM.md section 6)."""
+def _default(cls: type, name: str) -> float:
+    return next(f.default for f in dataclasses.fields(cls) if f.name == name)
 
-    temperature: float = 1.0
-    eps_low: float = 0.2
-    eps_high: float = 0.2
-    dual_clip: float = 3.0
-    beta_kl: float = 0.01
+
+class LossParams(NamedTuple):
+    """Hyper-parameters of the per-token loss; defaults are the config's (docs/method.md)."""
+
+    temperature: float = _default(RolloutConfig, "temperature")
+    eps_low: float = _default(LossConfig, "eps_low")
+    eps_high: float = _default(LossConfig, "eps_high")
+    dual_clip: float = _default(LossConfig, "dual_clip")
+    beta_kl: float = _default(LossConfig, "beta_kl")
     logratio_clamp: float = LOGRATIO_CLAMP
     kl_clamp: float = KL_CLAMP
 
@@ -50,3 +62,11 @@ class LossParams(NamedTuple):
         check_loss_args(self.eps_low, self.eps_high, self.dual_clip, self.beta_kl, self.logratio_clamp,
                         self.kl_clamp)
         return self
+
+    @classmethod
+    def of(cls, hyper: dict) -> "LossParams":
+        """Checked LossParams from keyword arguments; an unknown name raises TypeError naming it."""
+        unknown = sorted(set(hyper) - set(cls._fields))
+        if unknown:
+            raise TypeError(f"unknown loss hyper-parameter(s) {unknown}; known: {list(cls._fields)}")
+        return cls(**hyper).check()

@@ -58,6 +58,9 @@ from megatron_selfjudge.kernels.loss_params import (  # noqa: F401 (re-exported:
     check_loss_args,
     check_temperature,
 )
+from megatron_selfjudge.config import LossConfig
+
+_LOSS_DEFAULTS = LossConfig()  # the one source of the keyword defaults below
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 KERNEL_MODULE = "megatron_selfjudge.kernels.grpo_loss"
@@ -120,16 +123,17 @@ def per_token_policy_loss(
     advantages: torch.Tensor,
     old_logp: torch.Tensor | None = None,
     ref_logp: torch.Tensor | None = None,
-    *,
-    eps_low: float = 0.2,
-    eps_high: float = 0.2,
-    dual_clip: float = 3.0,
-    beta_kl: float = 0.01,
-    logratio_clamp: float = LOGRATIO_CLAMP,
-    kl_clamp: float = KL_CLAMP,
+    **hyper: float,
 ) -> PerTokenLoss:
-    """Clipped, dual-clipped policy-gradient loss plus k3 KL per token (see the module docstring)."""
-    check_loss_args(eps_low, eps_high, dual_clip, beta_kl, logratio_clamp, kl_clamp)
+    """Clipped, dual-clipped policy-gradient loss plus k3 KL per token (see the module docstring).
+
+    `hyper`: LossParams fields but the temperature (the log-probs are already scaled).
+    """
+    if "temperature" in hyper:
+        raise TypeError("per_token_policy_loss takes log-probs already computed at the temperature; "
+                        "pass temperature to policy_loss or the log-prob functions")
+    p = LossParams.of(hyper)
+    eps_low, eps_high, dual_clip, beta_kl, logratio_clamp, kl_clamp = p[1:]
     for name, tensor in (("advantages", advantages), ("old_logp", old_logp), ("ref_logp", ref_logp)):
         if tensor is not None and tensor.shape != logp.shape:
             raise ValueError(f"{name} shape {tuple(tensor.shape)} must equal logp shape {tuple(logp.shape)}")
@@ -248,24 +252,24 @@ def policy_loss(
     old_logp: torch.Tensor | None = None,
     ref_logp: torch.Tensor | None = None,
     *,
-    temperature: float = 1.0,
-    eps_low: float = 0.2,
-    eps_high: float = 0.2,
-    dual_clip: float = 3.0,
-    beta_kl: float = 0.01,
-    agg: str = "token-mean",
+    agg: str = _LOSS_DEFAULTS.agg,
     global_normalizer: float | int | torch.Tensor | None = None,
-    entropy_coef: float = 0.0,
-    impl: str = "auto",
+    entropy_coef: float = _LOSS_DEFAULTS.entropy_coef,
+    impl: str = _LOSS_DEFAULTS.impl,
+    **hyper: float,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Aggregated GRPO policy loss from logits, and token-mean metrics (detached 0-d tensors)."""
+    """Aggregated GRPO policy loss from logits, and token-mean metrics (detached 0-d tensors).
+
+    `hyper`: LossParams fields (temperature, eps_low, eps_high, dual_clip, beta_kl, clamps); every
+    default here is the config's (config.LossConfig).
+    """
     chosen = resolve_impl(impl, logits.device, entropy_coef)
     if chosen.from_hidden:
         raise ValueError(f"impl={impl!r} takes hidden states and the output weight, not logits; "
                          f"policy_loss serves {tuple(n for n, i in LOSS_IMPLS.items() if not i.from_hidden)}")
     logits, targets, adv, valid, old_logp, ref_logp = _flatten_inputs(
         logits, targets, advantages, mask, old_logp, ref_logp, agg)
-    params = LossParams(temperature, eps_low, eps_high, dual_clip, beta_kl).check()
+    params = LossParams.of(hyper)
     weights = token_weights(valid, agg, global_normalizer)
     # Padding may carry ignore-index targets or junk old/ref/advantage values; neutralise them so
     # masked tokens contribute exactly 0 (never 0 * inf) and get exactly 0 gradient.
@@ -281,7 +285,7 @@ def policy_loss(
     loss = (terms.loss * weights).sum()
     if entropy_coef:
         loss = loss - entropy_coef * (terms.entropy * weights).sum()
-    return loss, _metrics(terms, adv, valid, dual_clip)
+    return loss, _metrics(terms, adv, valid, params.dual_clip)
 
 
 # ---------------------------------------------------------------- the loss-implementation registry
@@ -367,19 +371,13 @@ class LossImpl(abc.ABC):
                           out.entropy)
 
 
-def _hyper(params: LossParams) -> dict:
-    return dict(temperature=params.temperature, eps_low=params.eps_low, eps_high=params.eps_high,
-                dual_clip=params.dual_clip, beta_kl=params.beta_kl, logratio_clamp=params.logratio_clamp,
-                kl_clamp=params.kl_clamp)
-
-
 class _Reference(LossImpl):
     name = "reference"
 
     def per_token(self, source, targets, advantages, old_logp, ref_logp, params, *, valid=None,
                   shard=VocabShard(), entropy_grad=False):
         logits = _logits_only(self, source)
-        loss_args = _hyper(params)
+        loss_args = params._asdict()
         temperature = loss_args.pop("temperature")
         if shard.group is None:
             _check_targets(logits, targets)
@@ -417,7 +415,7 @@ class _LogitsKernel(LossImpl):
         logits = _logits_only(self, source)
         out = self._kernel().fused_grpo_loss(
             logits if logits.stride(-1) == 1 else logits.contiguous(), targets, advantages, valid, old_logp,
-            ref_logp, compute_entropy=True, tp_group=shard.group, vocab_start_index=shard.start, **_hyper(params))
+            ref_logp, compute_entropy=True, tp_group=shard.group, vocab_start_index=shard.start, **params._asdict())
         return self._terms_from_kernel(out, old_logp, params)
 
     def logprobs(self, source, targets, temperature, *, shard=VocabShard()):
@@ -435,7 +433,7 @@ class _FusedLinear(LossImpl):
         hidden = _hidden_only(self, source)
         out = self._kernel().fused_linear_grpo_loss(
             _in_weight_dtype(hidden), hidden.weight, targets, advantages, valid, old_logp, ref_logp, compute_entropy=True,
-            tp_group=shard.group, vocab_start_index=shard.start, **_hyper(params))
+            tp_group=shard.group, vocab_start_index=shard.start, **params._asdict())
         return self._terms_from_kernel(out, old_logp, params)
 
     def logprobs(self, source, targets, temperature, *, shard=VocabShard()):

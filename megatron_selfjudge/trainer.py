@@ -23,6 +23,7 @@ DP=1 run does; only the loss normaliser and the logged metrics cross ranks.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import time
@@ -32,7 +33,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from megatron_selfjudge.config import Config, uses_generative_judge, uses_judge
-from megatron_selfjudge.data.task import PromptSampler, load_task
+from megatron_selfjudge.data.task import load_task
 from megatron_selfjudge.megatron import optimizer as optim
 from megatron_selfjudge.metrics import MetricsWriter
 from megatron_selfjudge.preemption import PreemptionHandler
@@ -60,15 +61,13 @@ class Trainer:
         self.check_prompt_lengths()
         self.build = self.family.builder()
         self.policy = self.build()
-        o = cfg.optim
         self.ddp, self.optimizer = build_optimizer(
-            self.policy, lr=o.lr, weight_decay=o.weight_decay, clip_grad=o.grad_clip, adam_beta1=o.adam_beta1,
-            adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
+            self.policy, cfg.optim,
             use_distributed_optimizer=cfg.parallel.use_distributed_optimizer and optim.data_parallel_size() > 1)
         self.engine = build_engine(cfg.rollout.backend, model=self.policy, tokenizer=self.tokenizer,
                                    max_batch_size=cfg.rollout.max_batch_size)
         self.weight_sync = WeightSync(self.engine)
-        self.sampler = PromptSampler(len(self.task.train), cfg.trainer.seed)
+        self.sampler = self.task.sampler(cfg.trainer.seed)
         # policy_version: optimizer updates of stage 2 so far; the rollout engine must hold this version.
         self.state: dict = {"phase": "sft", "sft_step": 0, "step": 0, "evals": {}, "skipped_steps": 0,
                             "policy_version": 0}
@@ -78,12 +77,18 @@ class Trainer:
 
     # ---- prompts and batches ----
     def encode(self, question: str, n_images: int, instruction: Optional[str] = None,
-               limit_key: str = "rollout.max_prompt_len") -> list[int]:
-        """Prompt token ids in the model family's format (question, instruction, image placeholders), length-checked."""
+               limit_key: str = "rollout.max_prompt_len", images=None) -> list[int]:
+        """Prompt token ids in the model family's format (question, instruction, image placeholders), length-checked.
+
+        `images` (the family's preprocessed images) size the placeholders of families whose
+        processor writes one token per image embedding (ModelFamily.expand_images).
+        """
         from megatron_selfjudge.data import prompts
 
         text_instruction = prompts.get_instruction(self.cfg.data.instruction) if instruction is None else instruction
         ids = self.family.prompt_ids(question, n_images, text_instruction)
+        if images is not None:
+            ids = self.family.expand_images(ids, images)
         section, key = limit_key.split(".")
         limit = getattr(getattr(self.cfg, section), key)
         if len(ids) > limit:
@@ -98,8 +103,12 @@ class Trainer:
         """Rollout requests (uid = record uid) for records."""
         from megatron_selfjudge.rollout.base import RolloutRequest
 
-        return [RolloutRequest(uid=r.uid, prompt_ids=self.encode(r.question, self.num_images(r)),
-                               images=self.images_of(r)) for r in records]
+        out = []
+        for r in records:
+            images = self.images_of(r)
+            out.append(RolloutRequest(uid=r.uid, prompt_ids=self.encode(r.question, self.num_images(r), images=images),
+                                      images=images))
+        return out
 
     def num_images(self, record) -> int:
         """Image placeholders in the record's prompt (0 for a text-only policy)."""
@@ -109,10 +118,11 @@ class Trainer:
         """Refuse, before any training, a prompt longer than rollout.max_prompt_len (names file and row)."""
         from megatron_selfjudge.data.datasets import DatasetError
 
-        records = self.task.train + self.task.test + [rec for rec, _ in self.task.sft]
+        # Streamed training files are read once more here, a row group at a time (no images decoded).
+        records = itertools.chain(self.task.train, self.task.test, (rec for rec, _ in self.task.sft))
         for rec in records:
             try:
-                self.encode(rec.question, self.num_images(rec))
+                self.encode(rec.question, self.num_images(rec), images=self.images_of(rec))
             except ValueError as exc:
                 raise DatasetError(f"{rec.source_file} row {rec.row}: {exc}") from None
 
@@ -178,16 +188,21 @@ class Trainer:
             return LikelihoodJudge().scores_from_logprobs(logp, batch.loss_mask)
         j = self.cfg.judge
         judge = GenerativeJudge(self.judge_engine,
-                                lambda text, n: self.encode(text, n, instruction="", limit_key="judge.max_prompt_len"),
+                                lambda text, n, images=None: self.encode(text, n, instruction="",
+                                                                         limit_key="judge.max_prompt_len", images=images),
                                 samples=j.samples, temperature=j.temperature, top_p=j.top_p,
                                 max_tokens=j.max_tokens, seed=self.cfg.trainer.seed + 20_000)
         prompts = [JudgePrompt(uid=r.uid, question=r.question, images=self.images_of(r)) for r in records]
         scores, _ = judge.score(prompts, trajectories, step=self.state["step"])
         return scores
 
-    def rewards(self, records, trajectories, judge_scores):
-        """Rewards per reward.mode (random: the control run's Bernoulli(1/2) rewards)."""
-        from megatron_selfjudge.rewards.combine import compute_rewards
+    def rewards(self, records, trajectories, judge_scores, response_stats=None, votes=()):
+        """Rewards per reward.mode (random: the control run's Bernoulli(1/2) rewards).
+
+        response_stats: the policy's per-response token statistics (self_certainty, neg_entropy);
+        votes: the extra voting trajectories of a mode that votes (ttrl).
+        """
+        from megatron_selfjudge.rewards.combine import REWARD_MODES, compute_rewards
 
         rw = self.cfg.reward
         by_uid = {r.uid: r for r in records}
@@ -201,7 +216,10 @@ class Trainer:
                               equivalence=rw.equivalence, consistency_gate=rw.consistency_gate,
                               format_penalty=rw.format_penalty, calibration=rw.calibration,
                               unparsed_policy=self.cfg.judge.unparsed, timeout=rw.symbolic_timeout,
-                              seed=self.cfg.trainer.seed * 1_000_003 + self.state["step"])
+                              seed=self.cfg.trainer.seed * 1_000_003 + self.state["step"],
+                              agreement_gamma=rw.agreement_gamma, response_stats=response_stats,
+                              **({"votes": [v.text for v in votes], "vote_group_ids": [v.uid for v in votes]}
+                                 if REWARD_MODES[rw.mode].needs_votes else {}))
         return res.as_tensor(), res
 
     def upt_step(self) -> dict:
@@ -219,27 +237,37 @@ class Trainer:
         from megatron_selfjudge.megatron.forward import compute_logprobs
         from megatron_selfjudge.megatron.parallel import mean_over_data_parallel
         from megatron_selfjudge.megatron.train_step import train_on_rollout
+        from megatron_selfjudge.rewards.baselines import response_stats
+        from megatron_selfjudge.rewards.combine import REWARD_MODES
         from megatron_selfjudge.rollout.base import SamplingConfig
 
         cfg, t, r = self.cfg, self.cfg.trainer, self.cfg.rollout
         t0 = time.perf_counter()
-        drawn = [self.task.train[i] for i in self.sampler.next(t.prompts_per_step)]
+        drawn = self.task.draw(self.sampler.next(t.prompts_per_step))
         mine = prompt_shard(len(drawn), t.mini_batch_prompts, parallel_state.get_data_parallel_rank(),
                             optim.data_parallel_size())
         records = [drawn[i] for i in mine]
         requests = self.requests(records)
         self.weight_sync.ensure_current(self.state["policy_version"])
-        # One seed per step; each sample's stream is keyed by it, its prompt's uid and its index.
-        trajs = self.engine.generate(requests, SamplingConfig(
-            n=r.n, temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_response_len,
-            seed=t.seed * 7919 + self.state["step"]))
+        mode = REWARD_MODES[cfg.reward.mode]
+        # One seed per step; each sample's stream is keyed by it, its prompt's uid and its index, so
+        # a voting mode's first rollout.n samples are the ones a non-voting run draws.
+        drawn_trajs = self.engine.generate(requests, SamplingConfig(
+            n=r.vote_n if mode.needs_votes else r.n, temperature=r.temperature, top_p=r.top_p,
+            max_new_tokens=r.max_response_len, seed=t.seed * 7919 + self.state["step"]))
+        trajs = [x for x in drawn_trajs if x.sample_index < r.n]
+        votes = [x for x in drawn_trajs if x.sample_index >= r.n]
         t_roll = time.perf_counter()
         req_by_uid = {q.uid: q for q in requests}
         # Advantages are filled in once the rewards are known (the likelihood Judge needs the batch).
         batch = self.policy_batch([x.prompt_ids for x in trajs], [x.response_ids for x in trajs],
                                   [req_by_uid[x.uid].images for x in trajs], torch.zeros(len(trajs)))
         mb = t.micro_batch_tokens
-        old = compute_logprobs(self.ddp, batch, **self.scoring(r.temperature))
+        old = compute_logprobs(self.ddp, batch, **self.scoring(r.temperature), token_stats=mode.needs_token_stats)
+        stats = None
+        if mode.needs_token_stats:  # the same forward pass gives the token statistics of these rewards
+            stats = response_stats(old.entropy, old.self_certainty, batch.loss_mask)
+            old = old.logp
         # At temperature 1 the reference log-probs are also the likelihood Judge's: compute once.
         judge_reuses_ref = (uses_judge(cfg) and cfg.judge.kind == "likelihood"
                             and r.temperature == 1.0)
@@ -247,7 +275,7 @@ class Trainer:
             ref = self.initial.logprobs(batch, **self.scoring(r.temperature)) \
                 if cfg.loss.beta_kl > 0 or judge_reuses_ref else None
             scores = self.judge_scores(records, trajs, batch, ref)
-        rewards, res = self.rewards(records, trajs, scores)
+        rewards, res = self.rewards(records, trajs, scores, stats, votes)
         gids = [x.uid for x in trajs]
         a = cfg.advantage
         adv = compute_advantages(rewards, gids, a.estimator, temperature=a.temperature, center=a.center, eps=a.eps)
@@ -306,9 +334,24 @@ class Trainer:
             return False
         path, self.state = found
         self.state.setdefault("policy_version", 0)
-        self.sampler = PromptSampler(len(self.task.train), self.cfg.trainer.seed, **self.state["sampler"])
+        self.sampler = self.task.sampler(self.cfg.trainer.seed, self.state["sampler"])
         self.log.info(f"resumed from {path} (step {self.state['step']}, phase {self.state['phase']})")
         return True
+
+    def load_warm_start(self) -> None:
+        """Policy weights from trainer.init_from (a run directory's newest checkpoint, or a checkpoint folder); SFT is skipped."""
+        from megatron_selfjudge.config import ConfigError
+        from megatron_selfjudge.megatron.checkpoint import META_FILE, latest_checkpoint, load_checkpoint
+
+        source = Path(self.cfg.trainer.init_from)
+        path = latest_checkpoint(source / "checkpoints") if (source / "checkpoints").is_dir() else source
+        if path is None or not (path / META_FILE).is_file():
+            raise ConfigError(f"trainer.init_from={str(source)!r} is neither a run directory with a complete "
+                              "checkpoint nor a checkpoint folder")
+        with torch.random.fork_rng(devices=[]):  # the run's own RNG streams start as without init_from
+            load_checkpoint(path, self.ddp, None, load_rng=False)
+        self.state["phase"] = "upt"
+        self.log.info(f"warm start: policy weights from {path} (trainer.init_from; SFT skipped)")
 
     def make_initial_copy(self, from_disk: bool) -> None:
         """Reference + Judge: one frozen copy of the policy as it enters stage 2 (and the Judge's engine)."""
@@ -347,9 +390,12 @@ class Trainer:
         check_saved_config(self.run_dir, self.cfg, self.main, self.log.info)
         # Inside stage 2 the frozen copy comes from disk: load it before anything is written, so a
         # missing or damaged copy is refused with the run directory untouched.
-        in_stage2 = self.resume() and self.state["step"] > 0
+        resumed = self.resume()
+        in_stage2 = resumed and self.state["step"] > 0
         if in_stage2:
             self.make_initial_copy(from_disk=True)
+        if not resumed and t.init_from:
+            self.load_warm_start()
         write_saved_config(self.run_dir, self.cfg, self.main)
         if self.task.skipped:
             self.log.info(f"data: skipped {self.task.skipped} unusable rows (data.on_error=skip)")

@@ -470,3 +470,13 @@ def test_impls_reject_the_other_kind_of_input():
         L.LOSS_IMPLS["fused_linear"].logprobs(logits, targets, 1.0)
     with pytest.raises(TypeError, match="logits"):
         L.LOSS_IMPLS["reference"].per_token(hidden, targets, zeros, None, None, L.LossParams())
+
+
+def test_unknown_hyper_parameter_is_named():
+    """A misspelt hyper-parameter is refused by name, not silently replaced by its default."""
+    logits, targets = torch.randn(2, 3, 5), torch.randint(0, 5, (2, 3))
+    adv, mask = torch.ones(2), torch.ones(2, 3, dtype=torch.bool)
+    with pytest.raises(TypeError, match="beta_k"):
+        policy_loss(logits, targets, adv, mask, impl="reference", beta_k=0.1)
+    with pytest.raises(TypeError, match="temperature"):
+        per_token_policy_loss(torch.zeros(3), torch.zeros(3), temperature=0.5)

@@ -10,10 +10,12 @@ gradient finaliser that does megatron's reductions without its per-token divisio
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Optional
 
 import torch
 
+from megatron_selfjudge.config import OptimConfig
 from megatron_selfjudge.megatron import cpu
 
 
@@ -52,22 +54,24 @@ def data_parallel_size() -> int:
 
 def build_optimizer(
     model: torch.nn.Module,
+    optim: Optional[OptimConfig] = None,
     *,
-    lr: float = 1e-6,
-    weight_decay: float = 0.01,
-    clip_grad: float = 1.0,
-    adam_beta1: float = 0.9,
-    adam_beta2: float = 0.999,
-    adam_eps: float = 1e-8,
     use_distributed_optimizer: Optional[bool] = None,
     grad_reduce_in_fp32: bool = True,
+    **overrides: float,
 ):
     """Wrap `model` in megatron DDP and build megatron's AdamW; returns (ddp_model, optimizer).
 
-    `use_distributed_optimizer` defaults to True exactly when the data-parallel size is > 1
-    (optimizer state sharded over DP ranks). Build before the first forward; the model's config
-    is switched to sum (not average) gradients, see the module docstring.
+    The hyper-parameters are `optim` (a config.OptimConfig; its defaults when None) with
+    `overrides` of its field names (lr, weight_decay, grad_clip, adam_beta1, adam_beta2,
+    adam_eps) on top; an unknown name raises TypeError. `use_distributed_optimizer` defaults
+    to True exactly when the data-parallel size is > 1 (optimizer state sharded over DP ranks).
+    Build before the first forward; the model's config is switched to sum (not average)
+    gradients, see the module docstring.
     """
+    o = dataclasses.replace(optim if optim is not None else OptimConfig(), **overrides)
+    lr, weight_decay, clip_grad = o.lr, o.weight_decay, o.grad_clip
+    adam_beta1, adam_beta2, adam_eps = o.adam_beta1, o.adam_beta2, o.adam_eps
     _check_hparams(lr, weight_decay, clip_grad, (adam_beta1, adam_beta2), adam_eps)
     cpu.activate()
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig

@@ -42,7 +42,7 @@ def _fresh_run(tp: int, seed: int, model_seed: int):
     initialize_parallel(tp=tp, pp=1, seed=seed)
     random.seed(seed)
     np.random.seed(seed)
-    return build_optimizer(_tiny_gpt(model_seed), lr=1e-2, clip_grad=1.0)
+    return build_optimizer(_tiny_gpt(model_seed), lr=1e-2, grad_clip=1.0)
 
 
 def _train(ddp, optimizer, steps: int) -> list[torch.Tensor]:

@@ -91,7 +91,7 @@ def _grpo_update_worker(rank: int, world: int, layouts: list) -> dict:
         build = llava_builder()
         policy = build()
         reference = frozen_copy(policy, build)
-        ddp, optimizer = build_optimizer(policy, lr=LR, clip_grad=1.0, adam_eps=ADAM_EPS)
+        ddp, optimizer = build_optimizer(policy, lr=LR, grad_clip=1.0, adam_eps=ADAM_EPS)
         batch = make_batch(seed=0, rows=ROWS)
         old = compute_logprobs(ddp, batch, temperature=TEMPERATURE, max_tokens=MAX_TOKENS)
         ref = reference.logprobs(batch, temperature=TEMPERATURE, max_tokens=MAX_TOKENS)
@@ -366,7 +366,7 @@ def test_loss_settings_reject_bad_values(overrides, match):
 
 
 @pytest.mark.parametrize("overrides, match", [
-    ({"lr": 0.0}, "lr"), ({"weight_decay": -1.0}, "weight_decay"), ({"clip_grad": -1.0}, "clip_grad"),
+    ({"lr": 0.0}, "lr"), ({"weight_decay": -1.0}, "weight_decay"), ({"grad_clip": -1.0}, "clip_grad"),
     ({"adam_beta2": 1.0}, "betas"), ({"adam_eps": 0.0}, "adam_eps"),
 ])
 def test_build_optimizer_rejects_bad_hyperparameters(overrides, match):
