@@ -1,0 +1,425 @@
+"""`selfjudge eval`: benchmarks on a checkpoint, and the same evaluation inside training.
+
+    selfjudge eval --checkpoint RUN_DIR|CKPT_DIR --benchmarks mathvision,wemath --data ROOT
+                   [--limit N] [--seed S] [--n K --temperature T] [--out DIR]
+
+The checkpoint is a run directory (its newest complete checkpoint and its config.yaml), a
+checkpoint root (`.../checkpoints`) or a step folder of one; the model is rebuilt by the run's
+model family and loaded with megatron/checkpoint.py, generation goes through the rollout engine
+of `rollout.backend`. Greedy by default; `--n K` samples K responses at `--temperature` and
+grades the majority answer (maj@K; sampled pass@1 is reported beside it).
+
+Per benchmark it writes, into `<run dir>/eval/` (or --out):
+  <benchmark>.json               accuracy, per sub-category, the benchmark's own scores, counts,
+                                 skipped rows (file, row, reason), settings and versions
+  <benchmark>.predictions.jsonl  one line per graded item: question id, response, extracted and
+                                 canonical answer, gold, correct (so any grade can be audited)
+  report.md                      table per benchmark, per sub-category, and the average
+
+During training (`trainer.eval_every`), `evaluate_in_training` runs the same code on the live
+policy with the trainer's engine, writes the files under `<run dir>/eval/step_XXXXXXXX/` and
+returns `eval/<benchmark>/accuracy` for metrics.jsonl. Every rank generates (the engine needs
+all ranks of a model-parallel group); the main rank writes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+from megatron_selfjudge.eval.benchmarks import (
+    BENCHMARK_NAMES,
+    Benchmark,
+    BenchItem,
+    BenchmarkData,
+    Skipped,
+    get_benchmark,
+    iter_items,
+)
+from megatron_selfjudge.eval.benchmarks_grading import Graded, Summary, canonical_answer, is_correct, \
+    majority_answer, summarize
+from megatron_selfjudge.rewards.answers import extract_boxed
+
+PROTOCOL = ("rule-based: the last \\boxed{} of the response, graded with the project's answer code "
+            "(megatron_selfjudge.rewards.answers); not VLMEvalKit's LLM answer extractor")
+
+
+class EvalError(ValueError):
+    """An evaluation that cannot run as asked (bad argument, folder, checkpoint); one line."""
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """How responses are generated and how many problems are read."""
+
+    n: int = 1  # responses per question; > 1: sampled, maj@n
+    temperature: float = 1.0  # sampling temperature when n > 1
+    top_p: float = 1.0
+    max_new_tokens: int = 2048
+    seed: int = 0
+    limit: Optional[int] = None  # first N problems of each benchmark
+    instruction: str = "full"  # data.prompts instruction name appended to every question
+    batch_size: int = 64  # questions generated together
+
+
+# A generator turns items into, per item, its K response texts or the reason it was skipped.
+Generate = Callable[[Sequence[BenchItem], EvalSettings], list[Union[list[str], Skipped]]]
+
+
+class PolicyGenerator:
+    """Generation through a model family and a rollout engine (the live policy or a loaded checkpoint)."""
+
+    def __init__(self, family: Any, engine: Any, max_prompt_len: int):
+        self.family, self.engine, self.max_prompt_len = family, engine, max_prompt_len
+
+    def _request(self, item: BenchItem, instruction: str):
+        from megatron_selfjudge.data.prompts import get_instruction
+        from megatron_selfjudge.rollout.base import RolloutRequest
+
+        images = list(item.images)  # decoded here, one item at a time (DatasetError when broken)
+        ids = self.family.prompt_ids(item.prompt, self.family.num_images(images), get_instruction(instruction))
+        if len(ids) > self.max_prompt_len:
+            raise ValueError(f"prompt of {len(ids)} tokens exceeds rollout.max_prompt_len={self.max_prompt_len}")
+        pixels = self.family.images(images) if images and self.family.multimodal else None
+        # The uid keys the per-sample seeds (rollout/sampling.row_seed): stable whatever the batch.
+        return RolloutRequest(uid=f"{item.benchmark}:{item.qid}", prompt_ids=ids, images=pixels)
+
+    def __call__(self, items: Sequence[BenchItem], s: EvalSettings) -> list[Union[list[str], Skipped]]:
+        from megatron_selfjudge.data.datasets import DatasetError
+        from megatron_selfjudge.rollout.base import SamplingConfig
+
+        out: list[Union[list[str], Skipped]] = []
+        requests, positions = [], []
+        for item in items:
+            try:
+                requests.append(self._request(item, s.instruction))
+                positions.append(len(out))
+                out.append([])
+            except (DatasetError, ValueError) as exc:
+                out.append(Skipped(item.source_file, item.row, str(exc).removeprefix(f"{item.where}: ")))
+        if requests:
+            greedy = s.n == 1
+            sampling = SamplingConfig(n=s.n, greedy=greedy, temperature=1.0 if greedy else s.temperature,
+                                      top_p=1.0 if greedy else s.top_p, max_new_tokens=s.max_new_tokens, seed=s.seed)
+            trajectories = self.engine.generate(requests, sampling)
+            for k, pos in enumerate(positions):
+                out[pos] = [t.text for t in trajectories[k * s.n:(k + 1) * s.n]]
+        return out
+
+
+@dataclass
+class BenchmarkResult:
+    """What one benchmark's evaluation produced."""
+
+    bench: Benchmark
+    summary: Summary
+    skipped: list[Skipped]
+    rows_read: int
+    files: list[str]
+    predictions: list[dict]
+
+    def as_json(self, settings: EvalSettings, extra: dict) -> dict:
+        """The eval/<benchmark>.json document."""
+        s = self.summary
+        return {"benchmark": self.bench.title, "protocol": PROTOCOL, "accuracy": s.accuracy, "correct": s.correct,
+                "graded": s.graded, "skipped": len(self.skipped), "rows_read": self.rows_read,
+                **({"sampled_pass1": s.sampled_pass1} if s.sampled_pass1 is not None else {}),
+                "scores": s.scores, "categories": s.categories,
+                "skipped_rows": [x.as_dict() for x in self.skipped], "files": self.files,
+                "settings": {**asdict(settings), "metric": f"maj@{settings.n}" if settings.n > 1 else "greedy"},
+                **extra}
+
+
+def evaluate_benchmark(bench: Benchmark, root: Union[str, Path], generate: Generate, settings: EvalSettings, *,
+                       limits: Any = None, advance: Callable[[str], None] = lambda desc="": None,
+                       should_stop: Optional[Callable[[], bool]] = None) -> BenchmarkResult:
+    """Stream a benchmark's items, generate in batches, grade; skipped rows are kept with their reason.
+
+    `should_stop` is polled before every generation batch (eval.heldout.EvalInterrupted when True).
+    """
+    from megatron_selfjudge.eval.heldout import EvalInterrupted
+
+    data = BenchmarkData(bench, [])
+    graded: list[Graded] = []
+    predictions: list[dict] = []
+    skipped_at_generation: list[Skipped] = []
+
+    def run(batch: list[BenchItem]) -> None:
+        if should_stop is not None and should_stop():
+            raise EvalInterrupted("evaluation interrupted by a stop request")
+        for item, result in zip(batch, generate(batch, settings)):
+            advance(bench.title)
+            if isinstance(result, Skipped):
+                skipped_at_generation.append(result)
+                continue
+            answers = [extract_boxed(t) for t in result]
+            chosen = answers[0] if settings.n == 1 else majority_answer(item, answers)
+            ok = is_correct(item, chosen)
+            share = sum(is_correct(item, a) for a in answers) / len(answers) if settings.n > 1 else float(ok)
+            graded.append(Graded(item.qid, item.group, item.part, item.categories, ok, share))
+            predictions.append({"id": item.qid, "group": item.group, "part": item.part,
+                                "response": result[0] if settings.n == 1 else result,
+                                "extracted": chosen, "canonical": canonical_answer(item, chosen),
+                                "gold": item.gold, "correct": ok, "categories": item.categories,
+                                "file": item.source_file, "row": item.row})
+
+    batch: list[BenchItem] = []
+    for item in iter_items(bench, root, limit=settings.limit, limits=limits, data=data):
+        batch.append(item)
+        if len(batch) >= settings.batch_size:
+            run(batch)
+            batch = []
+    if batch:
+        run(batch)
+    summary = summarize(bench.name, graded, bench.categories, settings.n)
+    return BenchmarkResult(bench, summary, data.skipped + skipped_at_generation, data.rows_read,
+                           [str(f) for f in data.files], predictions)
+
+
+# ---------------------------------------------------------------- writing
+
+def versions() -> dict:
+    """Versions of the packages grading and generation depend on."""
+    from importlib import metadata
+
+    out = {}
+    for name in ("megatron-selfjudge", "torch", "megatron-core", "math-verify", "pyarrow"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _pct(x: Optional[float]) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def format_report(results: Sequence[BenchmarkResult], settings: EvalSettings, title: str) -> str:
+    """report.md: the headline table with the average, then each benchmark's sub-categories and scores."""
+    metric = f"maj@{settings.n}" if settings.n > 1 else "greedy"
+    lines = [f"# Evaluation: {title}", "", f"Protocol: {PROTOCOL}. Decoding: {metric}"
+             + (f", temperature {settings.temperature}" if settings.n > 1 else "")
+             + (f". Limit: first {settings.limit} problems per benchmark" if settings.limit else "") + ".", "",
+             "| benchmark | accuracy (%) | correct | graded | skipped |", "|---|---|---|---|---|"]
+    accs = []
+    for r in results:
+        s = r.summary
+        lines.append(f"| {r.bench.title} | {_pct(s.accuracy)} | {s.correct} | {s.graded} | {len(r.skipped)} |")
+        if s.accuracy is not None:
+            accs.append(s.accuracy)
+    lines.append(f"| average | {_pct(sum(accs) / len(accs) if accs else None)} | | | |")
+    for r in results:
+        s = r.summary
+        lines += ["", f"## {r.bench.title}", ""]
+        if r.bench.name == "wemath" and s.scores:
+            lines += ["| WeMath | IK | IG | CM | RM | score (%) |", "|---|---|---|---|---|---|"]
+            for mode in ("strict", "loose"):
+                c = s.scores[mode]
+                lines.append(f"| {mode} | {c['IK']} | {c['IG']} | {c['CM']} | {c['RM']} | {_pct(c['score'])} |")
+            lines += [f"", f"{s.scores['composites']} complete composite problems "
+                      f"({s.scores['incomplete_composites']} incomplete, not scored).", ""]
+        if r.bench.name == "dynamath" and s.scores:
+            lines += [f"Average accuracy {_pct(s.scores['average_accuracy'])}%, worst case "
+                      f"{_pct(s.scores['worst_case_accuracy'])}% over {s.scores['questions']} questions.", ""]
+        for name, cells in s.categories.items():
+            lines += [f"| {name} | accuracy (%) | n |", "|---|---|---|"]
+            lines += [f"| {v} | {_pct(c['accuracy'])} | {c['n']} |" for v, c in cells.items()]
+            lines.append("")
+        if r.skipped:
+            lines.append(f"{len(r.skipped)} rows skipped (reasons in {r.bench.name}.json), e.g. "
+                         f"{r.skipped[0].file} row {r.skipped[0].row}: {r.skipped[0].reason}")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_results(out_dir: Union[str, Path], results: Sequence[BenchmarkResult], settings: EvalSettings,
+                  title: str, extra: Optional[dict] = None) -> Path:
+    """eval/<benchmark>.json, eval/<benchmark>.predictions.jsonl and eval/report.md under out_dir."""
+    from megatron_selfjudge.runtime.files import write_atomic
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    extra = {"versions": versions(), **(extra or {})}
+    for r in results:
+        write_atomic(out / f"{r.bench.name}.json", json.dumps(r.as_json(settings, extra), indent=2) + "\n")
+        write_atomic(out / f"{r.bench.name}.predictions.jsonl",
+                     "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in r.predictions))
+    write_atomic(out / "report.md", format_report(results, settings, title))
+    return out
+
+
+def run_benchmarks(names: Sequence[str], root: Union[str, Path], generate: Generate, settings: EvalSettings,
+                   console: Any, limits: Any = None,
+                   should_stop: Optional[Callable[[], bool]] = None) -> list[BenchmarkResult]:
+    """Evaluate each benchmark in turn, with a progress bar per benchmark."""
+    results = []
+    for name in names:
+        bench = get_benchmark(name)
+        # The number of items is known only once the files are read (they stream): no total.
+        with console.progress(f"eval {bench.title}", None, 0) as advance:
+            results.append(evaluate_benchmark(bench, root, generate, settings, limits=limits, advance=advance,
+                                              should_stop=should_stop))
+        s = results[-1].summary
+        console.info(f"{bench.title}: accuracy {_pct(s.accuracy)}% ({s.correct}/{s.graded}), "
+                     f"{len(results[-1].skipped)} rows skipped")
+    return results
+
+
+# ---------------------------------------------------------------- inside training
+
+def metric_key(benchmark: str) -> str:
+    """The metrics.jsonl key of a benchmark's accuracy."""
+    return f"eval/{benchmark}/accuracy"
+
+
+def evaluate_in_training(trainer: Any, step: int, should_stop: Optional[Callable[[], bool]] = None) -> dict:
+    """trainer.eval_benchmarks on the live policy at `step`; files under eval/step_XXXXXXXX; metrics out."""
+    from megatron_selfjudge.data.datasets import ImageLimits
+    from megatron_selfjudge.megatron.checkpoint import step_dir_name
+
+    cfg = trainer.cfg
+    t, r = cfg.trainer, cfg.rollout
+    settings = EvalSettings(max_new_tokens=r.max_response_len, seed=t.seed, limit=t.eval_limit or None,
+                            instruction=cfg.data.instruction, batch_size=r.max_batch_size)
+    generate = PolicyGenerator(trainer.family, trainer.engine, r.max_prompt_len)
+    limits = ImageLimits.from_config(cfg.data, image_size=cfg.model.image_size)
+    results = run_benchmarks(t.eval_benchmarks, t.eval_data, generate, settings, trainer.log, limits, should_stop)
+    if trainer.main:
+        write_results(trainer.run_dir / "eval" / step_dir_name(step), results, settings,
+                      f"{trainer.run_dir} at step {step}", {"step": step})
+    return {metric_key(x.bench.name): x.summary.accuracy for x in results}
+
+
+# ---------------------------------------------------------------- the command
+
+def build_parser() -> argparse.ArgumentParser:
+    """Arguments of `selfjudge eval`."""
+    p = argparse.ArgumentParser(prog="selfjudge eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="run directory, checkpoint root or step folder")
+    p.add_argument("--benchmarks", required=True, help=f"comma-separated: {','.join(BENCHMARK_NAMES)}")
+    p.add_argument("--data", required=True, help="folder holding the benchmarks' files (see eval/benchmarks.py)")
+    p.add_argument("--limit", type=int, default=None, help="first N problems of each benchmark")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (n > 1)")
+    p.add_argument("--n", type=int, default=1, help="responses per question; > 1 grades the majority (maj@n)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature when --n > 1")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling when --n > 1")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's rollout.max_response_len")
+    p.add_argument("--instruction", default=None, help="format instruction (default: the run's data.instruction)")
+    p.add_argument("--out", default=None, help="output folder (default: <run dir>/eval)")
+    return p
+
+
+def _check_args(a: argparse.Namespace) -> list[str]:
+    names = [n.strip().lower() for n in a.benchmarks.split(",") if n.strip()]
+    unknown = [n for n in names if n not in BENCHMARK_NAMES]
+    if not names or unknown:
+        raise EvalError(f"--benchmarks: unknown {', '.join(unknown) or '(none given)'}; choose from "
+                        f"{','.join(BENCHMARK_NAMES)}")
+    if len(set(names)) != len(names):
+        raise EvalError(f"--benchmarks: a benchmark is named twice in {a.benchmarks!r}")
+    if not Path(a.data).is_dir():
+        raise EvalError(f"--data {a.data}: not a folder")
+    if a.limit is not None and a.limit < 1:
+        raise EvalError(f"--limit must be >= 1, got {a.limit}")
+    if a.n < 1:
+        raise EvalError(f"--n must be >= 1, got {a.n}")
+    if not (a.temperature > 0 and a.temperature < float("inf")):
+        raise EvalError(f"--temperature must be a finite number > 0, got {a.temperature}")
+    if not 0 < a.top_p <= 1:
+        raise EvalError(f"--top-p must be in (0, 1], got {a.top_p}")
+    if a.seed < 0:
+        raise EvalError(f"--seed must be >= 0, got {a.seed}")
+    if a.max_new_tokens is not None and a.max_new_tokens < 1:
+        raise EvalError(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
+    if a.instruction is not None:
+        from megatron_selfjudge.data.prompts import INSTRUCTIONS
+
+        if a.instruction not in INSTRUCTIONS:
+            raise EvalError(f"--instruction {a.instruction!r} is not one of {', '.join(INSTRUCTIONS)}")
+    return names
+
+
+def resolve_checkpoint(path: Union[str, Path]) -> tuple[Path, Path]:
+    """(run directory, step folder) of a run directory, checkpoint root or step folder."""
+    from megatron_selfjudge.megatron.checkpoint import META_FILE, latest_checkpoint
+
+    p = Path(path)
+    if not p.is_dir():
+        raise EvalError(f"--checkpoint {p}: not a folder")
+    if (p / "config.json").is_file() and not (p / "config.yaml").is_file():
+        # An HF model folder: its family must build and load it from the folder; none does yet.
+        raise EvalError(f"--checkpoint {p} is an HF model folder; `selfjudge eval` evaluates this project's run "
+                        "directories and checkpoints (no model family here loads HF folders for evaluation yet)")
+    if (p / META_FILE).is_file():
+        step_dir, run_dir = p, p.parent.parent
+    else:
+        root = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+        step_dir = latest_checkpoint(root)
+        if step_dir is None:
+            raise EvalError(f"--checkpoint {p}: no complete checkpoint (looked in {root})")
+        run_dir = root.parent
+    if not (run_dir / "config.yaml").is_file():
+        raise EvalError(f"--checkpoint {p}: no config.yaml in the run directory {run_dir} (the model is built "
+                        "from the run's config)")
+    return run_dir, step_dir
+
+
+def _evaluate_checkpoint(a: argparse.Namespace) -> int:
+    from megatron_selfjudge.config import load_saved_config
+    from megatron_selfjudge.data.datasets import ImageLimits
+    from megatron_selfjudge.megatron.checkpoint import load_checkpoint
+    from megatron_selfjudge.megatron.models.family import build_family
+    from megatron_selfjudge.rollout.base import build_engine
+    from megatron_selfjudge.runtime.console import Console
+    from megatron_selfjudge.runtime.setup import is_main_rank, setup_distributed, teardown_distributed
+
+    names = _check_args(a)
+    run_dir, step_dir = resolve_checkpoint(a.checkpoint)
+    cfg = load_saved_config(run_dir / "config.yaml")
+    # One process evaluates at TP=PP=1 (the checkpoint reshards on load); under torchrun the run's layout.
+    launched = "WORLD_SIZE" in os.environ
+    created = setup_distributed(cfg.parallel.tp if launched else 1, cfg.parallel.pp if launched else 1, a.seed)
+    try:
+        log = Console(is_main_rank())
+        family = build_family(cfg)
+        module = family.builder()()
+        state = load_checkpoint(step_dir, module, None, load_rng=False)
+        log.info(f"loaded {step_dir} (step {state.get('step')}, model {cfg.model.preset})")
+        r = cfg.rollout
+        engine = build_engine(r.backend, model=module, tokenizer=family.tokenizer, max_batch_size=r.max_batch_size)
+        settings = EvalSettings(n=a.n, temperature=a.temperature, top_p=a.top_p,
+                                max_new_tokens=a.max_new_tokens or r.max_response_len, seed=a.seed, limit=a.limit,
+                                instruction=a.instruction or cfg.data.instruction,
+                                batch_size=max(1, r.max_batch_size // a.n))
+        limits = ImageLimits.from_config(cfg.data, image_size=cfg.model.image_size)
+        results = run_benchmarks(names, a.data, PolicyGenerator(family, engine, r.max_prompt_len), settings, log,
+                                 limits)
+        if is_main_rank():
+            out = write_results(Path(a.out) if a.out else run_dir / "eval", results, settings, str(step_dir),
+                                {"checkpoint": str(step_dir), "step": state.get("step")})
+            log.info(f"wrote {out}/report.md")
+        return 0
+    finally:
+        teardown_distributed(created)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """`selfjudge eval ...`; bad input gives one line on stderr and exit code 2."""
+    from megatron_selfjudge.config import ConfigError
+    from megatron_selfjudge.data.datasets import DatasetError
+    from megatron_selfjudge.runtime.run_state import CheckpointDamaged
+
+    args = build_parser().parse_args(argv)
+    try:
+        return _evaluate_checkpoint(args)
+    except (EvalError, DatasetError, ConfigError, FileNotFoundError) as exc:
+        print(f"selfjudge eval: {exc}", file=sys.stderr)
+        return 2
+    except CheckpointDamaged as exc:
+        print(f"selfjudge eval: damaged checkpoint: {exc}", file=sys.stderr)
+        return 2
