@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 # The choices of reward.mode, reward.equivalence, judge.kind, judge.unparsed, advantage.estimator,
@@ -55,6 +55,7 @@ MAX_COUNT = 2**31 - 1  # any count or size: int32 indexing in torch/megatron, an
 # inside torch's 64-bit seed range.
 MAX_SEED = 2**32 - 1
 SEED_KEYS = ("trainer.seed", "data.synthetic_seed")
+MAX_DATA_WORKERS = 64  # data.workers: decode processes per rank
 MAX_GROUP_SIZE = 1024  # rollout.n: G rollouts of one prompt are held, rewarded and normalised together (paper: 8)
 MAX_JUDGE_SAMPLES = 64  # judge.samples: K full Judge generations per trajectory (paper: 1)
 MAX_TRAJECTORIES_PER_STEP = 2**20  # prompts_per_step * n: every trajectory's tokens stay in host memory (paper: 4096)
@@ -78,7 +79,8 @@ class ConfigError(ValueError):
 class ModelConfig:
     """Policy architecture; the Judge and the reference model are frozen copies of it."""
 
-    preset: str = "tiny-llava"  # tiny-llava | tiny-gpt (text only)
+    preset: str = "tiny-llava"  # tiny-llava | tiny-gpt (text only) | qwen2.5-vl | qwen2.5 (HF folder in hf_path)
+    hf_path: str = ""  # local HF model folder of the qwen2.5-vl / qwen2.5 presets (the sizes below are the tiny presets')
     transformer_impl: str = "auto"  # auto: transformer_engine when TE imports and CUDA is present, else local
     params_dtype: str = "bfloat16"  # weights and activations: float32 | bfloat16 | float16
     num_layers: int = 2  # decoder layers
@@ -111,6 +113,8 @@ class RolloutConfig:
     max_prompt_len: int = 1024  # prompt tokens (longer prompts are refused, not cut)
     max_response_len: int = 2048  # new tokens per rollout
     max_batch_size: int = 64  # sequences decoded together by the in-process megatron engine
+    # TTRL (reward.mode=ttrl): samples per prompt that vote on the pseudo-label; the first rollout.n are trained on.
+    vote_n: int = 64
 
 
 @dataclass
@@ -131,11 +135,14 @@ class CalibrationConfig:
 class RewardConfig:
     """How trajectories are rewarded without labels."""
 
-    mode: str = "judge"  # majority | consistency | judge | judge_raw | ground_truth | random
+    # majority | consistency | judge | judge_raw | ground_truth | random | agreement | self_certainty | neg_entropy | ttrl
+    mode: str = "judge"
     equivalence: str = "symbolic"  # answer classes: exact | normalized | symbolic
     consistency_gate: float = 0.85  # binarise a group whose top answer share exceeds it; 1.0 = pure frequency
     format_penalty: float = 0.5  # lambda: f_i = -lambda when the format is broken
     symbolic_timeout: float = 5.0  # seconds per symbolic comparison (math-verify in a worker)
+    # gamma of reward.mode=agreement (EvoLMM): r = (answer frequency) ** gamma; EvoLMM takes gamma in (0, 1]
+    agreement_gamma: float = 0.5
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
 
@@ -195,7 +202,14 @@ class OptimConfig:
 class DataConfig:
     """Training prompts: 'synthetic' (embedded task) or a local parquet/JSONL path."""
 
-    train: str = "synthetic"  # 'synthetic' or a parquet/JSONL file
+    # 'synthetic', a parquet/JSONL file, or a list of files (streamed; mixed by data.weights)
+    train: Any = "synthetic"
+    # One weight per data.train file: each step takes that share of its prompts from the file
+    # (empty: the files are one pool, each row equally likely).
+    weights: List[float] = field(default_factory=list)
+    limit: int = 0  # keep the first N usable rows of each training file (0: all)
+    shuffle: bool = True  # seeded order per epoch (trainer.seed); false: file order
+    workers: int = 2  # processes decoding images in the load-time check of a file (0: this process)
     eval: Optional[str] = None  # held-out file (null: the synthetic test split, or none)
     on_error: str = "raise"  # raise | skip (skipped rows are counted)
     # Image paths in rows may only point inside the data file's folder or these folders.
@@ -234,6 +248,15 @@ class TrainerConfig:
     allow_config_change: List[str] = field(default_factory=list)
     sft_steps: int = 0  # steps of the supervised warm start (stage 1) before label-free training
     sft_batch_size: int = 32  # prompts per warm-start step
+    # Benchmarks on the live policy every eval_every UPT steps and at the last step (0: off); the
+    # accuracies go into metrics.jsonl as eval/<benchmark>/accuracy, the files under eval/step_N/.
+    eval_every: int = 0
+    eval_benchmarks: List[str] = field(default_factory=list)  # names from eval.benchmarks.BENCHMARK_NAMES
+    eval_data: str = ""  # folder holding the benchmarks' files (as `selfjudge eval --data`)
+    eval_limit: int = 0  # first N problems of each benchmark (0: all)
+    # Start stage 2 from this run directory's newest checkpoint (or this checkpoint folder) instead of
+    # the SFT stage: one warm start shared by several runs ("" = off; trainer.sft_steps is then unused).
+    init_from: str = ""
 
 
 @dataclass
@@ -308,6 +331,22 @@ def _check_leaves(cfg: Config) -> None:
                 _check(key, not isinstance(item, str) or "\0" not in item, "free of NUL characters", value)
 
 
+def _check_train_files(d: DataConfig) -> None:
+    """data.train: 'synthetic', a path or a list of distinct paths; data.weights: one positive weight each."""
+    is_list = isinstance(d.train, (list, tuple, ListConfig))
+    files = list(d.train) if is_list else [d.train]
+    rule = "'synthetic', a path, or a non-empty list of paths"
+    _check("data.train", bool(files) and all(isinstance(f, str) and f.strip() for f in files), rule, d.train)
+    if is_list:
+        _check("data.train", "synthetic" not in files, "a list of files ('synthetic' stands alone)", d.train)
+        _check("data.train", len(set(files)) == len(files), "a list of distinct files", d.train)
+    if d.weights:
+        _check("data.weights", is_list and len(d.weights) == len(files),
+               f"one weight per data.train file ({len(files) if is_list else 'data.train is not a list'})",
+               list(d.weights))
+        _check("data.weights", all(_finite(w) and w > 0 for w in d.weights), "finite positive numbers", list(d.weights))
+
+
 def validate(cfg: Config) -> Config:
     """Check every value's range and the cross-field rules; raise ConfigError naming the key."""
     m, p, r, rw, j, a, lo, o, d, t = (cfg.model, cfg.parallel, cfg.rollout, cfg.reward, cfg.judge,
@@ -353,6 +392,13 @@ def validate(cfg: Config) -> Config:
     _check("reward.consistency_gate", 0 <= rw.consistency_gate <= 1, "in [0, 1]", rw.consistency_gate)
     _check("reward.format_penalty", rw.format_penalty >= 0, ">= 0", rw.format_penalty)
     _check("reward.symbolic_timeout", rw.symbolic_timeout > 0, "> 0", rw.symbolic_timeout)
+    _check("reward.agreement_gamma", rw.agreement_gamma > 0, "> 0", rw.agreement_gamma)
+    if REWARD_MODES[rw.mode].needs_votes:
+        _check("rollout.vote_n", r.n < r.vote_n <= MAX_GROUP_SIZE,
+               f"in (rollout.n={r.n}, {MAX_GROUP_SIZE}] with reward.mode={rw.mode} (more votes than trained samples)",
+               r.vote_n)
+        _check("rollout.vote_n", t.prompts_per_step * r.vote_n <= MAX_TRAJECTORIES_PER_STEP,
+               f"such that trainer.prompts_per_step * rollout.vote_n <= {MAX_TRAJECTORIES_PER_STEP}", r.vote_n)
     c = rw.calibration
     for name in ("kappa_h", "kappa_l"):
         _check(f"reward.calibration.{name}", getattr(c, name) > 0, "> 0", getattr(c, name))
@@ -407,7 +453,9 @@ def validate(cfg: Config) -> Config:
     for name in ("synthetic_sft", "synthetic_test"):
         _check(f"data.{name}", getattr(d, name) >= 0, ">= 0", getattr(d, name))
     _check("data.synthetic_unlabeled", d.synthetic_unlabeled >= 1, ">= 1", d.synthetic_unlabeled)
-    _check("data.train", d.train.strip() != "", "'synthetic' or a path", d.train)
+    _check_train_files(d)
+    _check("data.limit", d.limit >= 0, ">= 0 (0 = every usable row)", d.limit)
+    _check("data.workers", 0 <= d.workers <= MAX_DATA_WORKERS, f"in [0, {MAX_DATA_WORKERS}]", d.workers)
     _check("data.eval", d.eval is None or d.eval.strip() != "", "null or a path", d.eval)
     _check("trainer.max_steps", t.max_steps >= -1, ">= -1 (-1 = run trainer.epochs)", t.max_steps)
     _check("trainer.epochs", t.epochs >= 1, ">= 1", t.epochs)
@@ -420,6 +468,17 @@ def validate(cfg: Config) -> Config:
     _check("trainer.save_every", t.save_every >= 0, ">= 0 (0 = only at the end)", t.save_every)
     _check("trainer.sft_steps", t.sft_steps >= 0, ">= 0", t.sft_steps)
     _check("trainer.sft_batch_size", t.sft_batch_size >= 1, ">= 1", t.sft_batch_size)
+    _check("trainer.eval_every", t.eval_every >= 0, ">= 0 (0 = off)", t.eval_every)
+    _check("trainer.eval_limit", t.eval_limit >= 0, ">= 0 (0 = every problem)", t.eval_limit)
+    if t.eval_every:
+        from megatron_selfjudge.eval.benchmarks import BENCHMARK_NAMES
+
+        _check("trainer.eval_benchmarks", bool(t.eval_benchmarks) and set(t.eval_benchmarks) <= set(BENCHMARK_NAMES)
+               and len(set(t.eval_benchmarks)) == len(t.eval_benchmarks),
+               f"a non-empty list of distinct names from {', '.join(BENCHMARK_NAMES)} with trainer.eval_every > 0",
+               t.eval_benchmarks)
+        _check("trainer.eval_data", t.eval_data.strip() != "", "the folder of the benchmarks' files with "
+               "trainer.eval_every > 0", t.eval_data)
     _check("trainer.keep_checkpoints", t.keep_checkpoints >= 1, ">= 1", t.keep_checkpoints)
     _choice("trainer.resume", t.resume, RESUME_MODES)
     _check("trainer.run_dir", t.run_dir.strip() != "", "a non-blank path", t.run_dir)
@@ -593,9 +652,12 @@ RESUME_SAFE_KEYS = frozenset({
     # A run that started with `raise` had no bad row, so `skip` reads the same rows; a run that
     # skipped rows fails loudly under `raise` instead of training on other rows.
     "data.on_error",
+    "data.workers",  # how many processes check the rows at load, not which rows are kept
     # A compute limit: only comparisons that hit it (scored as not equivalent) are affected.
     "reward.symbolic_timeout",
     "trainer.allow_config_change",  # the permission itself (runtime/run_state.py)
+    # Benchmark evaluation during training only reads the policy: it never changes what is learnt.
+    "trainer.eval_every", "trainer.eval_benchmarks", "trainer.eval_data", "trainer.eval_limit",
 })
 
 

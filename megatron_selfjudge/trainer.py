@@ -175,6 +175,12 @@ class Trainer:
                       f"maj@{r.n} {res.maj_at_g:.3f}  boxed {res.format_ok:.3f}")
         return res.as_dict()
 
+    def evaluate_benchmarks(self, step: int) -> dict:
+        """trainer.eval_benchmarks on the live policy (eval/run.py); returns eval/<benchmark>/accuracy."""
+        from megatron_selfjudge.eval.run import evaluate_in_training
+
+        return evaluate_in_training(self, step)
+
     # ---- stage 2: one label-free GRPO step ----
     def judge_scores(self, records, trajectories, batch, ref_logp):
         """Per-trajectory lists of K Judge scores (None = unparseable), or None when the reward needs none."""
@@ -432,6 +438,8 @@ class Trainer:
                         self.state["skipped_steps"] += int(m["skipped_updates"])
                         self.log.info(f"warning: step {self.state['step']}: {int(m['skipped_updates'])} "
                                       "update(s) skipped (non-finite loss or gradient); weights untouched")
+                    if t.eval_every and (self.state["step"] % t.eval_every == 0 or self.state["step"] == total):
+                        m.update(self.evaluate_benchmarks(self.state["step"]))  # same line: accuracy per step
                     self.metrics.log(self.state["step"], m)
                     entropy = m.get("entropy")
                     advance(f"reward {m['reward_mean']:.3f} len {m['response_len_mean']:.1f} "

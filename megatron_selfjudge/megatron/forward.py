@@ -19,7 +19,7 @@ result to the other stages and the DP shards are all-gathered, so every rank ret
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -219,6 +219,25 @@ def _gather_data_parallel(local: torch.Tensor, num_rows: int) -> torch.Tensor:
     return torch.cat([part[:n] for part, n in zip(parts, sizes)])
 
 
+class ScoredTokens(NamedTuple):
+    """compute_logprobs(token_stats=True): fp32 [B, T] each, 0 outside the loss mask."""
+
+    logp: torch.Tensor
+    entropy: torch.Tensor  # H(p_t) of softmax(logits / T)
+    self_certainty: torch.Tensor  # KL(U || p_t), megatron.logprobs.vocab_parallel_token_stats
+
+
+def _token_stats(source: loss_ref.Source, temperature: float, shard: loss_ref.VocabShard) -> torch.Tensor:
+    """[2, N] entropy and self-certainty of the response labels' distributions (logits or hidden + weight)."""
+    from megatron_selfjudge.megatron.logprobs import vocab_parallel_token_stats
+
+    if isinstance(source, loss_ref.HiddenStates):
+        stats = vocab_parallel_token_stats(source.hidden, temperature, shard.group, weight=source.weight)
+    else:
+        stats = vocab_parallel_token_stats(source, temperature, shard.group)
+    return torch.stack(stats)
+
+
 @torch.no_grad()
 def compute_logprobs(
     model: torch.nn.Module,
@@ -228,12 +247,15 @@ def compute_logprobs(
     max_tokens: int = 4096,
     shard_data_parallel: bool = True,
     impl: str = "auto",
-) -> torch.Tensor:
+    token_stats: bool = False,
+) -> torch.Tensor | ScoredTokens:
     """fp32 [B, T] log p(labels) under softmax(logits / T) where loss_mask is 1, else 0; same on every rank.
 
     With `shard_data_parallel` each DP rank scores its share of rows and the shares are gathered
     (the batch must be identical on all ranks); otherwise every rank scores all of `batch`.
     `impl` names the loss implementation (loss.LOSS_IMPLS, or 'auto') that computes the log-probs.
+    `token_stats` also returns each label position's entropy and self-certainty (a ScoredTokens),
+    from the same forward pass (the self-certainty and entropy rewards read them).
     """
     from megatron.core import parallel_state
 
@@ -255,7 +277,9 @@ def compute_logprobs(
         def loss_func(output):
             source, shard, r, c = loss_source(output, micro, info, weight)
             logp = chosen.logprobs(source, micro.labels[r, c], temperature, shard=shard)
-            return output.new_zeros(()), torch.tensor(r.numel(), dtype=torch.int), {"logp": logp, "rows": r, "cols": c}
+            values = torch.cat([logp.float().unsqueeze(0), _token_stats(source, temperature, shard)]) \
+                if token_stats else logp.float().unsqueeze(0)
+            return output.new_zeros(()), torch.tensor(r.numel(), dtype=torch.int), {"values": values, "rows": r, "cols": c}
 
         return output, loss_func
 
@@ -263,12 +287,14 @@ def compute_logprobs(
         stored = run_schedule(model, micro_batches, forward_step, info, forward_only=True)
     finally:
         model.train(was_training)
-    result = torch.zeros(local.size, batch.tokens.shape[1], dtype=torch.float32, device=info.device)
+    # [k, B, T]: the log-probs, then (token_stats) the entropy and the self-certainty.
+    result = torch.zeros(3 if token_stats else 1, local.size, batch.tokens.shape[1], dtype=torch.float32,
+                         device=info.device)
     if parallel_state.is_pipeline_last_stage():
         for group, out in zip(groups, stored):
             index = torch.as_tensor(group, device=info.device)[out["rows"]]
-            result[index, out["cols"]] = out["logp"].float()
+            result[:, index, out["cols"]] = out["values"]
     _broadcast_from_last_stage(result)
     if shard_data_parallel:
-        result = _gather_data_parallel(result, batch.size)
-    return result
+        result = torch.stack([_gather_data_parallel(part, batch.size) for part in result])
+    return ScoredTokens(*result) if token_stats else result[0]

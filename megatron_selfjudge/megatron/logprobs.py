@@ -3,10 +3,13 @@
 Logits arrive sharded along the last dim: rank r of the TP group holds vocab ids
 [r * V_local, (r + 1) * V_local). Log-probs reuse megatron-core's vocab-parallel cross entropy
 (logp = -CE of logits / T); entropy all-reduces the max, the sum of exp and the sum of p * z.
-Both return fp32 and are differentiable with respect to the logits.
+Both return fp32 and are differentiable with respect to the logits. `vocab_parallel_token_stats`
+(no gradient) adds the sum of z for the self-certainty KL(U || p) = logsumexp(z) - mean_v z - log V,
+in row chunks so that at most one [chunk, V/tp] fp32 block exists at a time.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -73,18 +76,29 @@ def vocab_parallel_logprobs(
     return -vocab_parallel_cross_entropy(scaled, targets.long())
 
 
+def _shifted_exp(z: torch.Tensor, group: Optional[dist.ProcessGroup]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global max of z over the (sharded) vocab and exp(z - max) of this shard."""
+    z_max = z.max(dim=-1).values
+    if group is not None:
+        dist.all_reduce(z_max, op=dist.ReduceOp.MAX, group=group)
+    return z_max, torch.exp(z - z_max.unsqueeze(-1))
+
+
+def _vocab_sums(parts: list[torch.Tensor], group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+    """The per-position sums in `parts`, stacked and summed over the TP group in one all-reduce."""
+    sums = torch.stack(parts)
+    if group is not None:
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+    return sums
+
+
 class _VocabParallelEntropy(torch.autograd.Function):
     """Entropy of softmax(z) with z sharded over the vocab; backward needs no communication."""
 
     @staticmethod
     def forward(ctx, z: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
-        z_max = z.max(dim=-1).values
-        if group is not None:
-            dist.all_reduce(z_max, op=dist.ReduceOp.MAX, group=group)
-        exp = torch.exp(z - z_max.unsqueeze(-1))
-        sums = torch.stack([exp.sum(dim=-1), (exp * z).sum(dim=-1)])
-        if group is not None:
-            dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+        z_max, exp = _shifted_exp(z, group)
+        sums = _vocab_sums([exp.sum(dim=-1), (exp * z).sum(dim=-1)], group)
         sum_exp, sum_exp_z = sums[0], sums[1]
         mean_z = sum_exp_z / sum_exp  # E_p[z], global
         probs = exp / sum_exp.unsqueeze(-1)
@@ -108,3 +122,46 @@ def vocab_parallel_entropy(
     _check_inputs(logits, temperature)
     group = _resolve_group(tp_group)
     return _VocabParallelEntropy.apply(logits.float() / float(temperature), group)
+
+
+# Elements of one fp32 [rows, V/tp] block in vocab_parallel_token_stats (256 MiB).
+TOKEN_STATS_BLOCK = 1 << 26
+
+
+@torch.no_grad()
+def vocab_parallel_token_stats(
+    inputs: torch.Tensor,
+    temperature: float = 1.0,
+    tp_group: Optional[dist.ProcessGroup] = None,
+    weight: Optional[torch.Tensor] = None,
+    block_elements: int = TOKEN_STATS_BLOCK,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 (entropy, self-certainty) per position of p = softmax(logits / T), no gradient.
+
+    inputs: logits [..., V/tp] sharded over the TP group, or, with `weight` (this rank's output
+    weight [V/tp, H]), hidden states [..., H] whose logits are formed block by block and dropped.
+    Self-certainty is KL(U || p) = -log V - mean_v log p(v) (Intuitor), with V the full (padded)
+    vocabulary the logits span: 0 for a uniform p, large for a peaked one.
+    """
+    _check_inputs(inputs, temperature)
+    group = _resolve_group(tp_group)
+    if weight is not None and (weight.dim() != 2 or weight.shape[1] != inputs.shape[-1]):
+        raise ValueError(f"weight must be [V/tp, {inputs.shape[-1]}], got {tuple(weight.shape)}")
+    local_vocab = inputs.shape[-1] if weight is None else weight.shape[0]
+    vocab = local_vocab * (1 if group is None else dist.get_world_size(group))
+    flat = inputs.reshape(-1, inputs.shape[-1])
+    # Every TP rank holds the same rows, so every rank runs the same number of collectives.
+    rows = max(1, block_elements // local_vocab)
+    entropy, certainty = [], []
+    for block in flat.split(rows):
+        logits = block if weight is None else block.to(weight.dtype) @ weight.t()
+        z = logits.float() / float(temperature)
+        z_max, exp = _shifted_exp(z, group)
+        sums = _vocab_sums([exp.sum(dim=-1), (exp * z).sum(dim=-1), z.sum(dim=-1)], group)
+        log_norm = z_max + torch.log(sums[0])  # logsumexp(z) over the whole vocab
+        entropy.append(log_norm - sums[1] / sums[0])
+        certainty.append(log_norm - sums[2] / vocab - math.log(vocab))
+    shape = inputs.shape[:-1]
+    empty = inputs.new_zeros(0, dtype=torch.float32)
+    return (torch.cat(entropy).reshape(shape) if entropy else empty.reshape(shape),
+            torch.cat(certainty).reshape(shape) if certainty else empty.reshape(shape))

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from megatron_selfjudge.config import CalibrationConfig, JudgeConfig, RewardConfig
 from megatron_selfjudge.rewards.answers import answer_classes, answers_equivalent, extract_boxed
+from megatron_selfjudge.rewards.baselines import ResponseStats, agreement_rewards
 from megatron_selfjudge.rewards.consistency import consistency_prior, majority_rewards
 from megatron_selfjudge.rewards.judge import calibrate, resolve_judge_scores
 
@@ -45,13 +46,14 @@ class RewardResult:
     classes: list[int | None]  # answer class id within the row's group (None: no answer)
     format_ok: list[bool]
     prior: list[float]  # consistency prior p_i (after the confidence gate)
-    majority: list[float]  # 1[a_i == group mode]
-    pseudo_labels: list[str | None]  # the majority answer of the row's group
+    majority: list[float]  # 1[a_i == group mode]; the mode over the group and its extra votes, if any
+    pseudo_labels: list[str | None]  # the majority answer of the row's group (and its extra votes)
     judge_scores: list[float] | None = None  # mean Judge score; NaN = neutral (no score)
     calibration: list[float] | None = None  # g(s_i); 1.0 for neutral rows
     num_judge_unparsed: int = 0  # unparseable Judge samples (not trajectories)
     gt_correct: list[bool] | None = None  # answer matches ground truth (monitoring)
     pseudo_label_acc: float | None = None  # fraction of groups whose majority answer is right
+    response_stats: ResponseStats | None = None  # per-row mean token entropy and self-certainty
 
     def as_tensor(self):
         """Rewards as an fp32 torch tensor [N]."""
@@ -72,6 +74,8 @@ class RewardResult:
             out["pseudo_label_acc"] = self.pseudo_label_acc
         if self.gt_correct is not None:
             out["gt_acc"] = sum(self.gt_correct) / n
+        if self.response_stats is not None:
+            out["self_certainty_mean"] = sum(self.response_stats.self_certainty) / n
         return out
 
 
@@ -92,6 +96,7 @@ class ModeInputs:
     groups: dict[Hashable, list[int]]  # prompt uid -> its rows
     penalties: list[float]  # f_i: 0, or -format_penalty when the format is broken
     seed: int | None
+    agreement_gamma: float = RewardConfig.agreement_gamma
 
 
 def _judge(res: RewardResult, inputs: ModeInputs) -> list[float]:
@@ -119,6 +124,15 @@ def _random(res: RewardResult, inputs: ModeInputs) -> list[float]:
     return torch.randint(0, 2, (len(res.answers),), generator=gen).float().tolist()
 
 
+def _agreement(res: RewardResult, inputs: ModeInputs) -> list[float]:
+    """EvoLMM: (c(a_i)/G) ** gamma within each group."""
+    out = [0.0] * len(res.classes)
+    for rows in inputs.groups.values():
+        for i, r in zip(rows, agreement_rewards([res.classes[i] for i in rows], inputs.agreement_gamma)):
+            out[i] = r
+    return out
+
+
 @dataclass(frozen=True)
 class RewardMode:
     """One reward mode: rewards from the group statistics, and which optional inputs it needs."""
@@ -127,6 +141,8 @@ class RewardMode:
     needs_judge: bool = False  # judge_scores
     needs_labels: bool = False  # ground_truths
     needs_seed: bool = False
+    needs_token_stats: bool = False  # response_stats: the policy's token entropy / self-certainty
+    needs_votes: bool = False  # votes: rollout.vote_n samples per prompt, of which rollout.n are trained
 
 
 REWARD_MODES: dict[str, RewardMode] = {
@@ -136,10 +152,16 @@ REWARD_MODES: dict[str, RewardMode] = {
     "judge_raw": RewardMode(_judge_raw, needs_judge=True),
     "ground_truth": RewardMode(lambda res, inputs: [float(c) for c in res.gt_correct], needs_labels=True),
     "random": RewardMode(_random, needs_seed=True),
+    "agreement": RewardMode(_agreement),
+    "self_certainty": RewardMode(lambda res, inputs: res.response_stats.self_certainty, needs_token_stats=True),
+    "neg_entropy": RewardMode(lambda res, inputs: [-h for h in res.response_stats.entropy], needs_token_stats=True),
+    # The majority reward, with the mode taken over the group and its extra votes.
+    "ttrl": RewardMode(lambda res, inputs: res.majority, needs_votes=True),
 }
 
 
-def _check_inputs(responses, group_ids, mode, judge_scores, ground_truths, format_penalty, seed) -> None:
+def _check_inputs(responses, group_ids, mode, judge_scores, ground_truths, format_penalty, seed,
+                  response_stats, votes, vote_group_ids) -> None:
     if mode not in REWARD_MODES:
         raise ValueError(f"reward mode must be one of {sorted(REWARD_MODES)}, got {mode!r}")
     needs = REWARD_MODES[mode]
@@ -157,6 +179,24 @@ def _check_inputs(responses, group_ids, mode, judge_scores, ground_truths, forma
         raise ValueError(f"reward mode {mode!r} needs ground_truths")
     if needs.needs_seed and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise ValueError(f"reward mode {mode!r} needs an integer seed, got {seed!r}")
+    if response_stats is not None and len(response_stats) != len(responses):
+        raise ValueError(f"response_stats has {len(response_stats)} rows, responses has {len(responses)}")
+    if needs.needs_token_stats and response_stats is None:
+        raise ValueError(f"reward mode {mode!r} needs response_stats (the policy's token statistics)")
+    if (votes is None) != (vote_group_ids is None):
+        raise ValueError("votes and vote_group_ids go together")
+    if votes is not None:
+        if len(votes) != len(vote_group_ids):
+            raise ValueError(f"vote_group_ids has {len(vote_group_ids)} rows, votes has {len(votes)}")
+        for row, vote in enumerate(votes):
+            if not isinstance(vote, str):
+                raise TypeError(f"votes[{row}] must be str, got {type(vote).__name__}")
+        known = set(group_ids)
+        stray = next((uid for uid in vote_group_ids if uid not in known), None)
+        if stray is not None:
+            raise ValueError(f"votes hold group {stray!r}, which has no trained row")
+    if needs.needs_votes and votes is None:
+        raise ValueError(f"reward mode {mode!r} needs votes (the extra voting samples)")
     if not format_penalty >= 0:
         raise ValueError(f"format_penalty must be >= 0, got {format_penalty!r}")
 
@@ -175,6 +215,10 @@ def compute_rewards(
     unparsed_policy: str = JudgeConfig.unparsed,
     timeout: float = RewardConfig.symbolic_timeout,
     seed: int | None = None,
+    agreement_gamma: float = RewardConfig.agreement_gamma,
+    response_stats: ResponseStats | None = None,
+    votes: Sequence[str] | None = None,
+    vote_group_ids: Sequence[Hashable] | None = None,
 ) -> RewardResult:
     """Rewards for a batch of trajectories under `mode`, a name of REWARD_MODES (docs/method.md).
 
@@ -182,9 +226,13 @@ def compute_rewards(
     judge_scores: per row, a parsed Judge score (float or None) or a list of K of them.
     ground_truths: per row, the reference answer (needed for `ground_truth`; otherwise
     used only for monitoring). calibration: reward.calibration (None: its defaults).
-    seed: the draw of the `random` control mode.
+    seed: the draw of the `random` control mode. agreement_gamma: the exponent of `agreement`.
+    response_stats: per row, the policy's mean token entropy and self-certainty (`self_certainty`,
+    `neg_entropy`). votes / vote_group_ids: responses of extra voting samples and their prompt uids
+    (`ttrl`): each group's mode and pseudo-label are then taken over its rows and its votes.
     """
-    _check_inputs(responses, group_ids, mode, judge_scores, ground_truths, format_penalty, seed)
+    _check_inputs(responses, group_ids, mode, judge_scores, ground_truths, format_penalty, seed,
+                  response_stats, votes, vote_group_ids)
     n = len(responses)
     answers = [extract_boxed(r) for r in responses]
     fmt = [format_ok(r) for r in responses]
@@ -192,15 +240,22 @@ def compute_rewards(
     classes: list[int | None] = [None] * n
     prior, majority, pseudo = [0.0] * n, [0.0] * n, [None] * n
     group_label: dict[Hashable, str | None] = {}
+    vote_answers: dict[Hashable, list[str | None]] = {}
+    for uid, vote in zip(vote_group_ids or (), votes or ()):
+        vote_answers.setdefault(uid, []).append(extract_boxed(vote))
     for uid, rows in groups.items():
-        cls = answer_classes([answers[i] for i in rows], equivalence, timeout=timeout)
+        # The group's own rows come first, so their class ids are those of the group alone.
+        voters = [answers[i] for i in rows] + vote_answers.get(uid, [])
+        cls_all = answer_classes(voters, equivalence, timeout=timeout)
+        cls = cls_all[:len(rows)]
         p = consistency_prior(cls, consistency_gate)
-        m = majority_rewards(cls)
-        label = next((answers[i] for i, v in zip(rows, m) if v == 1.0), None)
+        m_all = majority_rewards(cls_all)
+        m = m_all[:len(rows)]
+        label = next((a for a, v in zip(voters, m_all) if v == 1.0), None)
         group_label[uid] = label
         for k, i in enumerate(rows):
             classes[i], prior[i], majority[i], pseudo[i] = cls[k], p[k], m[k], label
-    res = RewardResult([], answers, classes, fmt, prior, majority, pseudo)
+    res = RewardResult([], answers, classes, fmt, prior, majority, pseudo, response_stats=response_stats)
     if judge_scores is not None:
         res.judge_scores, res.num_judge_unparsed = resolve_judge_scores(judge_scores, unparsed_policy)
         res.calibration = [1.0 if math.isnan(s) else calibrate(s, calibration) for s in res.judge_scores]
@@ -212,5 +267,6 @@ def compute_rewards(
                 for u in groups]
         res.pseudo_label_acc = sum(hits) / len(hits) if hits else None
     penalties = [0.0 if ok else -float(format_penalty) for ok in fmt]
-    res.rewards = [float(r) for r in REWARD_MODES[mode].fn(res, ModeInputs(groups, penalties, seed))]
+    inputs = ModeInputs(groups, penalties, seed, agreement_gamma)
+    res.rewards = [float(r) for r in REWARD_MODES[mode].fn(res, inputs)]
     return res
