@@ -1,9 +1,12 @@
 """`selfjudge` command line: train, env, bench, data.
 
 Single process:  selfjudge train [--config FILE] [key=value ...]
+Plan a run:      selfjudge train --config FILE --dry-run [--world-size N] [--gpu-memory GIB]
 Bug reports:     selfjudge env [--config FILE] [key=value ...]
 Check a config:  selfjudge config check [--config FILE] [key=value ...]  (resolved YAML, or the error; exit 2)
+Benchmarks:      selfjudge eval --checkpoint RUN_DIR|HF_DIR --benchmarks mathvision,wemath --data ROOT
 HF checkpoints:  selfjudge convert hf-to-megatron HF_DIR OUT | megatron-to-hf CKPT OUT [--hf-dir DIR]
+New questions:   selfjudge synth --checkpoint RUN_DIR --data FILE --strategy in-context|direct --out FILE
 Multi-process:   torchrun --nproc-per-node N -m megatron_selfjudge.cli train parallel.tp=2 ...
 With no --config, `train` runs the embedded tiny default on CPU.
 """
@@ -30,9 +33,13 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    if args.dry_run:  # before the trainer's import: a dry run builds nothing and imports no megatron
+        from megatron_selfjudge.runtime import dry_run
+
+        return dry_run.main(cfg, args.world_size, args.gpu_memory)
     from megatron_selfjudge import trainer
 
-    cfg = load_config(args.config, args.overrides)
     return trainer.main(cfg)
 
 
@@ -68,6 +75,18 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return convert.main(args.convert_args)
 
 
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from megatron_selfjudge.synth import cli as synth_cli
+
+    return synth_cli.main(args.synth_args)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from megatron_selfjudge.eval import run as eval_run
+
+    return eval_run.main(args.eval_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `selfjudge` command."""
     parser = argparse.ArgumentParser(prog="selfjudge", description=__doc__,
@@ -76,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="label-free GRPO post-training (embedded tiny default without --config)")
     _add_config_args(p)
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate, print the layout, batches and per-GPU memory estimate; build nothing")
+    p.add_argument("--world-size", type=int, default=None,
+                   help="--dry-run: processes of the run (default: WORLD_SIZE, else one node of 8)")
+    p.add_argument("--gpu-memory", type=float, default=80.0, metavar="GIB",
+                   help="--dry-run: memory of one GPU in GiB (default 80)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("config", help="`config check`: load and validate a config without building a model")
@@ -100,6 +125,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="`convert hf-to-megatron HF_DIR OUT` / `convert megatron-to-hf CKPT OUT`")
     p.add_argument("convert_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=_cmd_convert)
+
+    # prefix_chars: every argument, options included, passes through to `selfjudge eval`'s own parser.
+    p = sub.add_parser("eval", add_help=False, prefix_chars="\0",
+                       help="benchmarks (MathVision, MathVerse, WeMath, LogicVista, DynaMath, MathVista) on a "
+                            "checkpoint; --help")
+    p.add_argument("eval_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_cmd_eval)
+
+    # prefix_chars: every argument, options included, passes through to `selfjudge synth`'s own parser.
+    p = sub.add_parser("synth", add_help=False, prefix_chars="\0",
+                       help="new questions from a trained policy (MM-UPT in-context / direct), filtered; --help")
+    p.add_argument("synth_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_cmd_synth)
     return parser
 
 

@@ -1,0 +1,108 @@
+"""A trained policy for inference outside the trainer: a run's config, model family and weights.
+
+`--checkpoint` may name a run directory (``config.yaml`` + ``checkpoints/``: its newest intact
+step checkpoint, falling back past damaged ones as a resume does), its ``checkpoints/`` root, or
+one step folder inside it (exactly that one). The model is built from the run's saved config by
+its model family and loaded weights-only (megatron/checkpoint.py: manifest verified, no
+optimizer, no RNG) in one process at TP=PP=1; dist-checkpoint shards reshard from any layout.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from megatron_selfjudge.config import Config, load_saved_config
+
+
+class PolicyLoadError(ValueError):
+    """The checkpoint argument names nothing loadable; one line."""
+
+
+@dataclass
+class RunCheckpoint:
+    """Where a policy comes from: the run's config file and its checkpoints, best first."""
+
+    config_file: Path
+    candidates: list[Path]
+    root: Path  # the checkpoints/ folder
+
+
+def locate(path: str | Path) -> RunCheckpoint:
+    """Resolve a run directory, its checkpoints/ root, or a step folder inside it."""
+    from megatron_selfjudge.megatron.checkpoint import META_FILE, checkpoint_candidates
+
+    path = Path(path)
+    if not path.is_dir():
+        raise PolicyLoadError(f"checkpoint {path} does not exist (expected a run directory)")
+    if (path / META_FILE).is_file():  # one step folder: run_dir/checkpoints/step_XXXXXXXX
+        return RunCheckpoint(path.parent.parent / "config.yaml", [path], path.parent)
+    if (path / "checkpoints").is_dir():
+        root, run_dir = path / "checkpoints", path
+    elif (path / "config.yaml").is_file():
+        raise PolicyLoadError(f"run directory {path} has no checkpoints/ folder")
+    else:  # the checkpoints/ root itself
+        root, run_dir = path, path.parent
+    config_file = run_dir / "config.yaml"
+    if not config_file.is_file():
+        raise PolicyLoadError(f"{path} is not a run directory: no {config_file} (pass the trainer.run_dir of a run)")
+    candidates = checkpoint_candidates(root)
+    if not candidates:
+        raise PolicyLoadError(f"{root} holds no complete step checkpoint")
+    return RunCheckpoint(config_file, candidates, root)
+
+
+@dataclass
+class LoadedPolicy:
+    """The run's config, its model family, the bare module with the checkpoint's weights, and where from."""
+
+    cfg: Config
+    family: Any  # ModelFamily
+    module: Any  # torch.nn.Module
+    checkpoint: Path
+    step: int
+
+
+def load_run_config(where: RunCheckpoint) -> Config:
+    """The run's validated config.yaml (ConfigError, one line, when missing or invalid)."""
+    return load_saved_config(where.config_file)
+
+
+def load_policy(where: RunCheckpoint, cfg: Config, warn: Callable[[str], None]) -> LoadedPolicy:
+    """Build the run's model (config `cfg`) at TP=PP=1 and load the first intact checkpoint of `where`.
+
+    Call inside `single_process()` (megatron's parallel state must exist).
+    """
+    from megatron_selfjudge.megatron.checkpoint import load_checkpoint
+    from megatron_selfjudge.megatron.models.family import build_family
+    from megatron_selfjudge.runtime.run_state import load_newest_intact
+
+    family = build_family(cfg)
+    module = family.builder()()
+    path, state = load_newest_intact(where.candidates, lambda p: load_checkpoint(p, module, None, load_rng=False),
+                                     warn, True, where.root)
+    module.eval()
+    return LoadedPolicy(cfg=cfg, family=family, module=module, checkpoint=path, step=int(state.get("step", 0)))
+
+
+class single_process:
+    """Context manager: a one-rank process group and megatron's groups at TP=PP=1, torn down after."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self.created = False
+
+    def __enter__(self) -> "single_process":
+        from megatron_selfjudge.runtime.setup import setup_distributed
+
+        world = os.environ.get("WORLD_SIZE", "1")
+        if world != "1":
+            raise PolicyLoadError(f"this command runs in one process, but WORLD_SIZE={world} (run it without torchrun)")
+        self.created = setup_distributed(1, 1, self.seed)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        from megatron_selfjudge.runtime.setup import teardown_distributed
+
+        teardown_distributed(self.created)
