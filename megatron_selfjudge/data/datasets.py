@@ -33,15 +33,21 @@ Rows are untrusted input, so ``ImageLimits`` (from ``data.*`` of the config) bou
 from __future__ import annotations
 
 import io
+import itertools
 import json
+import multiprocessing
 import os
 import re
 import warnings
+from array import array
+from collections import deque
 from collections.abc import Sequence as SequenceABC
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
@@ -53,6 +59,7 @@ from .synthetic import Example
 
 SCHEMAS = ("auto", "geometry3k", "mmr1", "geoqa", "jsonl")
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_BUFFER_NAME = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 _META_FIELDS = ("choices", "ground_truth", "family", "reasoning")
 # Raster formats of the published sets. Pillow's other openers are left out: EPS, for one,
 # hands the file to Ghostscript, which is no thing to run on untrusted rows.
@@ -93,6 +100,9 @@ class _RowContext:
     base_dir: Path
     roots: tuple[Path, ...]
     limits: ImageLimits
+    # Decode each image once while parsing: the load-time scan does, to find broken rows before
+    # training; rows re-read for a step do not (their images are decoded on use, LazyImages).
+    check_images: bool = True
 
 
 @dataclass(frozen=True)
@@ -271,7 +281,9 @@ def _decode(source: _ImageSource, context: _RowContext) -> Image.Image:
         raise _RowError(f"{where}: image exceeds data.max_image_pixels ({limits.max_pixels}): "
                         f"{_one_line(err)}") from None
     except (OSError, ValueError, SyntaxError, EOFError) as err:
-        raise _RowError(f"{where}: not a readable image ({type(err).__name__}: {_one_line(err)})") from err
+        # Pillow names the buffer by its address; a message must read the same in every run.
+        text = _BUFFER_NAME.sub("the encoded image", _one_line(err))
+        raise _RowError(f"{where}: not a readable image ({type(err).__name__}: {text})") from err
 
 
 def _image_source(value: Any, context: _RowContext, where: str) -> _ImageSource:
@@ -289,7 +301,8 @@ def _image_source(value: Any, context: _RowContext, where: str) -> _ImageSource:
         source = _ImageSource(where, path=path)
     else:
         raise _RowError(f"{where}: has neither image bytes nor a path")
-    _decode(source, context)
+    if context.check_images:
+        _decode(source, context)
     return source
 
 
@@ -381,8 +394,8 @@ def detect_schema(path: str | Path) -> str:
                        f"(columns: {sorted(names)})")
 
 
-def _batch_rows(batch: pa.RecordBatch) -> list[dict | _RowError]:
-    """A record batch as row dicts; a row whose text is not UTF-8 becomes a row error."""
+def _batch_rows(batch: pa.RecordBatch | pa.Table) -> list[dict | _RowError]:
+    """Rows of a record batch or table as dicts; a row whose text is not UTF-8 becomes a row error."""
     try:
         return batch.to_pylist()
     except UnicodeDecodeError:
@@ -400,29 +413,10 @@ def _batch_rows(batch: pa.RecordBatch) -> list[dict | _RowError]:
     return rows
 
 
-def _parquet_rows(path: Path, schema: str, answer_column: str | None,
-                  require_answer: bool) -> Iterator[tuple[int, dict | _RowError]]:
-    names = _parquet_schema(path).names
-    required = list(_REQUIRED_COLUMNS[schema]) + ([answer_column] if require_answer and answer_column else [])
-    missing = [c for c in required if c not in names]
-    if missing:
-        # The column is absent for every row, so even skip mode cannot use the file.
-        raise DatasetError(f"{path} row 0: missing column {missing[0]!r} (absent from every row; "
-                           f"columns: {names})")
-    try:
-        index = 0
-        with pq.ParquetFile(path) as pfile:
-            # Small batches: a batch's encoded images are held twice (Arrow and Python).
-            for batch in pfile.iter_batches(batch_size=32):
-                for row in _batch_rows(batch):
-                    yield index, row
-                    index += 1
-    except (pa.ArrowException, OSError, ValueError) as err:
-        raise DatasetError(f"{path}: parquet read failed near row {index} ({_one_line(err)})") from None
-
-
 def _jsonl_line(number: int, line: bytes) -> dict | _RowError:
     """One JSONL line as a row, or the row error that says why it is not one."""
+    if number == 1 and line.startswith(b"\xef\xbb\xbf"):
+        line = line[3:]  # a UTF-8 byte-order mark
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -439,67 +433,363 @@ def _jsonl_line(number: int, line: bytes) -> dict | _RowError:
     return row
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict | _RowError]]:
+@dataclass(frozen=True)
+class _FileSpec:
+    """What reading one dataset file needs; picklable, so decode workers get it too."""
+
+    path: Path  # absolute
+    schema: str  # a concrete schema, not 'auto'
+    require_answer: bool
+    limits: ImageLimits
+
+    def context(self, check_images: bool) -> _RowContext:
+        """The row context of this file: real paths (symlinks resolved) on both sides of the check."""
+        roots = tuple(Path(os.path.realpath(r)) for r in (self.path.parent, *self.limits.roots))
+        return _RowContext(base_dir=self.path.parent, roots=roots, limits=self.limits,
+                           check_images=check_images)
+
+    def record(self, row: dict | _RowError, index: int, context: _RowContext) -> PromptRecord:
+        """Row `index` as a PromptRecord; raises _RowError when it is not usable."""
+        if isinstance(row, _RowError):
+            raise row
+        sources, question, answer = _PARSERS[self.schema](row, context, self.require_answer)
+        return PromptRecord(uid=_uid(row, self.path.stem, index),
+                            images=LazyImages(sources, context, str(self.path), index),
+                            question=question, answer=answer, source_file=str(self.path), row=index,
+                            meta=_meta(row))
+
+
+_CHUNK_ROWS = 256  # lines a decode worker checks per task
+_BATCH_ROWS = 32  # parquet rows turned into Python objects at once (their images held twice)
+
+
+# One scanned row: (row index, byte offset of its line (JSONL; -1 for parquet), JSONL line number
+# (0 for parquet), the error message or None, whether it has an answer).
+_Scanned = tuple[int, int, int, str | None, bool]
+
+
+def _scan_rows(spec: _FileSpec, rows: Iterator[tuple[int, int, int, dict | _RowError]]) -> list[_Scanned]:
+    """Parse every row (decoding its images once) and say which are usable."""
+    context = spec.context(check_images=True)
+    out: list[_Scanned] = []
+    for index, offset, number, row in rows:
+        try:
+            record = spec.record(row, index, context)
+        except _RowError as err:
+            out.append((index, offset, number, f"{spec.path} row {index}: {err}", False))
+            continue
+        out.append((index, offset, number, None, record.answer is not None))
+    return out
+
+
+def _parquet_failure(spec: _FileSpec, index: int, err: BaseException) -> DatasetError:
+    return DatasetError(f"{spec.path}: parquet read failed near row {index} ({_one_line(err)})")
+
+
+def _scan_parquet_group(spec: _FileSpec, group: int, first: int) -> list[_Scanned]:
+    """Scan one row group (row `first` of the file is its first), in small batches."""
+    def rows() -> Iterator[tuple[int, int, int, dict | _RowError]]:
+        index = first
+        with pq.ParquetFile(spec.path) as pfile:
+            # Small batches: a batch's encoded images are held twice (Arrow and Python).
+            for batch in pfile.iter_batches(batch_size=_BATCH_ROWS, row_groups=[group]):
+                for row in _batch_rows(batch):
+                    yield index, -1, 0, row
+                    index += 1
+    try:
+        return _scan_rows(spec, rows())
+    except (pa.ArrowException, OSError, ValueError) as err:
+        raise _parquet_failure(spec, first, err) from None
+
+
+def _scan_jsonl_chunk(spec: _FileSpec, lines: list[tuple[int, int, int, bytes]]) -> list[_Scanned]:
+    """Scan a chunk of (row index, byte offset, line number, line) of a JSONL file."""
+    return _scan_rows(spec, ((i, off, num, _jsonl_line(num, line)) for i, off, num, line in lines))
+
+
+
+
+def _jsonl_chunks(path: Path) -> Iterator[list[tuple[int, int, int, bytes]]]:
     # Bytes, decoded line by line: one line in another encoding is one bad row, not a failed file.
     try:
         with path.open("rb") as fh:
-            index = 0
+            index, offset, chunk = 0, 0, []
             for number, line in enumerate(fh, start=1):
-                if number == 1 and line.startswith(b"\xef\xbb\xbf"):
-                    line = line[3:]  # a UTF-8 byte-order mark
+                start, offset = offset, offset + len(line)
                 if not line.strip():
                     continue  # blank lines are not rows
-                yield index, _jsonl_line(number, line)
+                chunk.append((index, start, number, line))
                 index += 1
+                if len(chunk) == _CHUNK_ROWS:
+                    yield chunk
+                    chunk = []
+            if chunk:
+                yield chunk
     except OSError as err:
         raise DatasetError(f"{path}: cannot read ({err.strerror or err})") from None
+
+
+def _parquet_starts(spec: _FileSpec) -> np.ndarray:
+    """First row of every row group, and the row count last (from the footer, nothing decoded)."""
+    try:
+        with pq.ParquetFile(spec.path) as pfile:
+            meta = pfile.metadata
+            counts = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+    except (pa.ArrowException, OSError, ValueError) as err:
+        raise DatasetError(f"{spec.path}: not a readable parquet file ({_one_line(err)})") from None
+    return np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype(np.int64)
+
+
+def _scan_tasks(spec: _FileSpec, starts: np.ndarray | None) -> Iterator[tuple[Callable, tuple]]:
+    """(function, arguments) of each unit of the scan, in file order."""
+    if starts is None:
+        for chunk in _jsonl_chunks(spec.path):
+            yield _scan_jsonl_chunk, (spec, chunk)
+    else:
+        for group in range(len(starts) - 1):
+            yield _scan_parquet_group, (spec, group, int(starts[group]))
+
+
+def _run_in_order(tasks: Iterator[tuple[Callable, tuple]], workers: int) -> Iterator[list[_Scanned]]:
+    """Results of the tasks in order; with workers > 0 in a pool of that many processes, at most
+    2 x workers tasks in flight (the bounded queue: a fast reader cannot fill memory)."""
+    tasks = iter(tasks)
+    head = list(itertools.islice(tasks, 2))
+    if workers <= 0 or len(head) < 2:  # one unit: a pool's start-up would cost more than it saves
+        for func, args in itertools.chain(head, tasks):
+            yield func(*args)
+        return
+    # spawn: the caller may hold threads (torch, gloo) that a forked child would inherit broken.
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pending: deque = deque()
+        try:
+            for func, args in itertools.chain(head, tasks):
+                pending.append(pool.submit(func, *args))
+                if len(pending) >= 2 * workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:  # stopped early (data.limit reached, or a bad row under on_error=raise)
+            for future in pending:
+                future.cancel()
+
+
+class StreamingRecords(SequenceABC):
+    """The usable rows of one dataset file, read on demand: only their positions stay in memory.
+
+    ``take(indices)`` reads the row groups (parquet) or lines (JSONL) that hold the rows, each
+    once; their images stay encoded (LazyImages). ``skipped``/``errors`` report the broken rows
+    the load-time scan found; a file that changes afterwards is refused, not read.
+    """
+
+    def __init__(self, spec: _FileSpec, rows: np.ndarray, offsets: np.ndarray, numbers: np.ndarray,
+                 starts: np.ndarray | None, fingerprint: tuple[int, int], *, skipped: int = 0,
+                 errors: Sequence[str] = (), labelled: int = 0):
+        self._spec, self._rows, self._offsets, self._numbers = spec, rows, offsets, numbers
+        self._starts, self._fingerprint = starts, fingerprint
+        self.skipped, self.errors, self.labelled = skipped, list(errors), labelled
+        self.schema = spec.schema
+        self.path = spec.path
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, index: int | slice) -> PromptRecord | list[PromptRecord]:
+        if isinstance(index, slice):
+            return self.take(range(*index.indices(len(self))))
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"row {index} out of range ({len(self)} usable rows)")
+        return self.take([index % len(self)])[0]
+
+    def __iter__(self) -> Iterator[PromptRecord]:
+        """Every usable row in file order, one row group (or chunk of lines) in memory at a time."""
+        if self._starts is None:
+            bounds = list(range(0, len(self), _CHUNK_ROWS)) + [len(self)]
+        else:  # the positions where a new row group begins
+            bounds = np.searchsorted(self._rows, self._starts).tolist()
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            if hi > lo:
+                yield from (rec for _, rec in self._records(np.arange(lo, hi, dtype=np.int64)))
+
+    @property
+    def file_rows(self) -> np.ndarray:
+        """Row number in the file of each usable row."""
+        return self._rows
+
+    def take(self, indices: Sequence[int]) -> list[PromptRecord]:
+        """The records at these positions (0 <= i < len), in the order asked."""
+        positions = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if positions.size and (positions.min() < 0 or positions.max() >= len(self)):
+            raise IndexError(f"positions outside 0..{len(self) - 1}")
+        out: list[PromptRecord | None] = [None] * len(positions)
+        for slot, record in self._records(positions):
+            out[slot] = record
+        return out  # type: ignore[return-value]
+
+    def _records(self, positions: np.ndarray) -> Iterator[tuple[int, PromptRecord]]:
+        """(slot in the request, record) for each position, made one at a time."""
+        self._check_unchanged()
+        context = self._spec.context(check_images=False)
+        for slot, index, row in self._read(positions):
+            try:
+                yield slot, self._spec.record(row, index, context)
+            except _RowError as err:  # the scan accepted it: the file changed under the same size and time
+                raise DatasetError(f"{self.path} row {index}: {err}") from None
+
+    def _read(self, positions: np.ndarray) -> Iterator[tuple[int, int, dict | _RowError]]:
+        """(slot in the request, file row, row) for each position, reading each row group once."""
+        rows = self._rows[positions]
+        if self._starts is None:
+            with self.path.open("rb") as fh:
+                for slot, pos in enumerate(positions):
+                    fh.seek(int(self._offsets[pos]))
+                    yield slot, int(rows[slot]), _jsonl_line(int(self._numbers[pos]), fh.readline())
+            return
+        groups = np.searchsorted(self._starts, rows, side="right") - 1
+        index = int(rows[0]) if len(rows) else 0
+        try:
+            with pq.ParquetFile(self.path) as pfile:
+                for group in np.unique(groups):
+                    slots = np.flatnonzero(groups == group)
+                    index = int(rows[slots[0]])
+                    # One row group in memory at a time; only the asked rows become Python
+                    # objects, a small batch at a time.
+                    table = pfile.read_row_group(int(group)).take(rows[slots] - self._starts[group])
+                    for lo in range(0, len(slots), _BATCH_ROWS):
+                        batch = slots[lo:lo + _BATCH_ROWS]
+                        for slot, row in zip(batch, _batch_rows(table.slice(lo, len(batch)))):
+                            yield int(slot), int(rows[slot]), row
+        except (pa.ArrowException, OSError, ValueError) as err:
+            raise _parquet_failure(self._spec, index, err) from None
+
+    def _check_unchanged(self) -> None:
+        try:
+            now = _fingerprint(self.path)
+        except OSError as err:
+            raise DatasetError(f"{self.path}: cannot read ({err.strerror or err})") from None
+        if now != self._fingerprint:
+            raise DatasetError(f"{self.path}: changed since its rows were checked at load "
+                               "(size or modification time); restart to check it again")
+
+
+def _fingerprint(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
+
+
+def _check_args(schema: str, on_error: str, limit: int | None) -> None:
+    if schema not in SCHEMAS:
+        raise ValueError(f"schema: unknown {schema!r}; choose one of {SCHEMAS}")
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error: must be 'raise' or 'skip', got {on_error!r}")
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit (max_rows): must be >= 0, got {limit}")
+
+
+def open_records(path: str | Path, *, schema: str = "auto", on_error: str = "raise",
+                 require_answer: bool = False, limit: int | None = None,
+                 limits: ImageLimits | None = None, workers: int = 0) -> StreamingRecords:
+    """Scan a dataset file once (images decoded in `workers` processes, 0: here) and return its
+    usable rows, read on demand. Bad rows raise DatasetError or, with on_error='skip', are
+    counted in ``skipped`` and listed in ``errors``. limit: keep the first N usable rows.
+
+    limits defaults to the ``data`` defaults of the config (confined paths, capped images)."""
+    _check_args(schema, on_error, limit)
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"dataset file not found: {path}")
+    schema = detect_schema(path) if schema == "auto" else schema
+    # Absolute now, so a later change of the working directory cannot move a record's images.
+    spec = _FileSpec(path=path.absolute(), schema=schema, require_answer=require_answer,
+                     limits=ImageLimits() if limits is None else limits)
+    fingerprint = _fingerprint(path)
+    starts = None
+    if schema != "jsonl":
+        names = _parquet_schema(path).names
+        answer_column = "solution" if schema == "geoqa" else "answer"
+        required = list(_REQUIRED_COLUMNS[schema]) + ([answer_column] if require_answer else [])
+        missing = [c for c in required if c not in names]
+        if missing:
+            # The column is absent for every row, so even skip mode cannot use the file.
+            raise DatasetError(f"{path} row 0: missing column {missing[0]!r} (absent from every row; "
+                               f"columns: {names})")
+        starts = _parquet_starts(spec)
+    kept: dict[str, array] = {"rows": array("q"), "offsets": array("q"), "numbers": array("q")}
+    skipped, labelled, errors = 0, 0, []
+    results = _run_in_order(_scan_tasks(spec, starts), workers)
+    try:
+        for scanned in results:
+            for index, offset, number, message, has_answer in scanned:
+                if limit is not None and len(kept["rows"]) >= limit:
+                    break
+                if message is not None:
+                    if on_error == "raise":
+                        raise DatasetError(message)
+                    skipped += 1
+                    errors.append(message)
+                    continue
+                kept["rows"].append(index)
+                kept["offsets"].append(offset)
+                kept["numbers"].append(number)
+                labelled += has_answer
+            if limit is not None and len(kept["rows"]) >= limit:
+                break
+    finally:
+        results.close()  # stops the pool's queued work when the scan ends early
+    if _fingerprint(path) != fingerprint:
+        raise DatasetError(f"{path}: changed while it was being checked; try again")
+    arrays = {k: np.frombuffer(v, dtype=np.int64).copy() if len(v) else np.zeros(0, np.int64)
+              for k, v in kept.items()}
+    return StreamingRecords(spec, arrays["rows"], arrays["offsets"], arrays["numbers"], starts, fingerprint,
+                            skipped=skipped, errors=errors, labelled=labelled)
 
 
 def load_records(path: str | Path, *, schema: str = "auto", on_error: str = "raise",
                  require_answer: bool = False, max_rows: int | None = None,
                  limits: ImageLimits | None = None) -> LoadResult:
-    """Read a dataset file into PromptRecords; bad rows raise DatasetError or are skipped.
+    """Read a dataset file into PromptRecords held in memory (images encoded); bad rows raise
+    DatasetError or are skipped. For training sets, open_records streams instead."""
+    source = open_records(path, schema=schema, on_error=on_error, require_answer=require_answer,
+                          limit=max_rows, limits=limits)
+    return LoadResult(records=source.take(range(len(source))), skipped=source.skipped,
+                      errors=source.errors, schema=source.schema)
 
-    limits defaults to the ``data`` defaults of the config (confined paths, capped images)."""
-    path = Path(path)
-    if schema not in SCHEMAS:
-        raise ValueError(f"schema: unknown {schema!r}; choose one of {SCHEMAS}")
-    if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error: must be 'raise' or 'skip', got {on_error!r}")
-    if max_rows is not None and max_rows < 0:
-        raise ValueError(f"max_rows: must be >= 0, got {max_rows}")
-    if not path.is_file():
-        raise FileNotFoundError(f"dataset file not found: {path}")
-    schema = detect_schema(path) if schema == "auto" else schema
-    answer_column = {"geoqa": "solution", "jsonl": None}.get(schema, "answer")
-    rows = _jsonl_rows(path) if schema == "jsonl" else _parquet_rows(path, schema, answer_column,
-                                                                   require_answer)
-    parse = _PARSERS[schema]
-    limits = ImageLimits() if limits is None else limits
-    # Real paths (symlinks resolved) on both sides of the containment check.
-    roots = tuple(Path(os.path.realpath(r)) for r in (path.parent, *limits.roots))
-    # Absolute now, so a later change of the working directory cannot move a record's images.
-    context = _RowContext(base_dir=path.parent.absolute(), roots=roots, limits=limits)
-    result = LoadResult(records=[], schema=schema)
-    for index, row in rows:
-        if max_rows is not None and len(result.records) >= max_rows:
-            break
-        try:
-            if isinstance(row, _RowError):
-                raise row
-            sources, question, answer = parse(row, context, require_answer)
-        except _RowError as err:
-            message = f"{path} row {index}: {err}"
-            if on_error == "raise":
-                raise DatasetError(message) from None
-            result.skipped += 1
-            result.errors.append(message)
-            continue
-        images = LazyImages(sources, context, str(path), index)
-        result.records.append(PromptRecord(uid=_uid(row, path.stem, index), images=images,
-                                           question=question, answer=answer,
-                                           source_file=str(path), row=index, meta=_meta(row)))
-    return result
+
+class ConcatRecords(SequenceABC):
+    """Several files' records as one sequence (positions run through the parts in order)."""
+
+    def __init__(self, parts: Sequence[Sequence[PromptRecord]]):
+        self.parts = list(parts)
+        self.starts = np.concatenate([[0], np.cumsum([len(p) for p in self.parts])]).astype(np.int64)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, index: int) -> PromptRecord:  # type: ignore[override]
+        return self.take([index])[0]
+
+    def __iter__(self) -> Iterator[PromptRecord]:
+        for part in self.parts:
+            yield from part
+
+    def take(self, indices: Sequence[int]) -> list[PromptRecord]:
+        """The records at these positions, in the order asked; each part is read once."""
+        positions = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if positions.size and (positions.min() < 0 or positions.max() >= len(self)):
+            raise IndexError(f"positions outside 0..{len(self) - 1}")
+        which = np.searchsorted(self.starts, positions, side="right") - 1
+        out: list[PromptRecord | None] = [None] * len(positions)
+        for k in np.unique(which):
+            slots = np.flatnonzero(which == k)
+            for slot, rec in zip(slots, take_records(self.parts[k], positions[slots] - self.starts[k])):
+                out[slot] = rec
+        return out  # type: ignore[return-value]
+
+
+def take_records(records: Sequence[PromptRecord], indices: Sequence[int]) -> list[PromptRecord]:
+    """records[i] for each index: one read per row group for streamed files, plain indexing for lists."""
+    take = getattr(records, "take", None)
+    return take(indices) if take is not None else [records[int(i)] for i in indices]
 
 
 def examples_to_records(examples: Sequence[Example], source: str = "synthetic") -> list[PromptRecord]:

@@ -347,9 +347,13 @@ def free_memory(platform: Platform) -> tuple[Optional[int], str]:
 
 def check_data(cfg: Config) -> str:
     """data.train / data.eval, unless synthetic, must be readable files on this node."""
+    from megatron_selfjudge.data.task import train_files
+
     found = []
-    for key, value in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
-        if value is None or value == "synthetic":
+    train = [] if cfg.data.train == "synthetic" else train_files(cfg.data.train)
+    named = [(f"data.train[{i}]" if len(train) > 1 else "data.train", v) for i, v in enumerate(train)]
+    for key, value in (*named, ("data.eval", cfg.data.eval)):
+        if value is None:
             continue
         path = Path(value)
         state = ("does not exist" if not path.exists() else "is not a file" if not path.is_file()
