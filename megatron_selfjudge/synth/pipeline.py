@@ -125,6 +125,7 @@ class SynthCounts:
 @dataclass
 class _Candidate:
     record: int  # index into the chunk's records
+    sample: int  # which of the source row's replies
     question: str
     prompt_ids: list[int]
 
@@ -215,11 +216,12 @@ class Synthesizer:
                 self._drop("duplicate_other", question)
                 continue
             self.index.add(question, keys[i])
-            candidates.append(_Candidate(record=i, question=question, prompt_ids=ids))
+            candidates.append(_Candidate(record=i, sample=reply.sample_index, question=question, prompt_ids=ids))
         if not candidates:
             return []
-        asks = [RolloutRequest(uid=f"q{first_index}.{k}", prompt_ids=c.prompt_ids, images=images[c.record])
-                for k, c in enumerate(candidates)]
+        # Keyed by source row and reply, so each question's answer samples do not depend on the chunking.
+        asks = [RolloutRequest(uid=f"q{first_index + c.record}.{c.sample}", prompt_ids=c.prompt_ids,
+                               images=images[c.record]) for c in candidates]
         answers = self._generate(asks, s.samples, s.max_answer_tokens, s.seed + 1)
         rows = []
         for k, cand in enumerate(candidates):

@@ -126,7 +126,7 @@ class ScriptedSynthEngine(RolloutEngine):
     """Replies chosen by `respond(prompt text, uid, n) -> [(text, finish_reason)] * n`; records prompts."""
 
     def __init__(self, tokenizer, respond):
-        self.tokenizer, self.respond, self.prompts = tokenizer, respond, []
+        self.tokenizer, self.respond, self.prompts, self.uids = tokenizer, respond, [], []
 
     def generate(self, requests, sampling):
         out = []
@@ -134,6 +134,7 @@ class ScriptedSynthEngine(RolloutEngine):
             # Negative ids are image placeholders; the rest decode to the prompt text.
             text = self.tokenizer.decode([i for i in req.prompt_ids if i >= 0], skip_special_tokens=True)
             self.prompts.append(text)
+            self.uids.append(req.uid)
             replies = self.respond(text, req.uid, sampling.n)
             assert len(replies) == sampling.n
             out += [Trajectory(uid=req.uid, sample_index=k, prompt_ids=req.prompt_ids, response_ids=[5],
@@ -232,6 +233,17 @@ def test_pipeline_scope_and_threshold(family):
     # Second copies of rows 0, 3, 6, 7 and both copies of row 2 (row 3's unanswerable first copy is indexed).
     assert counts.generated == 18 and counts.duplicate_other == 6
     counts.check(per_source=2)
+
+
+def test_requests_do_not_depend_on_the_batch_size(family):
+    # uids seed the samples (rollout/sampling.row_seed): the same uid must mean the same question.
+    runs = []
+    for batch_size in (8, 4, 1):
+        synth, engine = _synthesizer(family, _respond(), batch_size=batch_size, per_source=2)
+        rows = []
+        synth.run(_records(), rows.append)
+        runs.append((sorted(zip(engine.uids, engine.prompts)), [(r.source_uid, r.question) for r in rows]))
+    assert runs[0] == runs[1] == runs[2]
 
 
 def test_direct_prompts_do_not_show_the_source_question(family):
