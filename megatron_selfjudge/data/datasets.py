@@ -28,6 +28,14 @@ Rows are untrusted input, so ``ImageLimits`` (from ``data.*`` of the config) bou
 - records keep images encoded and decode them on each access (``LazyImages``), reduced early
   towards the model's image size, so resident memory holds compressed bytes, not pixels.
   Each image is decoded once at load to find broken rows before training starts.
+
+Training files stream (``open_records`` -> ``StreamingRecords``): the load-time check reads a
+parquet file a row group at a time (JSONL in chunks of lines), decoding images in a pool of
+``workers`` spawned processes with at most 2 x workers units in flight, and keeps only the
+positions of the usable rows (three int64 per row); ``take`` reads the row groups or lines
+that hold the asked rows, each once. Resident memory is bounded by a row group, not the file.
+A file whose size or modification time changed since its check is refused. ``load_records``
+(held-out sets, small files) is the same scan followed by one ``take`` of every row.
 """
 
 from __future__ import annotations

@@ -284,3 +284,13 @@ def test_iterating_a_large_parquet_keeps_memory_bounded(tmp_path):
     bound = 80e6
     print(f"file {size / 1e6:.0f} MB, RSS delta {rss_delta / 1e6:.1f} MB, peak delta {peak_delta / 1e6:.1f} MB")
     assert peak_delta < bound and rss_delta < bound
+
+
+def test_preflight_names_the_missing_file_of_a_list(tmp_path):
+    from megatron_selfjudge.runtime.preflight import PreflightError, check_data
+
+    a = _geo3k(tmp_path / "a.parquet", n=4, group=4)
+    cfg = _config([a, tmp_path / "gone.jsonl"])
+    with pytest.raises(PreflightError, match=r"^data.train\[1\]='.*gone.jsonl' does not exist on this node"):
+        check_data(cfg)
+    assert check_data(_config(a)) == f"data.train {a}"
