@@ -7,6 +7,7 @@ Check a config:  selfjudge config check [--config FILE] [key=value ...]  (resolv
 Benchmarks:      selfjudge eval --checkpoint RUN_DIR|HF_DIR --benchmarks mathvision,wemath --data ROOT
 HF checkpoints:  selfjudge convert hf-to-megatron HF_DIR OUT | megatron-to-hf CKPT OUT [--hf-dir DIR]
 New questions:   selfjudge synth --checkpoint RUN_DIR --data FILE --strategy in-context|direct --out FILE
+Compare rewards: selfjudge compare [--config FILE] [--seeds 5] [--lr-scale 3] [--modes a,b] [key=value ...]
 Multi-process:   torchrun --nproc-per-node N -m megatron_selfjudge.cli train parallel.tp=2 ...
 With no --config, `train` runs the embedded tiny default on CPU.
 """
@@ -69,6 +70,12 @@ def _cmd_data(args: argparse.Namespace) -> int:
     return data_cli.main(args.data_args)
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from megatron_selfjudge import compare
+
+    return compare.run(args)
+
+
 def _cmd_convert(args: argparse.Namespace) -> int:
     from megatron_selfjudge import convert
 
@@ -121,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="write the synthetic task (`data synthetic --out DIR`) or check a file")
     p.add_argument("data_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=_cmd_data)
+
+    p = sub.add_parser("compare", help="every reward mode from one warm start per seed, with 95% intervals")
+    from megatron_selfjudge import compare
+
+    compare.add_arguments(p)
+    p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("convert", help="`convert hf-to-megatron HF_DIR OUT` / `convert megatron-to-hf CKPT OUT`")
     p.add_argument("convert_args", nargs=argparse.REMAINDER)

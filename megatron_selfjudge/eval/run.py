@@ -1,12 +1,14 @@
 """`selfjudge eval`: benchmarks on a checkpoint, and the same evaluation inside training.
 
-    selfjudge eval --checkpoint RUN_DIR|CKPT_DIR --benchmarks mathvision,wemath --data ROOT
+    selfjudge eval --checkpoint RUN_DIR|CKPT_DIR|HF_DIR --benchmarks mathvision,wemath --data ROOT
                    [--limit N] [--seed S] [--n K --temperature T] [--out DIR]
 
 The checkpoint is a run directory (its newest complete checkpoint and its config.yaml), a
-checkpoint root (`.../checkpoints`) or a step folder of one; the model is rebuilt by the run's
-model family and loaded with megatron/checkpoint.py, generation goes through the rollout engine
-of `rollout.backend`. Greedy by default; `--n K` samples K responses at `--temperature` and
+checkpoint root (`.../checkpoints`) or a step folder of one: the model is rebuilt by the run's
+model family and loaded with megatron/checkpoint.py. An HF model folder is built by the model
+family that accepts it (the config's other keys at their dataclass defaults: prompts up to 1024
+tokens, responses up to 2048, the `full` format instruction). Generation goes through the rollout
+engine of `rollout.backend`. Greedy by default; `--n K` samples K responses at `--temperature` and
 grades the majority answer (maj@K; sampled pass@1 is reported beside it).
 
 Per benchmark it writes, into `<run dir>/eval/` (or --out):
@@ -85,6 +87,8 @@ class PolicyGenerator:
         if len(ids) > self.max_prompt_len:
             raise ValueError(f"prompt of {len(ids)} tokens exceeds rollout.max_prompt_len={self.max_prompt_len}")
         pixels = self.family.images(images) if images and self.family.multimodal else None
+        if pixels is not None:  # a processor that writes one token per image embedding grows the placeholders
+            ids = self.family.expand_images(ids, pixels)
         # The uid keys the per-sample seeds (rollout/sampling.row_seed): stable whatever the batch.
         return RolloutRequest(uid=f"{item.benchmark}:{item.qid}", prompt_ids=ids, images=pixels)
 
@@ -296,11 +300,19 @@ def evaluate_in_training(trainer: Any, step: int, should_stop: Optional[Callable
 
 # ---------------------------------------------------------------- the command
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line (exit code 2, as every bad argument)."""
+
+    def error(self, message: str):
+        print(f"selfjudge eval: {message} (see selfjudge eval --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Arguments of `selfjudge eval`."""
-    p = argparse.ArgumentParser(prog="selfjudge eval", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="run directory, checkpoint root or step folder")
+    p = _Parser(prog="selfjudge eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True,
+                   help="run directory, checkpoint root or step folder, or an HF model folder (needs --out)")
     p.add_argument("--benchmarks", required=True, help=f"comma-separated: {','.join(BENCHMARK_NAMES)}")
     p.add_argument("--data", required=True, help="folder holding the benchmarks' files (see eval/benchmarks.py)")
     p.add_argument("--limit", type=int, default=None, help="first N problems of each benchmark")
@@ -344,6 +356,36 @@ def _check_args(a: argparse.Namespace) -> list[str]:
     return names
 
 
+def is_hf_folder(path: Union[str, Path]) -> bool:
+    """An HF model folder (config.json, no run config) rather than a run directory or checkpoint."""
+    p = Path(path)
+    return (p / "config.json").is_file() and not (p / "config.yaml").is_file()
+
+
+def hf_config(path: Union[str, Path]) -> Any:
+    """The config of an HF folder: the model family that accepts the folder, the dataclass defaults otherwise.
+
+    Families that load HF weights (`ModelFamily.load_hf` overridden) are asked in turn; each refuses
+    a folder of another model kind in its constructor, so no model is named here.
+    """
+    from megatron_selfjudge.config import ConfigError, load_config
+    from megatron_selfjudge.megatron.models.family import ModelFamily, family_class, family_names
+
+    problems = []
+    for name in family_names():
+        if family_class(name).load_hf is ModelFamily.load_hf:
+            continue  # an in-process family (tiny): it cannot read an HF folder
+        try:
+            cfg = load_config(None, [f"model.preset={name}", f"model.hf_path={Path(path).resolve()}"],
+                              embedded_default=False)
+            family_class(name)(cfg)
+            return cfg
+        except ConfigError as exc:
+            problems.append(f"{name}: {exc}")
+    raise EvalError(f"--checkpoint {path}: no model family loads this HF folder"
+                    + (f" ({'; '.join(problems)})" if problems else " (none of the families reads HF folders)"))
+
+
 def resolve_checkpoint(path: Union[str, Path]) -> tuple[Path, Path]:
     """(run directory, step folder) of a run directory, checkpoint root or step folder."""
     from megatron_selfjudge.megatron.checkpoint import META_FILE, latest_checkpoint
@@ -351,10 +393,6 @@ def resolve_checkpoint(path: Union[str, Path]) -> tuple[Path, Path]:
     p = Path(path)
     if not p.is_dir():
         raise EvalError(f"--checkpoint {p}: not a folder")
-    if (p / "config.json").is_file() and not (p / "config.yaml").is_file():
-        # An HF model folder: its family must build and load it from the folder; none does yet.
-        raise EvalError(f"--checkpoint {p} is an HF model folder; `selfjudge eval` evaluates this project's run "
-                        "directories and checkpoints (no model family here loads HF folders for evaluation yet)")
     if (p / META_FILE).is_file():
         step_dir, run_dir = p, p.parent.parent
     else:
@@ -379,17 +417,23 @@ def _evaluate_checkpoint(a: argparse.Namespace) -> int:
     from megatron_selfjudge.runtime.setup import is_main_rank, setup_distributed, teardown_distributed
 
     names = _check_args(a)
-    run_dir, step_dir = resolve_checkpoint(a.checkpoint)
-    cfg = load_saved_config(run_dir / "config.yaml")
+    if is_hf_folder(a.checkpoint):
+        cfg, run_dir, step_dir = hf_config(a.checkpoint), Path(a.checkpoint), None
+        if a.out is None:
+            raise EvalError("--out is needed with an HF folder (results are not written into the model folder)")
+    else:
+        run_dir, step_dir = resolve_checkpoint(a.checkpoint)
+        cfg = load_saved_config(run_dir / "config.yaml")
     # One process evaluates at TP=PP=1 (the checkpoint reshards on load); under torchrun the run's layout.
     launched = "WORLD_SIZE" in os.environ
     created = setup_distributed(cfg.parallel.tp if launched else 1, cfg.parallel.pp if launched else 1, a.seed)
     try:
         log = Console(is_main_rank())
         family = build_family(cfg)
-        module = family.builder()()
-        state = load_checkpoint(step_dir, module, None, load_rng=False)
-        log.info(f"loaded {step_dir} (step {state.get('step')}, model {cfg.model.preset})")
+        module = family.builder()()  # an HF family's builder loads the folder's weights
+        state = {"step": None} if step_dir is None else load_checkpoint(step_dir, module, None, load_rng=False)
+        source = step_dir or run_dir
+        log.info(f"loaded {source} (step {state.get('step')}, model {cfg.model.preset})")
         r = cfg.rollout
         engine = build_engine(r.backend, model=module, tokenizer=family.tokenizer, max_batch_size=r.max_batch_size)
         settings = EvalSettings(n=a.n, temperature=a.temperature, top_p=a.top_p,
@@ -400,8 +444,8 @@ def _evaluate_checkpoint(a: argparse.Namespace) -> int:
         results = run_benchmarks(names, a.data, PolicyGenerator(family, engine, r.max_prompt_len), settings, log,
                                  limits)
         if is_main_rank():
-            out = write_results(Path(a.out) if a.out else run_dir / "eval", results, settings, str(step_dir),
-                                {"checkpoint": str(step_dir), "step": state.get("step")})
+            out = write_results(Path(a.out) if a.out else run_dir / "eval", results, settings, str(source),
+                                {"checkpoint": str(source), "step": state.get("step"), "model": cfg.model.preset})
             log.info(f"wrote {out}/report.md")
         return 0
     finally:
@@ -414,7 +458,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from megatron_selfjudge.data.datasets import DatasetError
     from megatron_selfjudge.runtime.run_state import CheckpointDamaged
 
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # a usage error (one line, printed by _Parser.error) or --help
+        return int(exc.code or 0)
     try:
         return _evaluate_checkpoint(args)
     except (EvalError, DatasetError, ConfigError, FileNotFoundError) as exc:
