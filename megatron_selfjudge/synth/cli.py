@@ -135,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
     """Check everything cheap, then load the policy, synthesise, write the output and its summary."""
     from megatron_selfjudge.data import prompts as data_prompts
     from megatron_selfjudge.data.datasets import ImageLimits, load_records
+    from megatron_selfjudge.rollout.base import available_engines, build_engine
     from megatron_selfjudge.runtime.console import Console
     from megatron_selfjudge.runtime.files import write_atomic
     from megatron_selfjudge.synth.pipeline import Synthesizer
@@ -150,6 +151,9 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:  # a setting out of range, named in the message
         raise SynthArgError(str(exc)) from None
     style = prompt_style(args.prompt, cfg.data.instruction)
+    backend = args.backend or cfg.rollout.backend
+    if backend not in available_engines():
+        raise SynthArgError(f"--backend {backend!r} is not a rollout engine; known: {', '.join(available_engines())}")
     log = Console(True)
     # The run's image limits, at full resolution: the written images are the source's, not the model's size.
     source = load_records(args.data, on_error=cfg.data.on_error, max_rows=args.limit,
@@ -159,12 +163,10 @@ def run(args: argparse.Namespace) -> int:
     if not source.records:
         raise SynthArgError(f"--data {args.data}: no usable rows")
     with single_process(settings.seed):
-        from megatron_selfjudge.rollout.base import build_engine
-
         policy = load_policy(where, cfg, log.info)
         log.info(f"policy: {policy.checkpoint} (step {policy.step}, {cfg.model.preset}); "
                  f"{len(source.records)} source rows, strategy {settings.strategy}, prompt style {style.style}")
-        engine = build_engine(args.backend or cfg.rollout.backend, model=policy.module,
+        engine = build_engine(backend, model=policy.module,
                               tokenizer=policy.family.tokenizer, max_batch_size=cfg.rollout.max_batch_size)
         synth = Synthesizer(engine, policy.family, settings, style,
                             answer_instruction=data_prompts.get_instruction(cfg.data.instruction),
@@ -198,7 +200,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """`selfjudge synth ...`; bad input gives one line on stderr and exit code 2."""
     from megatron_selfjudge.config import ConfigError
     from megatron_selfjudge.data.datasets import DatasetError
-    from megatron_selfjudge.runtime.run_state import CheckpointDamaged, RunStateError
     from megatron_selfjudge.synth.policy import PolicyLoadError
 
     args = build_parser().parse_args(argv)
@@ -209,6 +210,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return run(args)
     except (SynthArgError, PolicyLoadError, ConfigError, DatasetError, FileNotFoundError) as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
-    except (CheckpointDamaged, RunStateError) as exc:
-        print(f"{PROG}: cannot load the policy: {exc}", file=sys.stderr)
     return 2

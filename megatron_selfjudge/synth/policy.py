@@ -76,12 +76,21 @@ def load_policy(where: RunCheckpoint, cfg: Config, warn: Callable[[str], None]) 
     """
     from megatron_selfjudge.megatron.checkpoint import load_checkpoint
     from megatron_selfjudge.megatron.models.family import build_family
-    from megatron_selfjudge.runtime.run_state import load_newest_intact
+    from megatron_selfjudge.runtime.run_state import RunStateError, load_newest_intact
 
     family = build_family(cfg)
     module = family.builder()()
-    path, state = load_newest_intact(where.candidates, lambda p: load_checkpoint(p, module, None, load_rng=False),
-                                     warn, True, where.root)
+    problems: list[str] = []
+
+    def note(message: str) -> None:
+        problems.append(message)
+        warn(message)
+    try:
+        path, state = load_newest_intact(where.candidates,
+                                         lambda p: load_checkpoint(p, module, None, load_rng=False),
+                                         note, True, where.root)
+    except RunStateError:  # its advice is about resuming a run; here there is simply no policy to load
+        raise PolicyLoadError(f"no intact checkpoint to load under {where.root}: {' '.join(problems)}") from None
     module.eval()
     return LoadedPolicy(cfg=cfg, family=family, module=module, checkpoint=path, step=int(state.get("step", 0)))
 

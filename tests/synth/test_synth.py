@@ -324,6 +324,7 @@ def _synth_args(run: Path, *extra: str, out: str = "out.parquet") -> list[str]:
     (("--min-chars", "50", "--max-chars", "10"), "out.parquet", "min chars (50) exceeds max chars (10)"),
     (("--max-similarity", "0"), "out.parquet", "max similarity must be in (0, 1]"),
     (("--limit", "1", "--strategy", "direct"), "missing/out.parquet", "does not exist"),
+    (("--backend", "nope"), "out.parquet", "--backend 'nope' is not a rollout engine; known: megatron"),
 ])
 def test_bad_arguments_exit_2_in_one_line(fake_run, capsys, extra, out, message):
     assert synth_cli.main(_synth_args(fake_run, *extra, out=out)) == 2
@@ -415,6 +416,24 @@ def test_synth_on_the_embedded_model(trained, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "already exists" in err and err.count("\n") == 1
     assert out.read_bytes() == before
+
+
+@pytest.mark.slow
+def test_damaged_checkpoint_is_one_line(trained, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run, ignore=shutil.ignore_patterns("tensorboard"))
+    state = run / "checkpoints" / "step_00000001" / "trainer_state.json"
+    state.write_text(state.read_text().replace("step", "stop", 1))  # same size, other bytes
+    cmd = ["--checkpoint", str(run), "--data", str(trained.parent / "data" / "train_unlabeled.parquet"),
+           "--strategy", "direct", "--out", str(tmp_path / "o.parquet")]
+    proc = subprocess.run([sys.executable, "-m", "megatron_selfjudge.cli", "synth", *cmd],
+                          env=_env(), capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("selfjudge synth: no intact checkpoint to load under") and "SHA-256" in last, last
+    assert not (tmp_path / "o.parquet").exists()
 
 
 _DRIVER = """
