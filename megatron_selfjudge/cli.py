@@ -5,8 +5,9 @@ Plan a run:      selfjudge train --config FILE --dry-run [--world-size N] [--gpu
 Bug reports:     selfjudge env [--config FILE] [key=value ...]
 Check a config:  selfjudge config check [--config FILE] [key=value ...]  (resolved YAML, or the error; exit 2)
 Benchmarks:      selfjudge eval --checkpoint RUN_DIR|HF_DIR --benchmarks mathvision,wemath --data ROOT
-HF checkpoints:  selfjudge convert hf-to-megatron HF_DIR OUT | megatron-to-hf CKPT OUT [--hf-dir DIR]
+HF checkpoints:  selfjudge convert hf-to-megatron HF_DIR OUT | megatron-to-hf CKPT OUT [--hf-dir DIR] | tiny-qwen OUT
 New questions:   selfjudge synth --checkpoint RUN_DIR --data FILE --strategy in-context|direct --out FILE
+Training curves: selfjudge plot RUN_DIR... [--out FILE.png] [--labels a,b]
 Compare rewards: selfjudge compare [--config FILE] [--seeds 5] [--lr-scale 3] [--modes a,b] [key=value ...]
 Multi-process:   torchrun --nproc-per-node N -m megatron_selfjudge.cli train parallel.tp=2 ...
 With no --config, `train` runs the embedded tiny default on CPU.
@@ -88,6 +89,12 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     return synth_cli.main(args.synth_args)
 
 
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from megatron_selfjudge import plot
+
+    return plot.main(args.plot_args)
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from megatron_selfjudge.eval import run as eval_run
 
@@ -151,6 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="new questions from a trained policy (MM-UPT in-context / direct), filtered; --help")
     p.add_argument("synth_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=_cmd_synth)
+
+    # prefix_chars: every argument, options included, passes through to `selfjudge plot`'s own parser.
+    p = sub.add_parser("plot", add_help=False, prefix_chars="\0",
+                       help="training curves of run directories as one PNG (RUN_DIR... --out FILE.png); --help")
+    p.add_argument("plot_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_cmd_plot)
     return parser
 
 
