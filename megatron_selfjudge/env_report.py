@@ -104,9 +104,9 @@ def main(config: Optional[str], overrides: Sequence[str]) -> int:
     lines += ["GPUs:", *(f"  {g}" for g in gpus(with_free_memory=platform.world_size == 1))]
     lines += ["launch:", *(f"  {k}={os.environ[k]}" for k in LAUNCH_VARS if k in os.environ)]
     cfg = load_config(config, overrides)
-    vocab = preflight.policy_vocab_size(cfg)
-    checks = preflight.launch_checks(cfg, platform, vocab)
-    estimate = preflight.memory_estimate(cfg, vocab, platform.world_size)
+    shape = preflight.model_shape(cfg)
+    checks = preflight.launch_checks(cfg, platform, shape)
+    estimate = preflight.memory_estimate(cfg, shape, platform.world_size, platform.cuda)
     layout, others = [_layout_row()], []
     created = False
     if platform.world_size > 1 and all(c.ok for c in checks):

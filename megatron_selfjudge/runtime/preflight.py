@@ -136,24 +136,20 @@ def check_prompt_split(mini_batch_prompts: int, tp: int, pp: int, world_size: in
     return f"{mini_batch_prompts // dp} prompts of each mini-batch per data-parallel rank"
 
 
-def check_split(cfg: Config, vocab_size: int) -> str:
+def check_split(cfg: Config, shape: "ModelShape") -> str:
     """Megatron splits heads, FFN width and vocabulary evenly over tp ranks and layers over pp stages."""
-    from megatron_selfjudge.megatron.models.family import build_family
-
-    m, tp, pp = cfg.model, cfg.parallel.tp, cfg.parallel.pp
-    splits = [(f"model.num_attention_heads={m.num_attention_heads}", m.num_attention_heads, "parallel.tp", tp),
-              (f"model.ffn_hidden_size={m.ffn_hidden_size}", m.ffn_hidden_size, "parallel.tp", tp),
-              (f"model.num_layers={m.num_layers}", m.num_layers, "parallel.pp", pp)]
-    splits += [(what, count, "parallel.tp", tp) for what, count in build_family(cfg).tensor_parallel_splits()]
-    for what, value, key, by in splits:
-        if value % by:
-            raise PreflightError(f"{what} is not divisible by {key}={by}")
-    if vocab_size % tp:
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    for what, count in shape.tp_splits:
+        if count % tp:
+            raise PreflightError(f"{what} is not divisible by parallel.tp={tp}")
+    if shape.num_layers % pp:
+        raise PreflightError(f"{shape.layers_name} is not divisible by parallel.pp={pp}")
+    if shape.vocab_size % tp:
         raise PreflightError(
-            f"the vocabulary of {vocab_size} tokens is not divisible by parallel.tp={tp}: the embedding and "
+            f"the vocabulary of {shape.vocab_size} tokens is not divisible by parallel.tp={tp}: the embedding and "
             "output layer are split evenly over tensor-parallel ranks (pad the vocabulary to a multiple of tp)")
-    return (f"{m.num_attention_heads} heads, FFN {m.ffn_hidden_size} and vocabulary {vocab_size} over tp {tp}; "
-            f"{m.num_layers} layers over pp {pp}")
+    return (f"{shape.num_attention_heads} heads, FFN {shape.ffn_hidden_size} and vocabulary {shape.vocab_size} "
+            f"over tp {tp}; {shape.num_layers} layers over pp {pp}")
 
 
 def check_params_dtype(params_dtype: str, cuda: bool) -> str:
@@ -212,19 +208,12 @@ def check_gpus(cuda: bool, gpu_count: int, local_world_size: int, local_rank: in
     return f"{gpu_count} visible for {local_world_size} process(es) on this node"
 
 
-def policy_vocab_size(cfg: Config) -> int:
-    """Vocabulary the policy is built with (its model family's tokenizer)."""
-    from megatron_selfjudge.megatron.models.family import build_family
-
-    return build_family(cfg).tokenizer.vocab_size
-
-
-def launch_checks(cfg: Config, platform: Platform, vocab_size: int) -> list[Check]:
-    """Phase 1 verdicts: config against the platform, identical on every rank of a job."""
+def launch_checks(cfg: Config, platform: Platform, shape: "ModelShape") -> list[Check]:
+    """Phase 1 verdicts: config and model shape (`model_shape`) against the platform, alike on every rank."""
     p = platform
     return _run([
         ("layout", lambda: check_layout(cfg.parallel.tp, cfg.parallel.pp, p.world_size)),
-        ("tp/pp split", lambda: check_split(cfg, vocab_size)),
+        ("tp/pp split", lambda: check_split(cfg, shape)),
         ("prompt split", lambda: check_prompt_split(cfg.trainer.mini_batch_prompts, cfg.parallel.tp,
                                                     cfg.parallel.pp, p.world_size)),
         ("params dtype", lambda: check_params_dtype(cfg.model.params_dtype, p.cuda)),
@@ -235,37 +224,152 @@ def launch_checks(cfg: Config, platform: Platform, vocab_size: int) -> list[Chec
     ])
 
 
-# --- memory estimate ------------------------------------------------------------------------
+# --- model shape and memory estimate --------------------------------------------------------
 
-def image_tokens(cfg: Config) -> int:
-    """Decoder positions one image adds to a sequence (its model family's answer)."""
-    from megatron_selfjudge.megatron.models.family import build_family
+@dataclass(frozen=True)
+class ModelShape:
+    """What the layout checks and the memory estimate read about the policy, without building it.
 
-    return build_family(cfg).image_positions()
+    `tp_splits` are the (what, count) pairs tensor parallelism splits evenly (named as the user
+    would change them). With `layer_parameters` known, the parameters on the busiest pipeline stage
+    are its layers plus what only the first stage (embedding, vision tower) or only the last stage
+    (final norm, output layer) holds; otherwise they are split evenly over the stages.
+    """
+
+    num_layers: int
+    layers_name: str  # how a message names the layer count, e.g. "model.num_layers=2"
+    hidden_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    ffn_hidden_size: int
+    vocab_size: int
+    parameters: Optional[int]  # the whole policy; None when its family cannot count before building
+    image_positions: int = 0  # decoder positions one image adds beyond the prompt's tokens
+    tp_splits: tuple = ()
+    layer_parameters: int = 0
+    first_stage_parameters: int = 0
+    last_stage_parameters: int = 0
+    description: str = ""
+
+    def stage_parameters(self, pp: int) -> int:
+        """Parameters of the pipeline stage holding the most of them (all TP shards together)."""
+        assert self.parameters is not None
+        if pp == 1 or not self.layer_parameters:
+            return -(-self.parameters // pp)
+        layers = -(-self.num_layers // pp) * self.layer_parameters
+        return layers + max(self.first_stage_parameters, self.last_stage_parameters)
 
 
-def parameter_count(cfg: Config) -> int:
-    """Parameters of the whole policy, from the config (its model family's answer)."""
-    from megatron_selfjudge.megatron.models.family import build_family
+def _hf_shape(hf_path: str) -> ModelShape:
+    """The shape of an HF folder's model from its config.json alone (megatron/models/qwen_sizes.py)."""
+    from megatron_selfjudge.megatron.models import qwen_sizes
 
-    return build_family(cfg).parameter_count()
+    where = str(Path(hf_path) / "config.json")
+    s = qwen_sizes.folder_sizes(hf_path)
+    counts = qwen_sizes.parameter_counts(s)
+    splits = [(f"num_attention_heads={s.num_attention_heads} of {where}", s.num_attention_heads),
+              (f"num_key_value_heads={s.num_key_value_heads} of {where}", s.num_key_value_heads),
+              (f"intermediate_size={s.intermediate_size} of {where}", s.intermediate_size)]
+    if s.vision:
+        splits += [(f"vision_config.num_heads={s.vision.num_heads} of {where}", s.vision.num_heads),
+                   (f"vision_config.intermediate_size={s.vision.intermediate_size} of {where}",
+                    s.vision.intermediate_size)]
+    vision = counts["vision_patch_embed"] + counts["vision_blocks"] + counts["vision_merger"]
+    # A tied output layer still needs the embedding's rows on the last stage when pp > 1.
+    head = counts["final_norm"] + (counts["lm_head"] or counts["embedding"])
+    total = sum(counts.values())
+    text = f"{s.model_type} from {where}: {total / 1e9:.2f} B parameters"
+    if s.vision:
+        text += f" ({vision / 1e9:.2f} B vision tower)"
+    return ModelShape(
+        num_layers=s.num_layers, layers_name=f"num_hidden_layers={s.num_layers} of {where}",
+        hidden_size=s.hidden_size, num_attention_heads=s.num_attention_heads,
+        num_key_value_heads=s.num_key_value_heads, head_dim=s.head_dim, ffn_hidden_size=s.intermediate_size,
+        vocab_size=s.vocab_size, parameters=total,
+        # The processor writes one <|image_pad|> per image embedding into the prompt, so image
+        # tokens count in rollout.max_prompt_len and add no positions of their own.
+        image_positions=0, tp_splits=tuple(splits), layer_parameters=qwen_sizes.decoder_layer_parameters(s),
+        first_stage_parameters=counts["embedding"] + vision, last_stage_parameters=head, description=text)
+
+
+def model_shape(cfg: Config) -> ModelShape:
+    """The policy's shape: from `model.hf_path`'s config.json when set, else from `model.*` and its family.
+
+    Nothing is built and, for an HF folder, nothing but config.json is read (no tokenizer,
+    weights, transformers or megatron): `selfjudge train --dry-run` relies on it.
+    """
+    if cfg.model.hf_path:
+        return _hf_shape(cfg.model.hf_path)
+    from megatron_selfjudge.megatron.models.family import NotSupported, build_family
+
+    m = cfg.model
+    family = build_family(cfg)
+    try:
+        parameters: Optional[int] = family.parameter_count()
+    except NotSupported:
+        parameters = None
+    splits = [(f"model.num_attention_heads={m.num_attention_heads}", m.num_attention_heads),
+              (f"model.ffn_hidden_size={m.ffn_hidden_size}", m.ffn_hidden_size), *family.tensor_parallel_splits()]
+    return ModelShape(num_layers=m.num_layers, layers_name=f"model.num_layers={m.num_layers}",
+                      hidden_size=m.hidden_size, num_attention_heads=m.num_attention_heads,
+                      num_key_value_heads=m.num_attention_heads, head_dim=m.hidden_size // m.num_attention_heads,
+                      ffn_hidden_size=m.ffn_hidden_size, vocab_size=family.tokenizer.vocab_size,
+                      parameters=parameters, image_positions=family.image_positions(), tp_splits=tuple(splits),
+                      description=f"{m.preset} from model.*" + (
+                          f": {parameters / 1e6:.2f} M parameters" if parameters is not None else ""))
+
+
+# Parts resident on the GPU in each phase of a step; the peak is the largest phase.
+_PERSISTENT = ("weights", "grads", "optimizer")
+PHASES = {
+    "rollout": (*_PERSISTENT, "rollout KV cache"),
+    "reference/Judge": (*_PERSISTENT, "frozen copy", "Judge KV cache", "logits"),
+    "training": (*_PERSISTENT, "activations", "logits"),
+}
 
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Bytes one GPU needs at least (activations other than the logits not counted)."""
+    """Bytes one GPU needs at least: named parts, and which of them are resident in each phase.
+
+    Without phases every part counts at once (the total is their sum); with phases the total
+    is the largest phase's sum.
+    """
 
     parts: dict
+    phases: dict = field(default_factory=dict)
+
+    def phase_totals(self) -> dict:
+        """Bytes resident in each phase."""
+        return {name: sum(self.parts.get(p, 0) for p in names) for name, names in self.phases.items()}
+
+    @property
+    def peak_phase(self) -> Optional[str]:
+        """The phase with the most bytes resident (None without phases)."""
+        totals = self.phase_totals()
+        return max(totals, key=totals.get) if totals else None
 
     @property
     def total(self) -> int:
-        """Sum of the parts."""
-        return sum(self.parts.values())
+        """The peak: the largest phase, or the sum of the parts without phases."""
+        return max(self.phase_totals().values()) if self.phases else sum(self.parts.values())
 
     def describe(self) -> str:
         """One line: each part and the total."""
         items = ", ".join(f"{k} {format_bytes(v)}" for k, v in self.parts.items())
-        return f"{items}: at least {format_bytes(self.total)} per rank"
+        peak = f" ({self.peak_phase} peak)" if self.phases else ""
+        return f"{items}: at least {format_bytes(self.total)} per rank{peak}"
+
+    def table(self, gpu_bytes: Optional[int] = None) -> list[str]:
+        """Lines of a table: each part, each phase's total, the peak against `gpu_bytes`."""
+        rows = [f"  {name:22s} {format_bytes(value):>11s}" for name, value in self.parts.items()]
+        for name, value in self.phase_totals().items():
+            rows.append(f"  {'phase ' + name:22s} {format_bytes(value):>11s}  ({' + '.join(self.phases[name])})")
+        peak = f"  {'peak (' + str(self.peak_phase) + ')' if self.phases else 'total':22s} {format_bytes(self.total):>11s}"
+        if gpu_bytes:
+            peak += f"  of {format_bytes(gpu_bytes)} per GPU: {self.total / gpu_bytes:.0%}"
+        return rows + [peak]
 
 
 def format_bytes(n: float) -> str:
@@ -273,48 +377,83 @@ def format_bytes(n: float) -> str:
     return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 1024 ** 2:.1f} MiB"
 
 
-def estimate_memory(cfg: Config, num_params: int, vocab_size: int, world_size: int) -> MemoryEstimate:
-    """Memory one rank needs for the config: a pure function of the config and the parameter count.
+def activation_bytes_per_token(shape: ModelShape, tp: int, width: int) -> int:
+    """Bytes one token's decoder activations keep for the backward pass in one layer (no recomputation).
 
-    Weights and the frozen reference/Judge copy in params_dtype and the fp32 gradient buffer of
-    megatron's DDP are split over tp*pp; Adam's two fp32 moments (plus fp32 master weights for
-    bf16/fp16) are split further over data-parallel ranks by the distributed optimizer. The KV
-    cache is the larger of the rollout's and the generative Judge's (the engines take turns),
-    one engine batch of full-length sequences; the logits are one micro-batch's, fp32 with their
-    gradient.
+    Kept per layer and token (elements): the inputs and outputs of the two norms, 4 h, whole on
+    every tensor-parallel rank (sequence parallelism is off); split over tp: the q/k/v
+    projection's output (q + 2 kv), q and k after the rotary embedding (q + kv), the attention
+    output (q), the MLP's gate and up outputs (2 f) and the activation fed to its down
+    projection (f); q = heads x head_dim, kv = kv heads x head_dim. Fused / flash attention
+    keeps no seq x seq scores; dropout is off (no masks).
+    """
+    q = shape.num_attention_heads * shape.head_dim
+    kv = shape.num_key_value_heads * shape.head_dim
+    split = 3 * q + 3 * kv + 3 * shape.ffn_hidden_size
+    return (4 * shape.hidden_size + -(-split // tp)) * width
+
+
+def estimate_memory(cfg: Config, shape: ModelShape, world_size: int, offload_frozen: bool = True) -> MemoryEstimate:
+    """Memory one rank needs for the config: a pure function of the config and the model's shape.
+
+    - weights, params_dtype: the busiest pipeline stage's parameters over tp;
+    - grads: megatron DDP's fp32 gradient buffer (grad_reduce_in_fp32), as large as the weights' count;
+    - optimizer: Adam's two fp32 moments, plus fp32 master weights for bf16/fp16, split over the
+      data-parallel ranks by the distributed optimizer;
+    - frozen copy: the reference/Judge model in params_dtype, sharded like the weights; on the GPU
+      only in the reference/Judge phase with `offload_frozen` (trainer.offload_frozen on GPU),
+      else in every phase;
+    - activations (no activation recomputation: the project does not turn it on): one micro-batch
+      of trainer.micro_batch_tokens tokens x `activation_bytes_per_token` x the stage's layers x pp
+      (1F1B keeps up to pp micro-batches in flight on the first stage). The vision tower's
+      activations are not counted;
+    - logits: one micro-batch's [tokens, vocab / tp] in fp32 with their gradient (8 B each);
+    - rollout KV cache: K and V of this rank's stage layers, kv heads / tp x head_dim each, in
+      params_dtype, for one engine batch (rollout.max_batch_size rows, at most this data-parallel
+      rank's prompts x rollout.n) of full-length sequences (prompt + response + image positions).
+      The in-process engine sizes its cache this way; no GPU-memory-fraction key exists yet;
+    - Judge KV cache: the same for the generative Judge's batch (judge.samples per trajectory).
+    The total is the peak over the phases of a step (PHASES): rollout, reference/Judge, training.
     """
     m, p, r, t, j = cfg.model, cfg.parallel, cfg.rollout, cfg.trainer, cfg.judge
-    mp = p.tp * p.pp
-    dp = max(1, world_size // mp)
+    if shape.parameters is None:
+        raise ValueError("the model's parameter count is unknown (see memory_estimate)")
+    dp = max(1, world_size // (p.tp * p.pp))
     width = _BYTES[m.params_dtype]
-    local = -(-num_params // mp)
+    local = -(-shape.stage_parameters(p.pp) // p.tp)
     adam = 8 + (4 if m.params_dtype != "float32" else 0)
     shard = dp if (p.use_distributed_optimizer and dp > 1) else 1
-    kv_row = 2 * -(-m.num_layers // p.pp) * (m.hidden_size // p.tp) * width  # K and V per token of one sequence
-    extra = image_tokens(cfg)
-    rollout_kv = min(r.max_batch_size, t.prompts_per_step * r.n) * (r.max_prompt_len + r.max_response_len + extra)
-    kv = rollout_kv
-    if uses_generative_judge(cfg):
-        judge_rows = min(r.max_batch_size, t.prompts_per_step * r.n * j.samples)
-        kv = max(kv, judge_rows * (j.max_prompt_len + j.max_tokens + extra))
-    return MemoryEstimate(parts={
+    stage_layers = -(-shape.num_layers // p.pp)
+    kv_row = 2 * stage_layers * -(-shape.num_key_value_heads // p.tp) * shape.head_dim * width  # K and V per token
+    extra = shape.image_positions
+    rank_trajectories = -(-t.prompts_per_step // dp) * r.n
+    parts = {
         "weights": local * width,
         "grads": local * 4,
         "optimizer": -(-local * adam // shard),
         "frozen copy": local * width,
-        "KV cache": kv * kv_row,
-        "logits": t.micro_batch_tokens * -(-vocab_size // p.tp) * 8,
-    })
+        "activations": t.micro_batch_tokens * activation_bytes_per_token(shape, p.tp, width) * stage_layers * p.pp,
+        "logits": t.micro_batch_tokens * -(-shape.vocab_size // p.tp) * 8,
+        "rollout KV cache": min(r.max_batch_size, rank_trajectories) * (r.max_prompt_len + r.max_response_len + extra)
+        * kv_row,
+    }
+    if uses_generative_judge(cfg):
+        judge_rows = min(r.max_batch_size, rank_trajectories * j.samples)
+        parts["Judge KV cache"] = judge_rows * (j.max_prompt_len + j.max_tokens + extra) * kv_row
+    phases = {name: tuple(x for x in names if x in parts) for name, names in PHASES.items()}
+    if not offload_frozen:
+        phases = {name: names if "frozen copy" in names else (*names, "frozen copy") for name, names in phases.items()}
+    return MemoryEstimate(parts=parts, phases=phases)
 
 
-def memory_estimate(cfg: Config, vocab_size: int, world_size: int) -> Optional[MemoryEstimate]:
-    """`estimate_memory` for the config's model, or None when its family cannot count its parameters."""
-    from megatron_selfjudge.megatron.models.family import NotSupported
+def memory_estimate(cfg: Config, shape: ModelShape, world_size: int, cuda: bool) -> Optional[MemoryEstimate]:
+    """`estimate_memory` for the config's model, or None when its family cannot count its parameters.
 
-    try:
-        return estimate_memory(cfg, parameter_count(cfg), vocab_size, world_size)
-    except NotSupported:
+    The frozen copy leaves the GPU between uses only on CUDA with trainer.offload_frozen (the trainer's rule).
+    """
+    if shape.parameters is None:
         return None
+    return estimate_memory(cfg, shape, world_size, offload_frozen=cfg.trainer.offload_frozen and cuda)
 
 
 def check_memory(estimate: Optional[MemoryEstimate], free_bytes: Optional[int], where: str) -> str:
@@ -488,10 +627,10 @@ class Preflight:
 def check_launch(cfg: Config, platform: Optional[Platform] = None) -> Preflight:
     """Phase 1 (before the process group): raise the first failure as a PreflightError on every rank."""
     platform = platform or Platform.detect()
-    vocab = policy_vocab_size(cfg)
-    checks = launch_checks(cfg, platform, vocab)
+    shape = model_shape(cfg)
+    checks = launch_checks(cfg, platform, shape)
     require(checks)
-    return Preflight(platform, checks, memory_estimate(cfg, vocab, platform.world_size))
+    return Preflight(platform, checks, memory_estimate(cfg, shape, platform.world_size, platform.cuda))
 
 
 def check_ranks(cfg: Config, pre: Preflight) -> list[Check]:

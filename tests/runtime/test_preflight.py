@@ -1,6 +1,7 @@
 """Pre-flight checks: each one triggered, with its one-line message; the memory estimate by hand."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -28,14 +29,15 @@ def _cfg(*overrides: str, run_dir: Path | None = None):
 
 
 def _failures(cfg, platform, vocab=124) -> dict:
-    return {c.name: c.message for c in preflight.launch_checks(cfg, platform, vocab) if not c.ok}
+    shape = dataclasses.replace(preflight.model_shape(cfg), vocab_size=vocab)
+    return {c.name: c.message for c in preflight.launch_checks(cfg, platform, shape) if not c.ok}
 
 
 # --- phase 1 --------------------------------------------------------------------------------
 
 def test_embedded_default_passes_on_cpu():
     cfg = _cfg()
-    checks = preflight.launch_checks(cfg, CPU, preflight.policy_vocab_size(cfg))
+    checks = preflight.launch_checks(cfg, CPU, preflight.model_shape(cfg))
     assert all(c.ok for c in checks), [c for c in checks if not c.ok]
     assert {c.name: c.message for c in checks}["layout"] == "world size 1 = tp 1 x pp 1 x dp 1"
 
@@ -133,19 +135,30 @@ def test_memory_estimate_by_hand():
                "model.hidden_size=64", "rollout.max_batch_size=8", "trainer.prompts_per_step=2",
                "trainer.mini_batch_prompts=2", "rollout.n=8", "rollout.max_prompt_len=10",
                "rollout.max_response_len=20", "reward.mode=majority", "trainer.micro_batch_tokens=50")
-    est = preflight.estimate_memory(cfg, num_params=1000, vocab_size=100, world_size=4)
+    shape = dataclasses.replace(preflight.model_shape(cfg), parameters=1000, vocab_size=100)
+    est = preflight.estimate_memory(cfg, shape, world_size=4)
     # 500 local params (tp 2); bf16 weights and frozen copy 2 B, fp32 grads 4 B, Adam 12 B over dp 2;
-    # KV: 2 (K, V) x 2 layers x 32 (hidden / tp) x 2 B per token, 8 rows x 30 tokens; logits 50 x 50 x 8 B.
+    # activations: 50 tokens x 2 layers x (4 h + (3 q + 3 kv + 3 ffn) / tp) x 2 B, h = q = kv = 64, ffn 256;
+    # KV: 2 (K, V) x 2 layers x 2 heads (4 / tp) x 16 head dim x 2 B per token, 8 rows x 30 tokens;
+    # logits 50 x 50 x 8 B.
+    activations = 50 * 2 * (4 * 64 + (3 * 64 + 3 * 64 + 3 * 256) // 2) * 2
     assert est.parts == {"weights": 1000, "grads": 2000, "optimizer": 3000, "frozen copy": 1000,
-                         "KV cache": 240 * 256, "logits": 20000}
-    assert est.total == 88440
+                         "activations": activations, "logits": 20000, "rollout KV cache": 240 * 256}
+    persistent = 1000 + 2000 + 3000
+    assert est.phase_totals() == {"rollout": persistent + 240 * 256, "reference/Judge": persistent + 1000 + 20000,
+                                  "training": persistent + activations + 20000}
+    assert est.total == persistent + activations + 20000 and est.peak_phase == "training"
+    kept = preflight.estimate_memory(cfg, shape, world_size=4, offload_frozen=False)  # frozen copy stays on the GPU
+    assert kept.total == est.total + 1000
     judge = _cfg("model.preset=tiny-gpt", "model.params_dtype=bfloat16", "parallel.tp=2", "model.num_layers=2",
                  "model.hidden_size=64", "rollout.max_batch_size=8", "trainer.prompts_per_step=2",
                  "trainer.mini_batch_prompts=2", "rollout.n=8", "rollout.max_prompt_len=10",
                  "rollout.max_response_len=20", "reward.mode=judge", "judge.kind=generative", "judge.samples=2",
                  "judge.max_prompt_len=40", "judge.max_tokens=10", "trainer.micro_batch_tokens=50")
-    # The generative Judge's context (8 rows x 50 tokens) outgrows the rollout's.
-    assert preflight.estimate_memory(judge, 1000, 100, 4).parts["KV cache"] == 400 * 256
+    # The generative Judge's batch: 8 rows (max_batch_size; 16 wanted) x 50 tokens, in the reference/Judge phase.
+    judged = preflight.estimate_memory(judge, dataclasses.replace(shape), 4)
+    assert judged.parts["Judge KV cache"] == 400 * 256
+    assert judged.phase_totals()["reference/Judge"] == persistent + 1000 + 400 * 256 + 20000
 
 
 def test_memory_check_refuses_what_does_not_fit():
@@ -166,9 +179,8 @@ def _count_built(rank: int, world: int, variants: list) -> list[tuple[int, int]]
     out = []
     for overrides in variants:
         cfg = load_config(None, overrides)
-        vocab = preflight.policy_vocab_size(cfg)
         model = build_family(cfg).builder()()
-        out.append((sum(p.numel() for p in model.parameters()), preflight.parameter_count(cfg)))
+        out.append((sum(p.numel() for p in model.parameters()), preflight.model_shape(cfg).parameters))
     return out
 
 
