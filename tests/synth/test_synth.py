@@ -262,6 +262,22 @@ def test_direct_prompts_do_not_show_the_source_question(family):
                                                          ("What colour is the image?", "direct")]
 
 
+def test_full_style_reads_tagged_replies(family):
+    # The style for instruction-following models: only a closed <question> pair counts.
+    replies = {"src0": "Sure! <question>What is the area of the shaded part?</question>",
+               "src1": "What is the area of the shaded part?"}
+    engine = ScriptedSynthEngine(family.tokenizer, lambda prompt, uid, n: (
+        [(box("12"), "stop")] * n if uid.startswith("q") else [(replies[uid], "stop")] * n))
+    settings = SynthSettings(strategy="in-context", samples=2, temperature=1.0, top_p=1.0, max_answer_tokens=8,
+                             seed=0, equivalence="exact", timeout=5.0, batch_size=4)
+    synth = Synthesizer(engine, family, settings, PROMPTS["full"], answer_instruction="", max_prompt_len=1000)
+    rows = []
+    counts = synth.run(_records(SOURCES[:2]), rows.append)
+    assert [(r.question, r.answer) for r in rows] == [("What is the area of the shaded part?", "12")]
+    assert dict(counts.malformed) == {"no_question": 1}
+    assert engine.prompts[0] == PROMPTS["full"].render("in-context", SOURCES[0][0])
+
+
 def test_prompt_styles():
     assert prompt_style("auto", "short") is PROMPTS["short"] and prompt_style("auto", "full") is PROMPTS["full"]
     full = PROMPTS["full"].render("in-context", "  Find x. ")
@@ -271,7 +287,7 @@ def test_prompt_styles():
 
 
 @pytest.mark.parametrize("suffix", [".parquet", ".jsonl"])
-def test_written_rows_pass_data_check(family, tmp_path, suffix, capsys):
+def test_written_rows_pass_data_check(family, tmp_path, suffix):
     synth, _ = _synthesizer(family, _respond())
     out = tmp_path / "sub" / f"synth{suffix}"
     out.parent.mkdir()
@@ -280,7 +296,6 @@ def test_written_rows_pass_data_check(family, tmp_path, suffix, capsys):
     sink.close(commit=True)
     assert not list(out.parent.glob("*.part"))
     assert data_cli.main(["check", str(out)]) == 0
-    assert "3 usable rows (3 with answers), 0 skipped" in capsys.readouterr().out
     loaded = load_records(out)
     assert [(r.question, r.answer) for r in loaded] == [
         ("How many digits are shown?", "2"), ("Which digit is larger?", "7"), ("How many digits are shown?", "2")]
@@ -461,7 +476,7 @@ sys.exit(main(sys.argv[1:]))
 
 
 @pytest.mark.slow
-def test_synth_command_writes_the_kept_rows(trained, tmp_path, capsys):
+def test_synth_command_writes_the_kept_rows(trained, tmp_path):
     out = tmp_path / "synth.jsonl"
     driver = _DRIVER.format(tests=str(Path(__file__).parent))
     cmd = [sys.executable, "-c", driver, "synth", *_synth_cmd(trained, out, "--backend", "scripted-synth",
@@ -481,3 +496,13 @@ def test_synth_command_writes_the_kept_rows(trained, tmp_path, capsys):
     for rec, i in zip(loaded, (1, 2, 4, 5, 7, 8)):  # each row shows its source row's image
         assert np.array_equal(np.asarray(rec.images[0]), np.asarray(source[i].images[0]))
     assert all(line["problem"].startswith("<image>") and line["agreement"] == 1.0 for line in lines)
+    # data.train takes the file as it is, and every prompt fits the run's rollout.max_prompt_len.
+    from megatron_selfjudge.data.task import load_task
+
+    cfg = load_config(None, [f"data.train={out}", "trainer.prompts_per_step=4", "trainer.mini_batch_prompts=2"])
+    task, fam = load_task(cfg), build_family(cfg)
+    assert [task.train[i].question for i in range(len(task.train))] == [r.question for r in loaded]
+    for i in range(len(task.train)):
+        rec = task.train[i]
+        ids = fam.prompt_ids(rec.question, fam.num_images(rec.images), SHORT_INSTRUCTION)
+        assert len(ids) <= cfg.rollout.max_prompt_len
