@@ -305,6 +305,18 @@ def test_written_rows_pass_data_check(family, tmp_path, suffix):
         assert sorted(p.name for p in writer.images_dir(out).iterdir()) == [f"00000{i}_0.png" for i in range(3)]
 
 
+def test_replacing_an_output_replaces_its_images(family, tmp_path):
+    # What --force does: the new set's files only, none of the old set's images left beside it.
+    out = tmp_path / "s.jsonl"
+    for sources in (SOURCES, SOURCES[:1]):
+        synth, _ = _synthesizer(family, _respond())
+        sink = writer.RowWriter(out)
+        synth.run(_records(sources), sink.write)
+        sink.close(commit=True)
+    assert [p.name for p in writer.images_dir(out).iterdir()] == ["000000_0.png"]
+    assert len(load_records(out)) == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["s.jsonl", "s_images"]
+
+
 def test_discarded_output_leaves_nothing(tmp_path):
     for suffix in writer.FORMATS:
         out = tmp_path / f"x{suffix}"
