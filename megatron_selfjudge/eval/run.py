@@ -50,6 +50,22 @@ PROTOCOL = ("rule-based: the last \\boxed{} of the response, graded with the pro
             "(megatron_selfjudge.rewards.answers); not VLMEvalKit's LLM answer extractor")
 
 
+EXTRACTORS = ("rule", "policy")
+# --extractor policy: a response without a \boxed{} answer is shown to the evaluated model, which
+# is asked to restate its final answer in a box (the project's wording; VLMEvalKit uses its own
+# prompt and a separate LLM).
+EXTRACT_PROMPT = ("{question}\n\nA response to this question:\n{response}\n\nWhat final answer does that "
+                  "response give? Write only that answer as \\boxed{{ANSWER}}, or \\boxed{{none}} if it gives none.")
+EXTRACT_TOKENS = 64  # new tokens of an extraction reply: a box and its short content
+
+
+def protocol(settings: "EvalSettings") -> str:
+    """How answers were extracted and graded, for the JSON and the report."""
+    if settings.extractor == "policy":
+        return PROTOCOL + "; a response without a box is shown to the evaluated model, asked to restate its answer"
+    return PROTOCOL
+
+
 class EvalError(ValueError):
     """An evaluation that cannot run as asked (bad argument, folder, checkpoint); one line."""
 
@@ -66,6 +82,7 @@ class EvalSettings:
     limit: Optional[int] = None  # first N problems of each benchmark
     instruction: str = "full"  # data.prompts instruction name appended to every question
     batch_size: int = 64  # questions generated together
+    extractor: str = "rule"  # rule: the last \boxed{} only; policy: also ask the model when there is none
 
 
 # A generator turns items into, per item, its K response texts or the reason it was skipped.
@@ -78,29 +95,60 @@ class PolicyGenerator:
     def __init__(self, family: Any, engine: Any, max_prompt_len: int):
         self.family, self.engine, self.max_prompt_len = family, engine, max_prompt_len
 
-    def _request(self, item: BenchItem, instruction: str):
-        from megatron_selfjudge.data.prompts import get_instruction
+    def _request(self, item: BenchItem, text: str, instruction: str, uid: str, limit: int, what: str):
         from megatron_selfjudge.rollout.base import RolloutRequest
 
         images = list(item.images)  # decoded here, one item at a time (DatasetError when broken)
-        ids = self.family.prompt_ids(item.prompt, self.family.num_images(images), get_instruction(instruction))
-        if len(ids) > self.max_prompt_len:
-            raise ValueError(f"prompt of {len(ids)} tokens exceeds rollout.max_prompt_len={self.max_prompt_len}")
+        ids = self.family.prompt_ids(text, self.family.num_images(images), instruction)
+        if len(ids) > limit:
+            raise ValueError(f"prompt of {len(ids)} tokens exceeds {what}={limit}")
         pixels = self.family.images(images) if images and self.family.multimodal else None
         if pixels is not None:  # a processor that writes one token per image embedding grows the placeholders
             ids = self.family.expand_images(ids, pixels)
         # The uid keys the per-sample seeds (rollout/sampling.row_seed): stable whatever the batch.
-        return RolloutRequest(uid=f"{item.benchmark}:{item.qid}", prompt_ids=ids, images=pixels)
+        return RolloutRequest(uid=uid, prompt_ids=ids, images=pixels)
+
+    def extract(self, pending: Sequence[tuple[BenchItem, str]], s: EvalSettings) -> list[Optional[str]]:
+        """--extractor policy: the model's restatement (in a box) of each response's final answer, greedy.
+
+        An extraction prompt longer than the context the responses had (prompt + response tokens) is
+        not asked: its answer stays None.
+        """
+        from megatron_selfjudge.data.datasets import DatasetError
+        from megatron_selfjudge.rollout.base import SamplingConfig
+
+        new_tokens = min(EXTRACT_TOKENS, s.max_new_tokens)
+        limit = self.max_prompt_len + s.max_new_tokens - new_tokens
+        requests, positions = [], []
+        for k, (item, response) in enumerate(pending):
+            try:
+                requests.append(self._request(item, EXTRACT_PROMPT.format(question=item.prompt, response=response),
+                                              "", f"extract:{item.benchmark}:{item.qid}:{k}", limit,
+                                              "the extraction prompt limit"))
+                positions.append(k)
+            except (DatasetError, ValueError):
+                continue
+        out: list[Optional[str]] = [None] * len(pending)
+        if requests:
+            replies = self.engine.generate(requests, SamplingConfig(n=1, greedy=True, max_new_tokens=new_tokens,
+                                                                    seed=s.seed))
+            for k, reply in zip(positions, replies):
+                answer = extract_boxed(reply.text)
+                out[k] = None if answer is None or answer.strip().lower() == "none" else answer
+        return out
 
     def __call__(self, items: Sequence[BenchItem], s: EvalSettings) -> list[Union[list[str], Skipped]]:
         from megatron_selfjudge.data.datasets import DatasetError
+        from megatron_selfjudge.data.prompts import get_instruction
         from megatron_selfjudge.rollout.base import SamplingConfig
 
         out: list[Union[list[str], Skipped]] = []
         requests, positions = [], []
         for item in items:
             try:
-                requests.append(self._request(item, s.instruction))
+                requests.append(self._request(item, item.prompt, get_instruction(s.instruction),
+                                              f"{item.benchmark}:{item.qid}", self.max_prompt_len,
+                                              "rollout.max_prompt_len"))
                 positions.append(len(out))
                 out.append([])
             except (DatasetError, ValueError) as exc:
@@ -129,7 +177,8 @@ class BenchmarkResult:
     def as_json(self, settings: EvalSettings, extra: dict) -> dict:
         """The eval/<benchmark>.json document."""
         s = self.summary
-        return {"benchmark": self.bench.title, "protocol": PROTOCOL, "accuracy": s.accuracy, "correct": s.correct,
+        return {"benchmark": self.bench.title, "protocol": protocol(settings), "accuracy": s.accuracy,
+                "correct": s.correct,
                 "graded": s.graded, "skipped": len(self.skipped), "rows_read": self.rows_read,
                 **({"sampled_pass1": s.sampled_pass1} if s.sampled_pass1 is not None else {}),
                 "scores": s.scores, "categories": s.categories,
@@ -138,12 +187,17 @@ class BenchmarkResult:
                 **extra}
 
 
+Extract = Callable[[Sequence[tuple[BenchItem, str]], EvalSettings], list[Optional[str]]]
+
+
 def evaluate_benchmark(bench: Benchmark, root: Union[str, Path], generate: Generate, settings: EvalSettings, *,
                        limits: Any = None, advance: Callable[[str], None] = lambda desc="": None,
-                       should_stop: Optional[Callable[[], bool]] = None) -> BenchmarkResult:
+                       should_stop: Optional[Callable[[], bool]] = None,
+                       extract: Optional[Extract] = None) -> BenchmarkResult:
     """Stream a benchmark's items, generate in batches, grade; skipped rows are kept with their reason.
 
     `should_stop` is polled before every generation batch (eval.heldout.EvalInterrupted when True).
+    `extract` (settings.extractor == "policy") restates the answers of responses without a box.
     """
     from megatron_selfjudge.eval.heldout import EvalInterrupted
 
@@ -155,19 +209,29 @@ def evaluate_benchmark(bench: Benchmark, root: Union[str, Path], generate: Gener
     def run(batch: list[BenchItem]) -> None:
         if should_stop is not None and should_stop():
             raise EvalInterrupted("evaluation interrupted by a stop request")
-        for item, result in zip(batch, generate(batch, settings)):
+        results = generate(batch, settings)
+        answers_of = [[extract_boxed(t) for t in r] if not isinstance(r, Skipped) else [] for r in results]
+        by = [["rule" if a is not None else None for a in answers] for answers in answers_of]
+        if extract is not None and settings.extractor == "policy":
+            pending = [(i, k) for i, r in enumerate(results) if not isinstance(r, Skipped)
+                       for k, a in enumerate(answers_of[i]) if a is None and r[k].strip()]
+            found = extract([(batch[i], results[i][k]) for i, k in pending], settings) if pending else []
+            for (i, k), answer in zip(pending, found):
+                if answer is not None:
+                    answers_of[i][k], by[i][k] = answer, "policy"
+        for item, result, answers, how in zip(batch, results, answers_of, by):
             advance(bench.title)
             if isinstance(result, Skipped):
                 skipped_at_generation.append(result)
                 continue
-            answers = [extract_boxed(t) for t in result]
             chosen = answers[0] if settings.n == 1 else majority_answer(item, answers)
             ok = is_correct(item, chosen)
             share = sum(is_correct(item, a) for a in answers) / len(answers) if settings.n > 1 else float(ok)
             graded.append(Graded(item.qid, item.group, item.part, item.categories, ok, share))
             predictions.append({"id": item.qid, "group": item.group, "part": item.part,
                                 "response": result[0] if settings.n == 1 else result,
-                                "extracted": chosen, "canonical": canonical_answer(item, chosen),
+                                "extracted": chosen, "extracted_by": how[0] if settings.n == 1 else how,
+                                "canonical": canonical_answer(item, chosen),
                                 "gold": item.gold, "correct": ok, "categories": item.categories,
                                 "file": item.source_file, "row": item.row})
 
@@ -206,7 +270,7 @@ def _pct(x: Optional[float]) -> str:
 def format_report(results: Sequence[BenchmarkResult], settings: EvalSettings, title: str) -> str:
     """report.md: the headline table with the average, then each benchmark's sub-categories and scores."""
     metric = f"maj@{settings.n}" if settings.n > 1 else "greedy"
-    lines = [f"# Evaluation: {title}", "", f"Protocol: {PROTOCOL}. Decoding: {metric}"
+    lines = [f"# Evaluation: {title}", "", f"Protocol: {protocol(settings)}. Decoding: {metric}"
              + (f", temperature {settings.temperature}" if settings.n > 1 else "")
              + (f". Limit: first {settings.limit} problems per benchmark" if settings.limit else "") + ".", "",
              "| benchmark | accuracy (%) | correct | graded | skipped |", "|---|---|---|---|---|"]
@@ -257,8 +321,8 @@ def write_results(out_dir: Union[str, Path], results: Sequence[BenchmarkResult],
 
 
 def run_benchmarks(names: Sequence[str], root: Union[str, Path], generate: Generate, settings: EvalSettings,
-                   console: Any, limits: Any = None,
-                   should_stop: Optional[Callable[[], bool]] = None) -> list[BenchmarkResult]:
+                   console: Any, limits: Any = None, should_stop: Optional[Callable[[], bool]] = None,
+                   extract: Optional[Extract] = None) -> list[BenchmarkResult]:
     """Evaluate each benchmark in turn, with a progress bar per benchmark."""
     results = []
     for name in names:
@@ -266,7 +330,7 @@ def run_benchmarks(names: Sequence[str], root: Union[str, Path], generate: Gener
         # The number of items is known only once the files are read (they stream): no total.
         with console.progress(f"eval {bench.title}", None, 0) as advance:
             results.append(evaluate_benchmark(bench, root, generate, settings, limits=limits, advance=advance,
-                                              should_stop=should_stop))
+                                              should_stop=should_stop, extract=extract))
         s = results[-1].summary
         console.info(f"{bench.title}: accuracy {_pct(s.accuracy)}% ({s.correct}/{s.graded}), "
                      f"{len(results[-1].skipped)} rows skipped")
@@ -322,6 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling when --n > 1")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's rollout.max_response_len")
     p.add_argument("--instruction", default=None, help="format instruction (default: the run's data.instruction)")
+    p.add_argument("--extractor", default="rule", choices=EXTRACTORS,
+                   help="rule: the last \\boxed{} only; policy: a response without one is shown to the evaluated "
+                        "model, which restates its final answer in a box")
     p.add_argument("--out", default=None, help="output folder (default: <run dir>/eval)")
     return p
 
@@ -439,10 +506,10 @@ def _evaluate_checkpoint(a: argparse.Namespace) -> int:
         settings = EvalSettings(n=a.n, temperature=a.temperature, top_p=a.top_p,
                                 max_new_tokens=a.max_new_tokens or r.max_response_len, seed=a.seed, limit=a.limit,
                                 instruction=a.instruction or cfg.data.instruction,
-                                batch_size=max(1, r.max_batch_size // a.n))
+                                batch_size=max(1, r.max_batch_size // a.n), extractor=a.extractor)
         limits = ImageLimits.from_config(cfg.data, image_size=cfg.model.image_size)
-        results = run_benchmarks(names, a.data, PolicyGenerator(family, engine, r.max_prompt_len), settings, log,
-                                 limits)
+        policy = PolicyGenerator(family, engine, r.max_prompt_len)
+        results = run_benchmarks(names, a.data, policy, settings, log, limits, extract=policy.extract)
         if is_main_rank():
             out = write_results(Path(a.out) if a.out else run_dir / "eval", results, settings, str(source),
                                 {"checkpoint": str(source), "step": state.get("step"), "model": cfg.model.preset})

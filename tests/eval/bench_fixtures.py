@@ -66,7 +66,7 @@ def mathvision_hub(root: Path) -> list[dict]:
         dict(id="2", question="<image1>Which?", options=["A", "B", "C", "D", "E"], answer="D", level=2,
              subject="geometry"),
         dict(id="3", question="<image1>1/2=?", options=[], answer="0.5", level=1, subject="algebra"),
-        dict(id="4", question="<image1>Bad", options=["1", "2"], answer="F", level=1, subject="algebra"),  # F: no option
+        dict(id="4", question="<image1>Bad", options=["1", "2"], answer="F", level=1, subject="algebra"),  # F: none
         dict(id="5", question="<image1>Img?", options=[], answer="7", level=3, subject="geometry"),  # broken image
     ]
     for k, r in enumerate(rows):

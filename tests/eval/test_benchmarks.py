@@ -277,16 +277,22 @@ class _Family:
     def images(self, images):
         return torch.zeros(len(images), 3, 4, 4)
 
+    def expand_images(self, ids, images):
+        return ids
+
 
 class _Engine:
-    def __init__(self):
-        self.calls = []
+    """Answers \\boxed{B}, or `texts[uid]`; extraction prompts (uid extract:...) get \\boxed{0.5}."""
+
+    def __init__(self, texts=None):
+        self.calls, self.texts = [], texts or {}
 
     def generate(self, requests, sampling):
         from megatron_selfjudge.rollout.base import Trajectory
 
         self.calls.append(([r.uid for r in requests], sampling))
-        return [Trajectory(r.uid, k, r.prompt_ids, [1], torch.zeros(1), "stop", F.boxed("B"))
+        return [Trajectory(r.uid, k, r.prompt_ids, [1], torch.zeros(1), "stop",
+                           "\\boxed{0.5}" if r.uid.startswith("extract:") else self.texts.get(r.uid, F.boxed("B")))
                 for r in requests for k in range(sampling.n)]
 
 
@@ -301,3 +307,23 @@ def test_policy_generator_skips_undecodable_images_and_long_prompts(tmp_path):
     uids, sampling = engine.calls[0]
     assert uids == ["mathvision:1", "mathvision:3"] and sampling.greedy and sampling.n == 1
     assert res.summary.graded == 2 and res.summary.correct == 1  # 'B' is right for qid 1 only
+
+
+def test_policy_extractor_restates_answers_without_a_box(tmp_path):
+    """qid 3 (gold 0.5) answers in words: the rule finds nothing; --extractor policy asks the model."""
+    F.mathvision_hub(tmp_path)
+    texts = {"mathvision:3": "<think>half</think> it is one half"}
+    for extractor, correct in (("rule", 1), ("policy", 2)):
+        engine = _Engine(texts)
+        policy = PolicyGenerator(_Family(), engine, 400)
+        res = evaluate_benchmark(get_benchmark("mathvision"), tmp_path, policy,
+                                 EvalSettings(instruction="short", extractor=extractor, max_new_tokens=16),
+                                 extract=policy.extract)
+        pred = {p["id"]: p for p in res.predictions}["3"]
+        assert res.summary.correct == correct
+        if extractor == "rule":
+            assert len(engine.calls) == 1 and pred["extracted"] is None and pred["extracted_by"] is None
+        else:
+            uids, sampling = engine.calls[1]
+            assert uids == ["extract:mathvision:3:0"] and sampling.greedy and sampling.max_new_tokens == 16
+            assert (pred["extracted"], pred["extracted_by"], pred["correct"]) == ("0.5", "policy", True)

@@ -155,12 +155,12 @@ def test_eval_cli_on_the_checkpoint_matches_training_eval(trained, tmp_path):
 
 @pytest.mark.slow
 def test_eval_cli_limit_and_sampling(trained, tmp_path):
-    """--limit 1 reads one problem (a WeMath composite: 3 rows); --n 2 samples and reports maj@2."""
+    """--limit 1 reads one problem (a WeMath composite: 3 rows); --n 2 samples, maj@2; the policy extractor runs."""
     run_dir, data = trained
     out = tmp_path / "out"
     proc = _cli("eval", "--checkpoint", str(run_dir / "checkpoints"), "--benchmarks", "wemath,dynamath",
                 "--data", str(data), "--limit", "1", "--n", "2", "--temperature", "0.7", "--seed", "3",
-                "--out", str(out))
+                "--extractor", "policy", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-4000:]
     wemath = json.loads((out / "wemath.json").read_text())
     assert wemath["graded"] == 3 and wemath["scores"]["composites"] == 1
@@ -169,3 +169,5 @@ def test_eval_cli_limit_and_sampling(trained, tmp_path):
     assert dynamath["graded"] == 3 and dynamath["scores"]["questions"] == 1  # one question, its 3 variants
     preds = [json.loads(ln) for ln in (out / "wemath.predictions.jsonl").read_text().splitlines()]
     assert all(isinstance(p["response"], list) and len(p["response"]) == 2 for p in preds)
+    assert wemath["settings"]["extractor"] == "policy" and "restate" in wemath["protocol"]
+    assert all(set(p["extracted_by"]) <= {None, "rule", "policy"} for p in preds)
