@@ -103,6 +103,20 @@ class ParallelConfig:
 
 
 @dataclass
+class VllmRolloutConfig:
+    """The vLLM rollout engine (rollout.backend=vllm), colocated in each training process."""
+
+    tp: int = 1  # vLLM tensor-parallel size (may differ from parallel.tp)
+    dtype: str = ""  # engine dtype: float32 | bfloat16 | float16; "" = model.params_dtype
+    max_model_len: int = 4096  # longest sequence the engine holds (prompt + image tokens + response)
+    gpu_memory_utilization: float = 0.5  # GPU: fraction of memory vLLM may take (weights + KV cache)
+    kv_cache_gb: float = 0.0  # KV-cache GiB; 0: GPU from gpu_memory_utilization, CPU 2 GiB
+    sync_bucket_mb: int = 512  # weight push: MiB of HF tensors moved to the engine at once
+    sleep_level: int = 1  # GPU sleep mode while the trainer updates (1: free KV, offload weights; 0: off)
+    enable_prefix_caching: bool = True  # reuse a prompt's KV blocks across its G samples
+
+
+@dataclass
 class RolloutConfig:
     """Sampling of G trajectories per prompt."""
 
@@ -115,6 +129,7 @@ class RolloutConfig:
     max_batch_size: int = 64  # sequences decoded together by the in-process megatron engine
     # TTRL (reward.mode=ttrl): samples per prompt that vote on the pseudo-label; the first rollout.n are trained on.
     vote_n: int = 64
+    vllm: VllmRolloutConfig = field(default_factory=VllmRolloutConfig)  # rollout.backend=vllm settings
 
 
 @dataclass
@@ -381,6 +396,15 @@ def validate(cfg: Config) -> Config:
     _check("rollout.max_prompt_len", r.max_prompt_len >= 1, ">= 1", r.max_prompt_len)
     _check("rollout.max_response_len", r.max_response_len >= 1, ">= 1", r.max_response_len)
     _check("rollout.max_batch_size", r.max_batch_size >= 1, ">= 1", r.max_batch_size)
+    v = r.vllm
+    _check("rollout.vllm.tp", v.tp >= 1, ">= 1", v.tp)
+    _choice("rollout.vllm.dtype", v.dtype, ["", *PARAMS_DTYPES])
+    _check("rollout.vllm.max_model_len", v.max_model_len >= 1, ">= 1", v.max_model_len)
+    _check("rollout.vllm.gpu_memory_utilization", 0 < v.gpu_memory_utilization <= 1, "in (0, 1]",
+           v.gpu_memory_utilization)
+    _check("rollout.vllm.kv_cache_gb", v.kv_cache_gb >= 0, ">= 0", v.kv_cache_gb)
+    _check("rollout.vllm.sync_bucket_mb", v.sync_bucket_mb >= 1, ">= 1", v.sync_bucket_mb)
+    _check("rollout.vllm.sleep_level", v.sleep_level in (0, 1, 2), "0, 1 or 2", v.sleep_level)
     image_names = "image tokens (model.image_size / model.patch_size)^2"
     _check_context(("rollout.max_prompt_len", "rollout.max_response_len", image_names),
                    (r.max_prompt_len, r.max_response_len, image_tokens))

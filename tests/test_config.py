@@ -65,7 +65,7 @@ def test_round_trip_through_yaml(tmp_path):
     ("trainer.mini_batch_prompts=7", "trainer"),
     ("rollout.top_p=0", "rollout.top_p"),
     ("noequals", "key=value"),
-    ("rollout.backend=vllm", "rollout.backend"),          # not built yet: refused up front
+    ("rollout.backend=sglang", "rollout.backend"),        # not a registered engine: refused up front
     ("model.preset=qwen2.5-vl-7b", "model.preset"),
     ("data.synthetic_unlabeled=0", "data.synthetic_unlabeled"),
     ("trainer.seed=-1", "trainer.seed"),

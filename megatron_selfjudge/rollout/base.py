@@ -16,7 +16,7 @@ import torch
 
 __all__ = [
     "FINISH_REASONS", "EngineStateError", "RolloutEngine", "RolloutRequest", "SamplingConfig", "Trajectory",
-    "available_engines", "build_engine", "check_requests", "default_stop_ids", "register_engine",
+    "available_engines", "build_engine", "build_engine_for", "check_requests", "default_stop_ids", "register_engine",
 ]
 
 FINISH_REASONS = ("stop", "length")
@@ -25,6 +25,7 @@ FINISH_REASONS = ("stop", "length")
 # thing that pulls in megatron-core.
 _BUILTIN_ENGINES: dict[str, str] = {
     "megatron": "megatron_selfjudge.rollout.megatron_engine:MegatronRolloutEngine",
+    "vllm": "megatron_selfjudge.rollout.vllm_engine:VllmRolloutEngine",
 }
 _REGISTERED_ENGINES: dict[str, Callable[..., "RolloutEngine"]] = {}
 
@@ -240,15 +241,25 @@ def available_engines() -> list[str]:
     return sorted(set(_BUILTIN_ENGINES) | set(_REGISTERED_ENGINES))
 
 
-def build_engine(name: str, **kwargs: Any) -> RolloutEngine:
-    """Construct the backend registered under `name` with its keyword arguments."""
+def _factory(name: str) -> Callable[..., RolloutEngine]:
     if name in _REGISTERED_ENGINES:
-        return _REGISTERED_ENGINES[name](**kwargs)
+        return _REGISTERED_ENGINES[name]
     if name not in _BUILTIN_ENGINES:
         raise ValueError(f"rollout.backend: unknown backend {name!r}; known backends: {available_engines()}")
     module_name, attr = _BUILTIN_ENGINES[name].split(":")
-    factory = getattr(importlib.import_module(module_name), attr)
-    return factory(**kwargs)
+    return getattr(importlib.import_module(module_name), attr)
+
+
+def build_engine(name: str, **kwargs: Any) -> RolloutEngine:
+    """Construct the backend registered under `name` with its keyword arguments."""
+    return _factory(name)(**kwargs)
+
+
+def build_engine_for(name: str, cfg: Any, **kwargs: Any) -> RolloutEngine:
+    """The backend of a run: a factory with `from_config(cfg, **kwargs)` also reads its own config keys."""
+    factory = _factory(name)
+    from_config = getattr(factory, "from_config", None)
+    return from_config(cfg, **kwargs) if callable(from_config) else factory(**kwargs)
 
 
 def default_stop_ids(tokenizer: Optional[Any], sampling: SamplingConfig) -> tuple[int, ...]:
