@@ -100,11 +100,11 @@ class PolicyGenerator:
 
         images = list(item.images)  # decoded here, one item at a time (DatasetError when broken)
         ids = self.family.prompt_ids(text, self.family.num_images(images), instruction)
-        if len(ids) > limit:
-            raise ValueError(f"prompt of {len(ids)} tokens exceeds {what}={limit}")
-        pixels = self.family.images(images) if images and self.family.multimodal else None
+        pixels = self.family.images(images) if images else None  # None too for a text-only family
         if pixels is not None:  # a processor that writes one token per image embedding grows the placeholders
             ids = self.family.expand_images(ids, pixels)
+        if len(ids) > limit:  # counted as the trainer counts them (Trainer.encode): after the expansion
+            raise ValueError(f"prompt of {len(ids)} tokens exceeds {what}={limit}")
         # The uid keys the per-sample seeds (rollout/sampling.row_seed): stable whatever the batch.
         return RolloutRequest(uid=uid, prompt_ids=ids, images=pixels)
 

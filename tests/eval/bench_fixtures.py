@@ -227,3 +227,32 @@ def mathvista_hub(root: Path) -> list[dict]:
 def boxed(answer: str) -> str:
     """A response in the project's format."""
     return f"<think>ok</think>\\boxed{{{answer}}}"
+
+
+def mathverse_tsv(root: Path) -> list[dict]:
+    """VLMEvalKit layout: the version in `category`; a later version shares the first row's image by index."""
+    rows = [dict(index=1, image=b64png(1), question="P1? A:1 B:2", answer="B", category="Text Dominant",
+                 query_cot="", question_for_eval="", subject="plane", subfield="y"),
+            dict(index=2, image="1", question="", answer="B", category="Vision Only", query_cot="",
+                 question_for_eval="", subject="plane", subfield="y")]
+    _write_tsv(root / "MathVerse_MINI.tsv", rows)
+    return rows
+
+
+def logicvista_tsv(root: Path) -> list[dict]:
+    """VLMEvalKit layout: skill as a comma list; one row holds two images (a JSON list of base64)."""
+    rows = [dict(index=0, image=json.dumps([b64png(1), b64png(2)]), question="Pick all.", answer="A, C",
+                 skill="spatial, deductive", capability="x"),
+            dict(index=1, image=b64png(3), question="Pick one.", answer="B", skill="numerical", capability="x")]
+    _write_tsv(root / "LogicVista.tsv", rows)
+    return rows
+
+
+def mathvista_tsv(root: Path) -> list[dict]:
+    """VLMEvalKit layout: choices as a Python list repr, NaN-free blanks for free-form rows."""
+    rows = [dict(index=1, image=b64png(1), question="Color?", answer="blue", choices="['red', 'blue']", unit="",
+                 precision="", question_type="multi_choice", answer_type="text", task="FQA"),
+            dict(index=2, image=b64png(2), question="Len?", answer="1.5", choices="", unit="cm", precision="1.0",
+                 question_type="free_form", answer_type="float", task="VQA")]
+    _write_tsv(root / "MathVista_MINI.tsv", rows)
+    return rows

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import bench_fixtures as F  # noqa: E402
 
 from megatron_selfjudge.eval.benchmarks import BenchmarkData, BenchmarkError, get_benchmark, iter_items  # noqa: E402
-from megatron_selfjudge.eval.benchmarks_grading import canonical_answer, is_correct  # noqa: E402
+from megatron_selfjudge.eval.benchmarks_grading import is_correct  # noqa: E402
 from megatron_selfjudge.eval.run import EvalSettings, PolicyGenerator, evaluate_benchmark, write_results  # noqa: E402
 
 
@@ -327,3 +327,18 @@ def test_policy_extractor_restates_answers_without_a_box(tmp_path):
             uids, sampling = engine.calls[1]
             assert uids == ["extract:mathvision:3:0"] and sampling.greedy and sampling.max_new_tokens == 16
             assert (pred["extracted"], pred["extracted_by"], pred["correct"]) == ("0.5", "policy", True)
+
+
+def test_tsv_layouts_of_the_other_benchmarks(tmp_path):
+    F.mathverse_tsv(tmp_path)
+    items, data = read("mathverse", tmp_path)
+    assert [(i.part, i.kind, i.gold) for i in items] == [("Text Dominant", "choice", "B"), ("Vision Only", "choice", "B")]
+    assert items[1].prompt.startswith("Answer the question shown in the image.") and items[1].images[0].size == (8, 8)
+    F.logicvista_tsv(tmp_path)
+    items, data = read("logicvista", tmp_path)
+    assert [(i.gold, len(i.images)) for i in items] == [("A, C", 2), ("B", 1)] and not data.skipped
+    assert items[0].categories == {"skill": ["spatial", "deductive"]}
+    F.mathvista_tsv(tmp_path)
+    items, data = read("mathvista", tmp_path)
+    assert [(i.kind, i.gold, i.precision) for i in items] == [("choice", "B", None), ("float", "1.5", 1)]
+    assert items[1].prompt.endswith("(unit: cm)") and is_correct(items[0], "blue") and is_correct(items[1], "1.52")
