@@ -332,7 +332,8 @@ def test_policy_extractor_restates_answers_without_a_box(tmp_path):
 def test_tsv_layouts_of_the_other_benchmarks(tmp_path):
     F.mathverse_tsv(tmp_path)
     items, data = read("mathverse", tmp_path)
-    assert [(i.part, i.kind, i.gold) for i in items] == [("Text Dominant", "choice", "B"), ("Vision Only", "choice", "B")]
+    assert [(i.part, i.kind, i.gold) for i in items] == [("Text Dominant", "choice", "B"),
+                                                        ("Vision Only", "choice", "B")]
     assert items[1].prompt.startswith("Answer the question shown in the image.") and items[1].images[0].size == (8, 8)
     F.logicvista_tsv(tmp_path)
     items, data = read("logicvista", tmp_path)
