@@ -89,8 +89,8 @@ def test_default_stop_ids_adds_the_tokenizer_eos_once():
 
 
 def test_build_engine_unknown_name_lists_known_backends():
-    with pytest.raises(ValueError, match=r"unknown backend 'vllm'.*'megatron'"):
-        build_engine("vllm")
+    with pytest.raises(ValueError, match=r"unknown backend 'sglang'.*'megatron', 'vllm'"):
+        build_engine("sglang")
 
 
 def test_builtin_backends_are_imported_lazily():
