@@ -1,0 +1,180 @@
+"""`selfjudge compare` (megatron_selfjudge/compare.py): the plan, skipping finished runs, and tables whose
+numbers are recomputed here from each run's own results.json."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from megatron_selfjudge import cli, compare
+from megatron_selfjudge.config import ConfigError, load_config
+
+T975_1 = 12.706205  # Student t, 1 degree of freedom (2 seeds)
+FIGS = {"greedy": "greedy_pass1", "sampled": "sampled_pass1", "maj": "maj_at_g"}
+
+
+def _overrides(command: list[str]) -> dict[str, str]:
+    return dict(item.split("=", 1) for item in command if "=" in item and not item.startswith("-"))
+
+
+def crafted_before(seed: int) -> dict:
+    return {"greedy_pass1": 0.5 + 0.01 * (seed % 7), "sampled_pass1": 0.4, "maj_at_g": 0.45}
+
+
+def crafted_delta(mode: str, seed: int) -> float:
+    return {"majority": 0.02, "judge": 0.05}.get(mode, 0.0) + 0.01 * (seed % 3)
+
+
+class FakeTrainer:
+    """Stands in for `selfjudge train`: writes results.json with crafted figures; counts its calls."""
+
+    def __init__(self, fail_mode: str | None = None, fail_warm_seed: int | None = None):
+        self.calls: list[dict] = []
+        self.fail_mode, self.fail_warm_seed = fail_mode, fail_warm_seed
+
+    def __call__(self, command: list[str], log_file: Path) -> int:
+        o = _overrides(command)
+        self.calls.append(o)
+        seed, run_dir, mode = int(o["trainer.seed"]), Path(o["trainer.run_dir"]), o["reward.mode"]
+        warm = o["trainer.max_steps"] == "0" if "trainer.max_steps" in o else False
+        if (warm and seed == self.fail_warm_seed) or (not warm and mode == self.fail_mode):
+            return 1
+        before = crafted_before(seed)
+        after = before if warm else {k: v + crafted_delta(mode, seed) for k, v in before.items()}
+        run_dir.mkdir(parents=True, exist_ok=True)
+        evals = {name: {"n": 4, "samples": 8, "format_ok": 1.0, **figs} for name, figs in
+                 (("before", before), ("after", after))}
+        (run_dir / "results.json").write_text(json.dumps({"evals": evals}))
+        return 0
+
+
+def args_for(tmp_path: Path, *extra: str):
+    parser = cli.build_parser()
+    return parser.parse_args(["compare", "--out", str(tmp_path / "cmp"), *extra])
+
+
+def test_plan_shares_one_warm_start_per_seed(tmp_path):
+    base = load_config(None, [])
+    plan = compare.make_plan(base, tmp_path, ["majority", "judge"], [7, 8], lr_scale=3.0, lr_scale_seeds=1)
+    assert sorted(plan.warm) == [7, 8]
+    assert "trainer.max_steps=0" in plan.warm[7].overrides
+    assert [(r.seed, r.variant, r.mode) for r in plan.runs] == [
+        (7, "lr x1", "majority"), (7, "lr x1", "judge"), (8, "lr x1", "majority"), (8, "lr x1", "judge"),
+        (7, "lr x3", "majority"), (7, "lr x3", "judge")]
+    for run in plan.runs:
+        o = dict(item.split("=", 1) for item in run.overrides)
+        assert o["trainer.init_from"] == str(plan.warm[run.seed].run_dir)
+        assert float(o["optim.lr"]) == pytest.approx(base.optim.lr * (3 if run.variant == "lr x3" else 1))
+        assert len({r.run_dir for r in plan.runs}) == len(plan.runs)
+    assert compare.all_modes()[0] == "random" and compare.all_modes()[-1] == "ground_truth"
+
+
+def test_tables_equal_the_per_run_figures_and_finished_runs_are_skipped(tmp_path):
+    seeds = [1234, 1235]
+    fake = FakeTrainer()
+    lines: list[str] = []
+    assert compare.run(args_for(tmp_path, "--seeds", "2", "--modes", "majority,judge"), lines.append, fake) == 0
+    assert len(fake.calls) == 2 + 4
+    result = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    # Recomputed here from the runs' own files: change per seed, mean, t interval with 1 dof.
+    for mode in ("majority", "judge"):
+        for name, key in FIGS.items():
+            changes = []
+            for seed in seeds:
+                evals = json.loads((tmp_path / "cmp" / f"seed_{seed}" / "lr_x1" / mode / "results.json").read_text())["evals"]
+                changes.append(evals["after"][key] - evals["before"][key])
+            mean = sum(changes) / 2
+            half = T975_1 * abs(changes[0] - changes[1]) / math.sqrt(2) / math.sqrt(2)
+            got = result["summary"]["lr x1"][mode][name]
+            assert got["n"] == 2 and got["mean"] == pytest.approx(mean)
+            assert got["low"] == pytest.approx(mean - half) and got["high"] == pytest.approx(mean + half)
+    # judge - majority per seed is 0.03 on both seeds: a zero-width interval.
+    paired = result["vs_majority"]["lr x1"]["judge"]["greedy"]
+    assert paired["mean"] == pytest.approx(0.03) and paired["low"] == pytest.approx(0.03)
+    table = (tmp_path / "cmp" / "compare.md").read_text()
+    judge_greedy = result["summary"]["lr x1"]["judge"]["greedy"]
+    assert f"| judge | 2 | {judge_greedy['mean']:+.3f} [{judge_greedy['low']:+.3f}, {judge_greedy['high']:+.3f}]" in table
+    assert "maj@8" in table and result["warm_start_summary"]["greedy"]["min"] == pytest.approx(0.5 + 0.01 * (1234 % 7))
+    # Rerun: every run is finished, nothing is started, the same numbers come out.
+    lines.clear()
+    assert compare.run(args_for(tmp_path, "--seeds", "2", "--modes", "majority,judge"), lines.append, fake) == 0
+    assert len(fake.calls) == 6 and sum(ln.startswith("skip") for ln in lines) == 6
+    assert json.loads((tmp_path / "cmp" / "compare.json").read_text())["summary"] == result["summary"]
+
+
+def test_failed_runs_are_reported_and_a_failed_warm_start_skips_its_seed(tmp_path):
+    fake = FakeTrainer(fail_mode="judge", fail_warm_seed=1235)
+    lines: list[str] = []
+    assert compare.run(args_for(tmp_path, "--seeds", "2", "--modes", "majority,judge"), lines.append, fake) == 1
+    # Seed 1235's warm start failed: its two runs never start; seed 1234's judge run failed.
+    assert len(fake.calls) == 2 + 2
+    result = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    status = {(r["seed"], r["mode"]): r["status"] for r in result["runs"]}
+    assert status == {(1234, "majority"): "ran", (1234, "judge"): "failed",
+                      (1235, "majority"): "not run: warm start failed", (1235, "judge"): "not run: warm start failed"}
+    assert result["summary"]["lr x1"]["majority"]["greedy"]["n"] == 1 and "judge" not in result["summary"]["lr x1"]
+    assert any(ln.startswith("FAIL") and "judge" in ln for ln in lines)
+
+
+def test_bad_arguments_fail_before_any_run(tmp_path, capsys):
+    fake = FakeTrainer()
+    with pytest.raises(ConfigError, match="--seeds"):
+        compare.run(args_for(tmp_path, "--seeds", "0"), print, fake)
+    # A mode whose per-run config is invalid (ttrl needs more votes than samples) stops the plan.
+    with pytest.raises(ConfigError, match="rollout.vote_n"):
+        compare.run(args_for(tmp_path, "--modes", "majority,ttrl", "rollout.n=8", "rollout.vote_n=4"), print, fake)
+    assert fake.calls == []
+    assert cli.main(["compare", "--modes", "majority,nope", "--out", str(tmp_path)]) == 2
+    assert "unknown: nope" in capsys.readouterr().err
+
+
+TINY = ["trainer.sft_steps=2", "trainer.sft_batch_size=4", "data.synthetic_sft=8", "data.synthetic_unlabeled=8",
+        "data.synthetic_test=4", "trainer.prompts_per_step=4", "trainer.mini_batch_prompts=4", "trainer.max_steps=1",
+        "rollout.n=2", "rollout.max_response_len=8", "trainer.save_every=0"]
+
+
+@pytest.mark.slow
+def test_real_tiny_runs_resume_and_match_their_results(tmp_path):
+    lines: list[str] = []
+    args = args_for(tmp_path, "--seeds", "2", "--modes", "majority,self_certainty", *TINY)
+    assert compare.run(args, lines.append) == 0, "\n".join(lines)
+    out = tmp_path / "cmp"
+    result = json.loads((out / "compare.json").read_text())
+    for mode in ("majority", "self_certainty"):
+        run_dirs = [out / f"seed_{s}" / "lr_x1" / mode for s in (1234, 1235)]
+        for run_dir in run_dirs:
+            saved = load_config(run_dir / "config.yaml", embedded_default=False)
+            assert saved.trainer.init_from == str(run_dir.parents[1] / "warm_start")
+            assert saved.reward.mode == mode and saved.trainer.sft_steps == 2
+            assert "warm start: policy weights from" in (run_dir.parent / f"{mode}.log").read_text()
+        for name, key in FIGS.items():
+            changes = []
+            for run_dir in run_dirs:
+                evals = json.loads((run_dir / "results.json").read_text())["evals"]
+                changes.append(evals["after"][key] - evals["before"][key])
+            assert result["summary"]["lr x1"][mode][name]["mean"] == pytest.approx(sum(changes) / 2)
+        curve = result["curves"]["lr x1"][mode]
+        rows = [json.loads(ln) for d in run_dirs for ln in (d / "metrics.jsonl").read_text().splitlines()]
+        assert curve["step"] == [1] and curve["entropy"][0] == pytest.approx(sum(r["entropy"] for r in rows) / 2)
+    # The warm start is shared: each mode's "before" is the warm start's own final evaluation.
+    warm = json.loads((out / "seed_1234" / "warm_start" / "results.json").read_text())["evals"]["after"]
+    assert json.loads((out / "seed_1234" / "lr_x1" / "majority" / "results.json").read_text())["evals"]["before"] == warm
+    # Rerun: nothing is started (a runner that is called fails the test).
+    lines.clear()
+
+    def must_not_run(command, log_file):
+        raise AssertionError(f"finished run started again: {command}")
+
+    assert compare.run(args, lines.append, must_not_run) == 0
+    assert sum(ln.startswith("skip") for ln in lines) == 6
+
+
+@pytest.mark.slow  # builds the tiny trainer in this process
+def test_init_from_without_a_checkpoint_is_a_one_line_error(tmp_path, capsys):
+    code = cli.main(["train", f"trainer.run_dir={tmp_path / 'run'}", f"trainer.init_from={tmp_path / 'nowhere'}",
+                     *TINY])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("selfjudge: config error: trainer.init_from=") and "checkpoint" in err[-1]
