@@ -154,20 +154,24 @@ def test_eval_cli_on_the_checkpoint_matches_training_eval(trained, tmp_path):
 
 
 @pytest.mark.slow
-def test_eval_cli_limit_and_sampling(trained, tmp_path):
-    """--limit 1 reads one problem (a WeMath composite: 3 rows); --n 2 samples, maj@2; the policy extractor runs."""
-    run_dir, data = trained
-    out = tmp_path / "out"
-    proc = _cli("eval", "--checkpoint", str(run_dir / "checkpoints"), "--benchmarks", "wemath,dynamath",
-                "--data", str(data), "--limit", "1", "--n", "2", "--temperature", "0.7", "--seed", "3",
+def test_eval_cli_on_an_hf_folder_limit_and_sampling(tmp_path):
+    """An HF folder (a tiny random Qwen2.5-VL, built by its family): --limit 1 reads one problem (a WeMath
+    composite: 3 rows, a DynaMath question: 3 variants); --n 2 samples, maj@2; the policy extractor runs."""
+    pytest.importorskip("megatron_selfjudge.megatron.models.qwen_family")  # the HF family (its own helper's work)
+    from megatron_selfjudge.megatron.models.tiny_hf import make_tiny_qwen2_5_vl
+
+    hf, data, out = make_tiny_qwen2_5_vl(tmp_path / "hf"), fixture_root(tmp_path / "data"), tmp_path / "out"
+    proc = _cli("eval", "--checkpoint", str(hf), "--benchmarks", "wemath,dynamath", "--data", str(data),
+                "--limit", "1", "--n", "2", "--temperature", "0.7", "--seed", "3", "--max-new-tokens", "8",
                 "--extractor", "policy", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-4000:]
     wemath = json.loads((out / "wemath.json").read_text())
-    assert wemath["graded"] == 3 and wemath["scores"]["composites"] == 1
+    assert wemath["graded"] == 3 and wemath["scores"]["composites"] == 1 and wemath["model"] == "qwen2.5-vl"
     assert wemath["settings"]["metric"] == "maj@2" and "sampled_pass1" in wemath
+    assert wemath["settings"]["extractor"] == "policy" and "restate" in wemath["protocol"]
     dynamath = json.loads((out / "dynamath.json").read_text())
     assert dynamath["graded"] == 3 and dynamath["scores"]["questions"] == 1  # one question, its 3 variants
     preds = [json.loads(ln) for ln in (out / "wemath.predictions.jsonl").read_text().splitlines()]
     assert all(isinstance(p["response"], list) and len(p["response"]) == 2 for p in preds)
-    assert wemath["settings"]["extractor"] == "policy" and "restate" in wemath["protocol"]
     assert all(set(p["extracted_by"]) <= {None, "rule", "policy"} for p in preds)
+    assert not (hf / "eval").exists()  # nothing is written into the model folder
