@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     """Check everything cheap, then load the policy, synthesise, write the output and its summary."""
     from megatron_selfjudge.data import prompts as data_prompts
     from megatron_selfjudge.data.datasets import ImageLimits, load_records
-    from megatron_selfjudge.rollout.base import available_engines, build_engine
+    from megatron_selfjudge.rollout.base import available_engines, build_engine_for
     from megatron_selfjudge.runtime.console import Console
     from megatron_selfjudge.runtime.files import write_atomic
     from megatron_selfjudge.synth.pipeline import Synthesizer
@@ -166,8 +166,8 @@ def run(args: argparse.Namespace) -> int:
         policy = load_policy(where, cfg, log.info)
         log.info(f"policy: {policy.checkpoint} (step {policy.step}, {cfg.model.preset}); "
                  f"{len(source.records)} source rows, strategy {settings.strategy}, prompt style {style.style}")
-        engine = build_engine(backend, model=policy.module,
-                              tokenizer=policy.family.tokenizer, max_batch_size=cfg.rollout.max_batch_size)
+        engine = build_engine_for(backend, cfg, model=policy.module,
+                                  tokenizer=policy.family.tokenizer, max_batch_size=cfg.rollout.max_batch_size)
         synth = Synthesizer(engine, policy.family, settings, style,
                             answer_instruction=data_prompts.get_instruction(cfg.data.instruction),
                             max_prompt_len=cfg.rollout.max_prompt_len)
