@@ -2,6 +2,7 @@
 
     selfjudge convert hf-to-megatron HF_DIR OUT [--dtype float32|bfloat16|float16]
     selfjudge convert megatron-to-hf CKPT OUT [--hf-dir DIR] [--dtype ...]
+    selfjudge convert tiny-qwen OUT [--text] [--seed N]
 
 hf-to-megatron writes a checkpoint root that megatron/checkpoint.py loads (any TP/PP layout:
 the model is saved as megatron dist-checkpoint shards, which reshard on load):
@@ -14,7 +15,11 @@ complete checkpoint), e.g. a training run's `checkpoints/`, and writes an HF fol
 transformers and vLLM load: config and tokenizer/processor files from `--hf-dir` (default: the
 `hf/` folder beside the checkpoint, as hf-to-megatron leaves it) plus one `model.safetensors`.
 
-Both run in one process on CPU (or one GPU) at TP=PP=1; the weights pass through mbridge's maps,
+tiny-qwen writes a tiny random Qwen2.5-VL (or, with --text, Qwen2.5 text) HF folder built from a
+config, without the hub (megatron/models/tiny_hf.py): the `model.hf_path` of
+examples/tiny_qwen2_5_vl_cpu.yaml.
+
+The conversions run in one process on CPU (or one GPU) at TP=PP=1; the weights pass through mbridge's maps,
 with the adjustments of megatron/models/mbridge_compat.py. Memory: about twice the weights in the
 chosen dtype (the megatron module plus the tensors being written).
 """
@@ -135,6 +140,16 @@ def megatron_to_hf(ckpt: str | Path, out: str | Path, hf_dir: Optional[str | Pat
     return written
 
 
+def tiny_qwen(out: str | Path, text: bool = False, seed: int = 0) -> Path:
+    """Write a tiny random Qwen2.5-VL (or Qwen2.5 text) HF folder into `out` (must be absent or empty)."""
+    from megatron_selfjudge.megatron.models import tiny_hf
+
+    out = Path(out)
+    _check_out(out)
+    make = tiny_hf.make_tiny_qwen2_5 if text else tiny_hf.make_tiny_qwen2_5_vl
+    return make(out, seed=seed)
+
+
 def _quiet_libraries() -> None:
     """Hide notices of the libraries that say nothing about this conversion."""
     warnings.filterwarnings("ignore", message=".*(ShardedTensor|`load_state_dict` is deprecated).*",
@@ -157,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out")
     p.add_argument("--hf-dir", default=None, help="model folder for config/tokenizer (default: CKPT's hf/)")
     p.add_argument("--dtype", choices=dtypes, default=None, help="saved dtype (default: the config's)")
+    p = sub.add_parser("tiny-qwen", help="write a tiny random Qwen2.5-VL HF folder (no hub), e.g. for the CPU example")
+    p.add_argument("out")
+    p.add_argument("--text", action="store_true", help="a Qwen2.5 text model instead of Qwen2.5-VL")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     return parser
 
 
@@ -170,6 +189,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.direction == "hf-to-megatron":
             done = hf_to_megatron(args.hf_dir, args.out, args.dtype)
+        elif args.direction == "tiny-qwen":
+            done = tiny_qwen(args.out, args.text, args.seed)
         else:
             done = megatron_to_hf(args.ckpt, args.out, args.hf_dir, args.dtype)
     except (ConvertError, HFFolderError, FileNotFoundError) as exc:

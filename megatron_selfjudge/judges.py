@@ -29,7 +29,7 @@ class JudgePrompt:
 
     uid: str
     question: str
-    images: Optional[torch.Tensor]  # [N, C, H, W] preprocessed, or None
+    images: Optional[Any]  # the family's preprocessed images ([N, C, H, W] or PackedImages), or None
 
 
 def mean_token_logprob(logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -59,7 +59,8 @@ class GenerativeJudge:
                  top_p: float, max_tokens: int, seed: int):
         """judge.samples, judge.temperature, judge.top_p and judge.max_tokens; seed + step per step."""
         self.engine = engine
-        self.encode_prompt = encode_prompt  # (text, n_images) -> token ids with image placeholders
+        # (text, n_images, images=...) -> token ids with image placeholders (sized by the images)
+        self.encode_prompt = encode_prompt
         self.samples = samples
         self.temperature = temperature
         self.top_p = top_p
@@ -72,8 +73,8 @@ class GenerativeJudge:
         out = []
         for t in trajectories:
             p = by_uid[t.uid]
-            n_images = 0 if p.images is None else int(p.images.shape[0])
-            ids = self.encode_prompt(build_judge_prompt(p.question, t.text), n_images)
+            n_images = 0 if p.images is None else len(p.images)
+            ids = self.encode_prompt(build_judge_prompt(p.question, t.text), n_images, images=p.images)
             out.append(RolloutRequest(uid=f"{t.uid}/{t.sample_index}", prompt_ids=ids, images=p.images))
         return out
 

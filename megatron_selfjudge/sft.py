@@ -31,9 +31,10 @@ def sft_step(tr: "Trainer", with_nll: bool) -> dict:
     rng = np.random.default_rng([t.seed, 7, tr.state["sft_step"]])
     picks = rng.choice(len(tr.task.sft), size=min(t.sft_batch_size, len(tr.task.sft)), replace=False)
     recs = [tr.task.sft[i][0] for i in picks]
-    batch = tr.policy_batch([tr.encode(r.question, tr.num_images(r)) for r in recs],
+    images = [tr.images_of(r) for r in recs]
+    batch = tr.policy_batch([tr.encode(r.question, tr.num_images(r), images=im) for r, im in zip(recs, images)],
                             [encode_response(tr.task.sft[i][1], tr.tokenizer) for i in picks],
-                            [tr.images_of(r) for r in recs], torch.ones(len(recs)))
+                            images, torch.ones(len(recs)))
     out = {}
     if with_nll:
         logp = compute_logprobs(tr.ddp, batch, temperature=1.0, max_tokens=t.micro_batch_tokens, impl=tr.cfg.loss.impl)

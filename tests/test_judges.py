@@ -48,7 +48,8 @@ def test_generative_judge_requests_and_parsed_scores():
     engine = RecordingEngine(["fine \\boxed{0.8}", "no verdict", '{"overall_score": 0.3}', "\\boxed{2}"])
     encoded = []
 
-    def encode(text, n_images):
+    def encode(text, n_images, images=None):
+        assert images is (image if n_images else None)  # the prompt's images size its placeholders
         encoded.append((text, n_images))
         return [len(encoded)]
 

@@ -9,6 +9,10 @@ after it, so no attention mask is needed. Each image is one `image_token_index` 
 hold each image once: `image_index` then says which of `images` each row's image slot shows,
 and `row_images()` materialises them in row order only for a micro-batch's forward.
 
+Images are a [N, C, H, W] tensor, or a `PackedImages` when a family's processor makes images of
+different sizes (each image a variable number of rows of patch features, e.g. Qwen2.5-VL's
+pixel_values and image_grid_thw); the batch only counts, selects, concatenates and moves them.
+
 Micro-batches are padded, not packed (packed THD attention needs Transformer Engine): a
 micro-batch of n rows costs n * (longest row, images expanded) tokens, kept under the budget.
 """
@@ -21,6 +25,47 @@ import torch
 
 
 @dataclass
+class PackedImages:
+    """N images of different sizes in one tensor: their rows stacked, and each image's grid.
+
+    Image i owns `grid[i].prod()` consecutive rows of `rows` (e.g. patches of a ViT that takes
+    variable-size images). Indexing with image indices gives the PackedImages of those images.
+    """
+
+    rows: "torch.Tensor"  # [sum of rows, D]
+    grid: "torch.Tensor"  # [N, k] long; image i has prod(grid[i]) rows
+
+    def __post_init__(self) -> None:
+        if self.rows.dim() != 2 or self.grid.dim() != 2 or self.grid.dtype != torch.long:
+            raise ValueError(f"PackedImages needs rows [R, D] and a long grid [N, k], got shapes "
+                             f"{tuple(self.rows.shape)} and {tuple(self.grid.shape)} ({self.grid.dtype})")
+        if int(self.grid.prod(-1).sum()) != self.rows.shape[0]:
+            raise ValueError(f"the grid gives {int(self.grid.prod(-1).sum())} rows, the images hold "
+                             f"{self.rows.shape[0]}")
+
+    def __len__(self) -> int:
+        return self.grid.shape[0]
+
+    def __getitem__(self, index) -> "PackedImages":
+        idx = torch.as_tensor(index, dtype=torch.long).reshape(-1)
+        counts = self.grid.prod(-1)
+        starts = (torch.cumsum(counts, 0) - counts).tolist()
+        pieces = [self.rows[starts[i]:starts[i] + int(counts[i])] for i in idx.tolist()]
+        return PackedImages(torch.cat(pieces) if pieces else self.rows[:0], self.grid[idx.to(self.grid.device)])
+
+    def to(self, device: "torch.device | str") -> "PackedImages":
+        """A copy on `device`."""
+        return PackedImages(self.rows.to(device), self.grid.to(device))
+
+
+def concat_images(parts: Sequence) -> "torch.Tensor | PackedImages":
+    """Images of several rows in order, as one [N, C, H, W] tensor or one PackedImages."""
+    if all(isinstance(p, PackedImages) for p in parts):
+        return PackedImages(torch.cat([p.rows for p in parts]), torch.cat([p.grid for p in parts]))
+    return torch.cat(list(parts))
+
+
+@dataclass
 class PolicyBatch:
     """B sequences for the GRPO update (and for forward-only log-probs)."""
 
@@ -28,7 +73,7 @@ class PolicyBatch:
     labels: torch.Tensor  # [B, T] long, next token of each position
     loss_mask: torch.Tensor  # [B, T] 0/1: 1 where labels is a response token
     advantages: Optional[torch.Tensor] = None  # [B] fp32, one per sequence (needed for training)
-    images: Optional[torch.Tensor] = None  # [N_images, C, H, W] (row order unless image_index); None: text-only
+    images: Optional[torch.Tensor] = None  # [N_images, C, H, W] or PackedImages (row order unless image_index); None: text-only
     num_images: Optional[torch.Tensor] = None  # [B] long; None = count placeholders in tokens
     image_index: Optional[torch.Tensor] = None  # [sum num_images] long: the image each slot shows; None: identity
     old_logp: Optional[torch.Tensor] = None  # [B, T] fp32 behaviour-policy log-probs, or None (on-policy)
@@ -52,9 +97,9 @@ class PolicyBatch:
         if self.num_images is not None and tuple(self.num_images.shape) != (shape[0],):
             raise ValueError(f"num_images must have shape ({shape[0]},), got {tuple(self.num_images.shape)}")
         if self.images is not None:
-            if self.images.dim() != 4:
+            if not isinstance(self.images, PackedImages) and self.images.dim() != 4:
                 raise ValueError(f"images must be [N, C, H, W], got shape {tuple(self.images.shape)}")
-            slots = self.images.shape[0] if self.image_index is None else self.image_index.numel()
+            slots = len(self.images) if self.image_index is None else self.image_index.numel()
             if self.num_images is not None and int(self.num_images.sum()) != slots:
                 raise ValueError(f"num_images sums to {int(self.num_images.sum())} but the batch has {slots} "
                                  "image slots")
@@ -62,8 +107,8 @@ class PolicyBatch:
             if self.images is None or self.image_index.dim() != 1 or self.image_index.dtype != torch.long:
                 raise ValueError("image_index must be a 1-D long tensor beside images")
             if self.image_index.numel() and not (0 <= int(self.image_index.min())
-                                                 and int(self.image_index.max()) < self.images.shape[0]):
-                raise ValueError(f"image_index must lie in [0, {self.images.shape[0]})")
+                                                 and int(self.image_index.max()) < len(self.images)):
+                raise ValueError(f"image_index must lie in [0, {len(self.images)})")
 
     @classmethod
     def from_sequences(cls, sequences, advantages: torch.Tensor, images: Optional[torch.Tensor] = None,
@@ -77,24 +122,24 @@ class PolicyBatch:
 
     @classmethod
     def sharing_images(cls, sequences, advantages: torch.Tensor,
-                       images_per_row: Sequence[torch.Tensor]) -> "PolicyBatch":
+                       images_per_row: Sequence) -> "PolicyBatch":
         """`from_sequences` for rows given their image tensors, holding each distinct tensor once.
 
-        Rows that pass the same tensor object (a prompt's G samples) share its storage.
+        Rows that pass the same tensor (or PackedImages) object, a prompt's G samples, share its storage.
         """
         distinct: dict[int, int] = {}
         held, index = [], []
         for imgs in images_per_row:
             if id(imgs) not in distinct:
-                distinct[id(imgs)] = sum(t.shape[0] for t in held)
+                distinct[id(imgs)] = sum(len(t) for t in held)
                 held.append(imgs)
-            index.extend(range(distinct[id(imgs)], distinct[id(imgs)] + imgs.shape[0]))
-        return cls.from_sequences(sequences, advantages, images=torch.cat(held),
-                                  num_images=torch.tensor([im.shape[0] for im in images_per_row]),
+            index.extend(range(distinct[id(imgs)], distinct[id(imgs)] + len(imgs)))
+        return cls.from_sequences(sequences, advantages, images=concat_images(held),
+                                  num_images=torch.tensor([len(im) for im in images_per_row]),
                                   image_index=torch.tensor(index, dtype=torch.long))
 
     def row_images(self) -> Optional[torch.Tensor]:
-        """The images of every row's slots in row order ([sum num_images, C, H, W]), or None."""
+        """The images of every row's slots in row order ([sum num_images, C, H, W] or PackedImages), or None."""
         if self.images is None or self.image_index is None:
             return self.images
         return self.images[self.image_index]

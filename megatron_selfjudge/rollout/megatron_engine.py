@@ -32,6 +32,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from megatron_selfjudge.megatron import cpu
+from megatron_selfjudge.megatron.batching import PackedImages, concat_images
 from megatron_selfjudge.megatron.forward import unwrap_model
 from megatron_selfjudge.megatron.models.family import family_of
 from megatron_selfjudge.rollout.base import (
@@ -190,6 +191,11 @@ class MegatronRolloutEngine(RolloutEngine):
             if n_image_tokens:
                 raise ValueError(f"request {request.uid!r}: prompt has {n_image_tokens} image tokens but no images")
             return None
+        if isinstance(images, PackedImages):  # a family's variable-size images, already preprocessed
+            if len(images) != n_image_tokens:
+                raise ValueError(f"request {request.uid!r}: {len(images)} images but "
+                                 f"{n_image_tokens} image tokens in prompt_ids")
+            return images
         if not isinstance(images, torch.Tensor):
             if self.image_processor is None:
                 raise TypeError(f"request {request.uid!r}: images must be a tensor [N, C, H, W] "
@@ -225,7 +231,7 @@ class MegatronRolloutEngine(RolloutEngine):
     def _extra_per_row(self, row: _Row) -> int:
         if row.images is None:
             return 0
-        return row.images.shape[0] * max(self.info.image_seq_len - 1, 0)
+        return len(row.images) * max(self.info.image_seq_len - 1, 0)
 
     def _check_lengths(self, rows: list[_Row], max_new: int) -> None:
         limit = self._language.max_sequence_length
@@ -242,7 +248,7 @@ class MegatronRolloutEngine(RolloutEngine):
         # their number of images (the KV cache is indexed by one shared position).
         groups: dict[int, list[int]] = {}
         for i, row in enumerate(rows):
-            groups.setdefault(0 if row.images is None else row.images.shape[0], []).append(i)
+            groups.setdefault(0 if row.images is None else len(row.images), []).append(i)
         return [ids[k:k + self.max_batch_size] for ids in groups.values()
                 for k in range(0, len(ids), self.max_batch_size)]
 
@@ -268,7 +274,7 @@ class MegatronRolloutEngine(RolloutEngine):
         )
         context = StaticInferenceContext(len(batch), total_len + extra)
         # Rows of a batch hold the same number of images (see _batches), so all or none have some.
-        images = torch.cat([row.images for row in batch]) if batch[0].images is not None else None
+        images = concat_images([row.images for row in batch]) if batch[0].images is not None else None
         return self.info.family.inference_wrapper(self.model, wrapper_config, context, images, extra)
 
     def _check_image_positions(self, batch: list[_Row], prefill_len: int) -> None:

@@ -35,6 +35,8 @@ if TYPE_CHECKING:  # only for annotations: importing this module stays light (co
 _BUILTIN_FAMILIES: dict[str, str] = {
     "tiny-llava": "megatron_selfjudge.megatron.models.tiny:TinyLlavaFamily",
     "tiny-gpt": "megatron_selfjudge.megatron.models.tiny:TinyGPTFamily",
+    "qwen2.5-vl": "megatron_selfjudge.megatron.models.qwen_family:QwenVLFamily",
+    "qwen2.5": "megatron_selfjudge.megatron.models.qwen_family:QwenTextFamily",
 }
 _REGISTERED: dict[str, type["ModelFamily"]] = {}
 
@@ -75,6 +77,14 @@ class ModelFamily(abc.ABC):
     @abc.abstractmethod
     def prompt_ids(self, question: str, num_images: int, instruction: str) -> list[int]:
         """Token ids of a prompt: the question, the format instruction and `num_images` image placeholders."""
+
+    def expand_images(self, ids: list[int], images: Any) -> list[int]:
+        """Prompt ids as the module takes them, given the record's preprocessed images (`images()`).
+
+        For a processor that writes one token per image embedding (Qwen2.5-VL) the placeholders
+        of `prompt_ids` grow to each image's count; by default the ids are unchanged.
+        """
+        return ids
 
     def images(self, images: Sequence[Any]) -> Optional["torch.Tensor"]:
         """Preprocessed pixels of a record's images (None for a text-only family)."""

@@ -309,15 +309,18 @@ def mm_token_type_ids(hf_config: Any, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 def mrope_position_ids(hf_config: Any, input_ids: torch.Tensor, image_grid_thw: Optional[torch.Tensor] = None,
-                       attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                       attention_mask: Optional[torch.Tensor] = None,
+                       image_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """M-RoPE positions [3, b, s] exactly as transformers computes them (always with mm_token_type_ids).
 
     input_ids [b, s]; image_grid_thw [n_images, 3] for the images of all rows in order;
-    attention_mask [b, s] (1 = real token) for padded rows, or None.
+    attention_mask [b, s] (1 = real token) for padded rows, or None. image_mask [b, s] bool says
+    which tokens are image slots (default: every image token); an image or video id elsewhere
+    (one a policy generated) is text, as in transformers' generate.
     """
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
-    types = mm_token_type_ids(hf_config, input_ids)
+    types = mm_token_type_ids(hf_config, input_ids) if image_mask is None else image_mask.to(torch.int32)
     n_placeholders = int(types.sum())
     if image_grid_thw is None:
         if n_placeholders:
@@ -346,6 +349,58 @@ def position_ids(model: QwenModel, input_ids: torch.Tensor, image_grid_thw: Opti
     if image_grid_thw is not None:
         raise ValueError(f"{model.hf_config.model_type} is a text model: it takes no images")
     return text_position_ids(input_ids)
+
+
+def vision_embeddings(model: QwenModel, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor,
+                      module: Optional[torch.nn.Module] = None) -> torch.Tensor:
+    """The vision tower's (merged) embeddings [image tokens of all images, hidden] (first stage only)."""
+    from mbridge.core.util import unwrap_model
+
+    bare = unwrap_model(module if module is not None else model.module)
+    return bare.vision_model(vision_data=pixel_values, grid_thw=image_grid_thw)
+
+
+def decoder_forward(model: QwenModel, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                    pixel_values: Optional[torch.Tensor] = None, image_grid_thw: Optional[torch.Tensor] = None,
+                    image_mask: Optional[torch.Tensor] = None, module: Optional[torch.nn.Module] = None,
+                    inference_context: Any = None, runtime_gather_output: Optional[bool] = None,
+                    vision: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`forward` with the image embeddings placed by this code, so it also serves generation.
+
+    Qwen2.5-VL: the vision tower's embeddings (`vision`, else computed from pixel_values and
+    image_grid_thw) replace, in order, the embeddings of the tokens `image_mask` marks (default:
+    every image token; on the first pipeline stage), and the language model
+    runs with `position_ids` ([3, b, s] M-RoPE, or [3, b, end] covering the KV cache with an
+    `inference_context`, whose static cache slices them) and megatron's inference context. The
+    text model runs as a GPTModel. Logits [b, s, V/tp] on the last stage (gathered with
+    `runtime_gather_output`), hidden states elsewhere.
+    """
+    from mbridge.core.util import unwrap_model
+
+    net = module if module is not None else model.module
+    if not model.vision_language:
+        return net(input_ids=input_ids, position_ids=position_ids, attention_mask=None,
+                   inference_context=inference_context, runtime_gather_output=runtime_gather_output)
+    bare = unwrap_model(net)
+    embeddings = None
+    if bare.pre_process:
+        embeddings = bare.language_model.embedding(input_ids=input_ids, position_ids=None)  # [s, b, h]
+        if image_mask is None:
+            image_mask = input_ids == model.hf_config.image_token_id
+        slots = int(image_mask.sum())
+        if slots:
+            if vision is None:
+                if pixel_values is None or image_grid_thw is None:
+                    raise ValueError(f"{slots} image tokens but no pixel_values / image_grid_thw")
+                vision = vision_embeddings(model, pixel_values, image_grid_thw, module=net)
+            if vision.shape[0] != slots:
+                raise ValueError(f"the images give {vision.shape[0]} embeddings for {slots} image tokens")
+            embeddings = embeddings.transpose(0, 1).clone()
+            embeddings[image_mask] = vision.to(embeddings.dtype)
+            embeddings = embeddings.transpose(0, 1).contiguous()
+    return bare.language_model(input_ids=None, position_ids=position_ids, attention_mask=None,
+                               decoder_input=embeddings, inference_context=inference_context,
+                               runtime_gather_output=runtime_gather_output)
 
 
 def forward(model: QwenModel, input_ids: torch.Tensor, position_ids: torch.Tensor,
