@@ -20,8 +20,9 @@ Per benchmark it writes, into `<run dir>/eval/` (or --out):
 
 During training (`trainer.eval_every`), `evaluate_in_training` runs the same code on the live
 policy with the trainer's engine, writes the files under `<run dir>/eval/step_XXXXXXXX/` and
-returns `eval/<benchmark>/accuracy` for metrics.jsonl. Every rank generates (the engine needs
-all ranks of a model-parallel group); the main rank writes.
+returns `eval/<benchmark>/accuracy` for metrics.jsonl. Each data-parallel rank generates for its
+share of every batch (all ranks of a model-parallel group together, as the engine needs) and the
+results are gathered; the main rank writes.
 """
 from __future__ import annotations
 
@@ -89,8 +90,45 @@ class EvalSettings:
 Generate = Callable[[Sequence[BenchItem], EvalSettings], list[Union[list[str], Skipped]]]
 
 
+def _data_parallel() -> tuple[int, int, Any]:
+    """(rank, size, group) of megatron's data-parallel group; (0, 1, None) outside a megatron run."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return 0, 1, None
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        return 0, 1, None
+    return ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(), ps.get_data_parallel_group()
+
+
+def _over_data_parallel(fn: Callable[[Sequence[Any]], list], items: Sequence[Any]) -> list:
+    """fn over this data-parallel rank's share of items (every dp-th one), gathered in order on every rank.
+
+    The ranks of one model-parallel group share a data-parallel rank, so they generate for the same
+    items together, as the engine needs; samples are seeded per uid, so the results do not depend
+    on the data-parallel size.
+    """
+    import torch.distributed as dist
+
+    rank, size, group = _data_parallel()
+    if size == 1:
+        return fn(items)
+    parts: list = [None] * size
+    dist.all_gather_object(parts, fn(items[rank::size]), group=group)
+    out: list = [None] * len(items)
+    for r, part in enumerate(parts):
+        out[r::size] = part
+    return out
+
+
 class PolicyGenerator:
-    """Generation through a model family and a rollout engine (the live policy or a loaded checkpoint)."""
+    """Generation through a model family and a rollout engine (the live policy or a loaded checkpoint).
+
+    With data parallelism each data-parallel rank generates for its share of every batch and the
+    results are gathered, so every rank grades all of them (the main rank writes).
+    """
 
     def __init__(self, family: Any, engine: Any, max_prompt_len: int):
         self.family, self.engine, self.max_prompt_len = family, engine, max_prompt_len
@@ -114,6 +152,9 @@ class PolicyGenerator:
         An extraction prompt longer than the context the responses had (prompt + response tokens) is
         not asked: its answer stays None.
         """
+        return _over_data_parallel(lambda share: self._extract(share, s), pending)
+
+    def _extract(self, pending: Sequence[tuple[BenchItem, str]], s: EvalSettings) -> list[Optional[str]]:
         from megatron_selfjudge.data.datasets import DatasetError
         from megatron_selfjudge.rollout.base import SamplingConfig
 
@@ -138,6 +179,10 @@ class PolicyGenerator:
         return out
 
     def __call__(self, items: Sequence[BenchItem], s: EvalSettings) -> list[Union[list[str], Skipped]]:
+        """Per item, its `s.n` response texts, or the reason it was skipped (image, prompt length)."""
+        return _over_data_parallel(lambda share: self._generate(share, s), items)
+
+    def _generate(self, items: Sequence[BenchItem], s: EvalSettings) -> list[Union[list[str], Skipped]]:
         from megatron_selfjudge.data.datasets import DatasetError
         from megatron_selfjudge.data.prompts import get_instruction
         from megatron_selfjudge.rollout.base import SamplingConfig

@@ -343,3 +343,29 @@ def test_tsv_layouts_of_the_other_benchmarks(tmp_path):
     items, data = read("mathvista", tmp_path)
     assert [(i.kind, i.gold, i.precision) for i in items] == [("choice", "B", None), ("float", "1.5", 1)]
     assert items[1].prompt.endswith("(unit: cm)") and is_correct(items[0], "blue") and is_correct(items[1], "1.52")
+
+
+def _dp_eval(rank: int, world_size: int, root: str) -> tuple[list, list]:
+    """One data-parallel rank's evaluation of the DynaMath fixture with a uid-keyed fake engine."""
+    from megatron_selfjudge.megatron.parallel import initialize_parallel
+
+    initialize_parallel(tp=1, pp=1)
+    engine = _Engine({f"dynamath:{q}:v{v}": F.boxed(F.dynamath_gold(q, v)) for q, v in (("1", 1), ("2", 3), ("3", 2))})
+    res = evaluate_benchmark(get_benchmark("dynamath"), root, PolicyGenerator(_Family(), engine, 400),
+                             EvalSettings(instruction="short", batch_size=4))
+    return [(p["id"], p["response"], p["correct"]) for p in res.predictions], [u for uids, _ in engine.calls
+                                                                                 for u in uids]
+
+
+@pytest.mark.slow
+def test_data_parallel_ranks_share_generation_and_agree(tmp_path):
+    """DP=2: each rank generates for half of every batch; both grade all 9 items as DP=1 does."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "megatron"))
+    from dist_utils import run_distributed
+
+    F.dynamath_hub(tmp_path)
+    (one, one_uids), = run_distributed(_dp_eval, 1, str(tmp_path))
+    (r0, uids0), (r1, uids1) = run_distributed(_dp_eval, 2, str(tmp_path))
+    # Right: the three scripted golds, and the default \boxed{B} on question 2's variant 2 (gold B).
+    assert r0 == r1 == one and sum(c for _, _, c in one) == 4
+    assert not set(uids0) & set(uids1) and sorted(uids0 + uids1) == sorted(one_uids) and len(one_uids) == 9
