@@ -173,6 +173,9 @@ class JudgeConfig:
     max_prompt_len: int = 4096  # rubric + question + candidate response, in tokens (generative)
     unparsed: str = "zero"  # zero: reference code (s = 0); neutral: g = 1
     backend: str = ""  # rollout engine of the generative Judge; "" = the policy's rollout.backend
+    # true: the generative Judge samples from the policy's own engine (its current weights, not the
+    # frozen initial ones; saves a second engine's memory); false: its own engine, loaded once, never synced.
+    share_engine: bool = False
 
 
 @dataclass
@@ -198,6 +201,11 @@ class LossConfig:
     # How the per-token loss and the old/ref log-probs are computed: a name of loss.LOSS_IMPLS
     # (reference | logits_kernel | fused_linear) or auto (the logits kernel on CUDA, else reference).
     impl: str = "auto"
+    # Rollout/train mismatch (a rollout engine other than the policy, e.g. vLLM): truncated importance
+    # weight min(exp(logp_train_old - logp_rollout), cap) per token (token), or of the sequence's
+    # product (sequence), multiplying each token's policy-gradient term; none: off.
+    rollout_correction: str = "none"
+    rollout_correction_cap: float = 2.0  # the truncation C of the importance weight
 
 
 @dataclass
@@ -456,6 +464,11 @@ def validate(cfg: Config) -> Config:
 
     _choice("loss.agg", lo.agg, AGG_MODES)
     _choice("loss.impl", lo.impl, IMPL_CHOICES)
+    from megatron_selfjudge.loss import ROLLOUT_CORRECTIONS
+
+    _choice("loss.rollout_correction", lo.rollout_correction, ROLLOUT_CORRECTIONS)
+    _check("loss.rollout_correction_cap", _finite(lo.rollout_correction_cap) and lo.rollout_correction_cap > 0,
+           "> 0", lo.rollout_correction_cap)
     _check("optim.lr", _finite(o.lr) and o.lr >= 0, ">= 0", o.lr)
     _check("optim.sft_lr", _finite(o.sft_lr) and o.sft_lr >= 0, ">= 0", o.sft_lr)
     _check("optim.weight_decay", o.weight_decay >= 0, ">= 0", o.weight_decay)

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import abc
 import importlib
+import math
 from dataclasses import dataclass
 from typing import NamedTuple, Optional, Union
 
@@ -63,6 +64,7 @@ from megatron_selfjudge.config import LossConfig
 _LOSS_DEFAULTS = LossConfig()  # the one source of the keyword defaults below
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+ROLLOUT_CORRECTIONS = ("none", "token", "sequence")  # loss.rollout_correction
 KERNEL_MODULE = "megatron_selfjudge.kernels.grpo_loss"
 FUSED_LINEAR_MODULE = "megatron_selfjudge.kernels.fused_linear_grpo"
 
@@ -194,6 +196,47 @@ def token_weights(mask: torch.Tensor, agg: str, global_normalizer: float | int |
     return per_token / norm
 
 
+def rollout_correction_weights(train_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor,
+                               mode: str, cap: float) -> Optional[torch.Tensor]:
+    """Truncated importance weights [B, T] (fp32, 0 off the mask) for rollouts sampled by another engine.
+
+    token: w_t = min(exp(train_logp_t - rollout_logp_t), cap); sequence: every token of a row gets
+    min(exp(sum_t (train_logp_t - rollout_logp_t)), cap); none: None. The loss multiplies each
+    token's advantage by w_t, which (w > 0, the clipped and dual-clipped pg being positively
+    homogeneous in A) scales exactly the token's policy-gradient term and leaves the KL term alone,
+    in every loss implementation alike (they all take per-token advantages).
+    """
+    if mode not in ROLLOUT_CORRECTIONS:
+        raise ValueError(f"rollout correction must be one of {ROLLOUT_CORRECTIONS}, got {mode!r}")
+    if not cap > 0:
+        raise ValueError(f"rollout correction cap must be > 0, got {cap!r}")
+    if mode == "none":
+        return None
+    if train_logp.shape != rollout_logp.shape or train_logp.shape != mask.shape:
+        raise ValueError(f"train_logp {tuple(train_logp.shape)}, rollout_logp {tuple(rollout_logp.shape)} and "
+                         f"mask {tuple(mask.shape)} must have one shape")
+    valid = mask.bool()
+    log_ratio = torch.where(valid, train_logp.double() - rollout_logp.double(), torch.zeros((), dtype=torch.float64))
+    if mode == "sequence":
+        log_ratio = log_ratio.sum(dim=1, keepdim=True).expand_as(log_ratio)
+    # min(exp(x), cap) computed as exp(min(x, log cap)): no overflow for a long sequence's sum.
+    weights = torch.exp(torch.clamp(log_ratio, max=math.log(cap)))
+    return torch.where(valid, weights, torch.zeros((), dtype=torch.float64)).float()
+
+
+def rollout_mismatch(train_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """Mean and max |rollout - train| log-prob over the masked tokens, and the k3 estimate of KL(rollout || train).
+
+    k3 = mean(exp(r) - r - 1) with r = train_logp - rollout_logp, the samples being the rollout engine's.
+    """
+    valid = mask.bool()
+    if not bool(valid.any()):
+        return {"rollout_logp_diff_mean": 0.0, "rollout_logp_diff_max": 0.0, "rollout_k3": 0.0}
+    r = (train_logp.double() - rollout_logp.double())[valid]
+    return {"rollout_logp_diff_mean": float(r.abs().mean()), "rollout_logp_diff_max": float(r.abs().max()),
+            "rollout_k3": float((torch.expm1(r) - r).mean())}
+
+
 def _valid_mean(x: torch.Tensor, valid: torch.Tensor, empty: float = 0.0) -> torch.Tensor:
     count = valid.sum()
     total = torch.where(valid, x.detach().float(), torch.zeros((), device=x.device)).sum()
@@ -256,12 +299,14 @@ def policy_loss(
     global_normalizer: float | int | torch.Tensor | None = None,
     entropy_coef: float = _LOSS_DEFAULTS.entropy_coef,
     impl: str = _LOSS_DEFAULTS.impl,
+    rollout_weight: torch.Tensor | None = None,
     **hyper: float,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Aggregated GRPO policy loss from logits, and token-mean metrics (detached 0-d tensors).
 
     `hyper`: LossParams fields (temperature, eps_low, eps_high, dual_clip, beta_kl, clamps); every
-    default here is the config's (config.LossConfig).
+    default here is the config's (config.LossConfig). `rollout_weight` [B, T]: the per-token
+    rollout-correction weights (rollout_correction_weights), or None.
     """
     chosen = resolve_impl(impl, logits.device, entropy_coef)
     if chosen.from_hidden:
@@ -276,6 +321,10 @@ def policy_loss(
     zero = torch.zeros((), dtype=torch.float32, device=logits.device)
     targets = torch.where(valid, targets, torch.zeros_like(targets))
     adv = torch.where(valid, _acc(adv.detach()), zero)
+    if rollout_weight is not None:
+        if rollout_weight.numel() != adv.numel():
+            raise ValueError(f"rollout_weight has {rollout_weight.numel()} elements, expected {adv.numel()}")
+        adv = adv * _acc(rollout_weight.detach()).reshape(adv.shape)
     old_logp = None if old_logp is None else torch.where(valid, _acc(old_logp.detach()), zero)
     ref_logp = None if ref_logp is None else torch.where(valid, _acc(ref_logp.detach()), zero)
     flat = lambda t: None if t is None else t.reshape(-1)  # noqa: E731

@@ -47,7 +47,7 @@ class Trainer:
     def __init__(self, cfg: Config):
         from megatron_selfjudge.megatron.models.family import build_family
         from megatron_selfjudge.megatron.optimizer import build_optimizer
-        from megatron_selfjudge.rollout.base import build_engine
+        from megatron_selfjudge.rollout.base import build_engine_for
         from megatron_selfjudge.rollout.weight_sync import WeightSync
 
         self.cfg = cfg
@@ -64,9 +64,11 @@ class Trainer:
         self.ddp, self.optimizer = build_optimizer(
             self.policy, cfg.optim,
             use_distributed_optimizer=cfg.parallel.use_distributed_optimizer and optim.data_parallel_size() > 1)
-        self.engine = build_engine(cfg.rollout.backend, model=self.policy, tokenizer=self.tokenizer,
-                                   max_batch_size=cfg.rollout.max_batch_size)
-        self.weight_sync = WeightSync(self.engine)
+        self.engine = build_engine_for(cfg.rollout.backend, cfg, model=self.policy, tokenizer=self.tokenizer,
+                                       max_batch_size=cfg.rollout.max_batch_size)
+        # An engine with its own weights (vLLM) is fed the family's HF-named export after every update.
+        self.weight_sync = WeightSync(self.engine, None if self.engine.shares_weights else
+                                      functools.partial(self.family.export_hf, self.policy))
         self.sampler = self.task.sampler(cfg.trainer.seed)
         # policy_version: optimizer updates of stage 2 so far; the rollout engine must hold this version.
         self.state: dict = {"phase": "sft", "sft_step": 0, "step": 0, "evals": {}, "skipped_steps": 0,
@@ -106,8 +108,9 @@ class Trainer:
         out = []
         for r in records:
             images = self.images_of(r)
+            # The source images too: an engine that runs the HF image processor itself (vLLM) reads them.
             out.append(RolloutRequest(uid=r.uid, prompt_ids=self.encode(r.question, self.num_images(r), images=images),
-                                      images=images))
+                                      images=images, metadata={"source_images": r.images} if images is not None else {}))
         return out
 
     def num_images(self, record) -> int:
@@ -241,7 +244,7 @@ class Trainer:
         from megatron_selfjudge.advantages import compute_advantages
         from megatron_selfjudge.megatron.batching import prompt_shard
         from megatron_selfjudge.megatron.forward import compute_logprobs
-        from megatron_selfjudge.megatron.parallel import mean_over_data_parallel
+        from megatron_selfjudge.megatron.parallel import max_over_data_parallel, mean_over_data_parallel
         from megatron_selfjudge.megatron.train_step import train_on_rollout
         from megatron_selfjudge.rewards.baselines import response_stats
         from megatron_selfjudge.rewards.combine import REWARD_MODES
@@ -287,7 +290,9 @@ class Trainer:
         adv = compute_advantages(rewards, gids, a.estimator, temperature=a.temperature, center=a.center, eps=a.eps)
         batch.advantages = adv
         batch = batch.with_logprobs(old, ref if cfg.loss.beta_kl > 0 else None)
+        mismatch = self.rollout_mismatch(batch, trajs)
         t_prep = time.perf_counter()
+        self.weight_sync.release()  # GPU: the rollout engine's memory is free during the update
         history = train_on_rollout(self.ddp, self.optimizer, batch, self.loss_settings(), group_ids=gids,
                                    prompts_per_mini_batch=t.mini_batch_prompts, max_tokens=mb, local=True)
         t_upd = time.perf_counter()
@@ -300,7 +305,9 @@ class Trainer:
             "stop_frac": sum(x.finish_reason == "stop" for x in trajs) / len(trajs),
             "adv_sq_mean": float((adv.double() ** 2).mean()),
             "rollouts_per_rank": float(len(trajs)),  # equal on every rank: P * G / dp
+            **mismatch,
         }, sums=("judge_unparsed",))
+        out["rollout_logp_diff_max"] = max_over_data_parallel(mismatch["rollout_logp_diff_max"])
         # The standard deviation of all ranks' advantages (unbiased, as torch.std of the whole batch).
         n_all = len(trajs) * optim.data_parallel_size()
         var = max(out.pop("adv_sq_mean") - out["adv_mean"] ** 2, 0.0) * n_all / max(n_all - 1, 1)
@@ -313,6 +320,23 @@ class Trainer:
                     else sum(vals) / len(vals)
         out["skipped_updates"] = float(sum(h.get("skipped", 0.0) for h in history))
         out.update(time_rollout=t_roll - t0, time_prepare=t_prep - t_roll, time_update=t_upd - t_prep, **synced)
+        return out
+
+    def rollout_mismatch(self, batch, trajs) -> dict:
+        """Rollout engine vs trainer log-probs of the same tokens (logged), and the loss.rollout_correction
+        weights put on `batch` (none: no weights)."""
+        from megatron_selfjudge.loss import rollout_correction_weights, rollout_mismatch
+
+        mask = batch.loss_mask.bool()
+        rollout = torch.zeros_like(batch.old_logp)
+        # Each row's masked positions are its response tokens in order (data.collate.build_sequences).
+        rollout[mask] = torch.cat([x.logprobs for x in trajs]).to(rollout)
+        lo = self.cfg.loss
+        batch.rollout_weight = rollout_correction_weights(batch.old_logp, rollout, mask, lo.rollout_correction,
+                                                          lo.rollout_correction_cap)
+        out = rollout_mismatch(batch.old_logp, rollout, mask)
+        if batch.rollout_weight is not None:
+            out["rollout_weight_mean"] = float(batch.rollout_weight[mask].mean())
         return out
 
     # ---- run state (runtime/run_state.py) ----
@@ -361,16 +385,24 @@ class Trainer:
 
     def make_initial_copy(self, from_disk: bool) -> None:
         """Reference + Judge: one frozen copy of the policy as it enters stage 2 (and the Judge's engine)."""
-        from megatron_selfjudge.rollout.base import build_engine
+        from megatron_selfjudge.rollout.base import build_engine_for
         from megatron_selfjudge.runtime.run_state import initial_copy
 
         self.initial = initial_copy(self.ckpt_root / "initial", self.policy, self.build, from_disk=from_disk,
                                     step=self.state["step"], offload=self.offload_frozen)
-        if uses_generative_judge(self.cfg):
-            # The Judge's engine is loaded once from the frozen initial weights and never synced.
-            self.judge_engine = build_engine(self.cfg.judge.backend or self.cfg.rollout.backend,
+        if not uses_generative_judge(self.cfg):
+            return
+        if self.cfg.judge.share_engine:
+            self.judge_engine = self.engine  # configured: the Judge samples from the policy's engine
+            return
+        # The Judge's engine is loaded once from the frozen initial weights and never synced.
+        self.judge_engine = build_engine_for(self.cfg.judge.backend or self.cfg.rollout.backend, self.cfg,
                                              model=self.initial.module, tokenizer=self.tokenizer,
                                              max_batch_size=self.cfg.rollout.max_batch_size)
+        if not self.judge_engine.shares_weights:
+            # Built from the HF folder; the frozen copy may differ from it (after SFT): load it, once.
+            with self.initial.use():
+                self.judge_engine.update_weights(self.family.export_hf(self.initial.module), 0)
 
     # ---- the run ----
     def total_steps(self) -> int:

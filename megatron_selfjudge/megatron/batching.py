@@ -78,6 +78,7 @@ class PolicyBatch:
     image_index: Optional[torch.Tensor] = None  # [sum num_images] long: the image each slot shows; None: identity
     old_logp: Optional[torch.Tensor] = None  # [B, T] fp32 behaviour-policy log-probs, or None (on-policy)
     ref_logp: Optional[torch.Tensor] = None  # [B, T] fp32 reference log-probs, or None (no KL term)
+    rollout_weight: Optional[torch.Tensor] = None  # [B, T] fp32 rollout-correction weights (loss.rollout_correction)
 
     def __post_init__(self) -> None:
         _check_2d("tokens", self.tokens, integer=True)
@@ -88,7 +89,7 @@ class PolicyBatch:
         _check_2d("loss_mask", self.loss_mask, shape=shape)
         if not bool(((self.loss_mask == 0) | (self.loss_mask == 1)).all()):
             raise ValueError("loss_mask must hold only 0/1 values")
-        for name in ("old_logp", "ref_logp"):
+        for name in ("old_logp", "ref_logp", "rollout_weight"):
             value = getattr(self, name)
             if value is not None:
                 _check_2d(name, value, shape=shape, floating=True)

@@ -69,3 +69,16 @@ def mean_over_data_parallel(values: dict[str, float], sums: Sequence[str] = ()) 
     packed = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=collective_device())
     dist.all_reduce(packed, group=parallel_state.get_data_parallel_group())
     return {k: v if k in sums else v / dp for k, v in zip(keys, packed.tolist())}
+
+
+def max_over_data_parallel(value: float) -> float:
+    """The largest of the data-parallel ranks' values (same on every rank)."""
+    from megatron.core import parallel_state
+
+    from megatron_selfjudge.runtime.ranks import collective_device
+
+    if parallel_state.get_data_parallel_world_size() == 1:
+        return float(value)
+    packed = torch.tensor([float(value)], dtype=torch.float64, device=collective_device())
+    dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=parallel_state.get_data_parallel_group())
+    return float(packed.item())

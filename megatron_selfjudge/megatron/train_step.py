@@ -84,6 +84,8 @@ def micro_batch_loss(output: torch.Tensor, micro: PolicyBatch, settings: LossSet
     source, shard, rows, cols = fwd.loss_source(output, micro, info, output_weight)
     weights = loss_ref.token_weights(micro.loss_mask, settings.agg, normalizer)[rows, cols]
     adv = micro.advantages.float()[rows]
+    if micro.rollout_weight is not None:  # truncated IS weight per token: scales its pg term (loss.py)
+        adv = adv * micro.rollout_weight.float()[rows, cols]
     old = None if micro.old_logp is None else micro.old_logp.float()[rows, cols]
     ref = None if micro.ref_logp is None else micro.ref_logp.float()[rows, cols]
     terms = impl.per_token(source, micro.labels[rows, cols], adv, old, ref, settings.params(), shard=shard,

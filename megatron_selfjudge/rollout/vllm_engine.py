@@ -169,15 +169,33 @@ def _seeded_global_rng(seed: int):
 
 
 def _as_pil_images(request: RolloutRequest) -> list:
+    """The request's images as PIL images: `images` itself, or `metadata["source_images"]` when `images`
+    holds a family's preprocessed pixels (vLLM runs the HF image processor itself)."""
     from PIL import Image
 
     images = request.images
     if isinstance(images, Image.Image):
         images = [images]
-    if not isinstance(images, (list, tuple)) or not all(isinstance(im, Image.Image) for im in images):
-        raise TypeError(f"request {request.uid!r}: the vLLM engine takes images as PIL images (it runs the HF "
-                        f"image processor itself), got {type(request.images).__name__}")
-    return list(images)
+    if not (isinstance(images, (list, tuple)) and all(isinstance(im, Image.Image) for im in images)):
+        images = request.metadata.get("source_images")
+        images = list(images) if images is not None else None
+    if not images or not all(isinstance(im, Image.Image) for im in images):
+        raise TypeError(f"request {request.uid!r}: the vLLM engine takes images as PIL images (in images or "
+                        f"metadata['source_images']), got {type(request.images).__name__}")
+    return [im.convert("RGB") for im in images]
+
+
+def collapse_placeholders(ids: list[int], placeholder: int) -> list[int]:
+    """One placeholder per image: a run of `placeholder` ids (a processor-expanded image) becomes one id.
+
+    vLLM expands each image's placeholder itself from the image; a prompt whose placeholders are already
+    expanded (the training-side layout) is given to it collapsed.
+    """
+    out: list[int] = []
+    for t in ids:
+        if not (t == placeholder and out and out[-1] == placeholder):
+            out.append(t)
+    return out
 
 
 class VllmRolloutEngine(RolloutEngine):
@@ -292,7 +310,8 @@ class VllmRolloutEngine(RolloutEngine):
             if not self.multimodal:
                 raise ValueError(f"request {request.uid!r} has images but the model is text-only")
             images = _as_pil_images(request)
-            placeholders = sum(t == self.hf_config.image_token_id for t in request.prompt_ids)
+            prompt["prompt_token_ids"] = collapse_placeholders(request.prompt_ids, self.hf_config.image_token_id)
+            placeholders = sum(t == self.hf_config.image_token_id for t in prompt["prompt_token_ids"])
             if placeholders != len(images):
                 raise ValueError(f"request {request.uid!r}: {len(images)} images but {placeholders} image "
                                  "placeholders in prompt_ids")

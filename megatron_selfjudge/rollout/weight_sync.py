@@ -29,9 +29,14 @@ class WeightSync:
         self.engine = engine
         self.export = export
 
+    def release(self) -> None:
+        """Before the policy update: the engine frees what it can (vLLM sleep mode on GPU); push() wakes it."""
+        self.engine.sleep()
+
     def push(self, version: int) -> dict[str, float]:
-        """Load the policy's weights of `version` into the engine; returns time_weight_sync and bytes."""
+        """Wake the engine and load the policy's weights of `version`; returns time_weight_sync and bytes."""
         start = time.perf_counter()
+        self.engine.wake_up()
         sent = self.engine.update_weights(None if self.engine.shares_weights else self.export(), version)
         return {"time_weight_sync": time.perf_counter() - start, "weight_sync_bytes": float(sent)}
 
