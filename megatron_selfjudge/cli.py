@@ -53,6 +53,11 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "rollout":
+        from megatron_selfjudge.rollout import bench as rollout_bench
+
+        rollout_bench.main(args.bench_args)  # prints the table and writes the JSON
+        return 0
     from megatron_selfjudge.kernels import bench
 
     bench.main(args.bench_args)  # prints the table and writes the JSON
@@ -123,8 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=_cmd_config_check)
 
-    p = sub.add_parser("bench", help="benchmarks; `selfjudge bench kernels --help` for options")
-    p.add_argument("what", choices=["kernels"])
+    p = sub.add_parser("bench", help="benchmarks; `selfjudge bench kernels|rollout --help` for options")
+    p.add_argument("what", choices=["kernels", "rollout"])
     p.add_argument("bench_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=_cmd_bench)
 
