@@ -133,9 +133,13 @@ def _forward_and_generate(rank: int, world: int, path: str) -> dict:
 def test_forward_and_greedy_generation_match_transformers(vl_dir):
     from transformers import AutoModelForImageTextToText
 
+    from megatron_selfjudge.megatron.models.family import build_family
+
     got = run_distributed(_forward_and_generate, 1, str(vl_dir), timeout=600)[0]
     assert got["marker"] == 151652 and got["image_seq_len"] == 0
     model = AutoModelForImageTextToText.from_pretrained(str(vl_dir), dtype=torch.float32, local_files_only=True).eval()
+    family = build_family(_cfg("qwen2.5-vl", vl_dir))
+    assert family.parameter_count() == sum(p.numel() for p in model.parameters())
     worst = 0.0
     for row, (question, image, response) in enumerate(zip(QUESTIONS, _images(), RESPONSES)):
         inputs = _hf_inputs(vl_dir, question, image)

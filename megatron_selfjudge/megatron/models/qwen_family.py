@@ -42,7 +42,7 @@ import torch
 
 from megatron_selfjudge.megatron.batching import PackedImages
 from megatron_selfjudge.megatron.models import qwen
-from megatron_selfjudge.megatron.models.family import ModelFamily, ModelInfo, NotSupported
+from megatron_selfjudge.megatron.models.family import ModelFamily, ModelInfo
 
 IMAGE_BLOCK = "<|vision_start|><|image_pad|><|vision_end|>"
 _SENTINEL = "\ue000question\ue000"  # private-use characters: never in a chat template
@@ -170,12 +170,9 @@ class QwenFamily(ModelFamily):
 
     def parameter_count(self) -> int:
         """All parameters of the folder's model, from its config.json (megatron/models/qwen_sizes.py)."""
-        try:
-            from megatron_selfjudge.megatron.models.qwen_sizes import parameter_counts
-        except ImportError:
-            raise NotSupported(f"model family {self.name!r}: qwen_sizes is not available") from None
-        counts = parameter_counts(json.loads((self.hf_path / "config.json").read_text()))
-        return int(counts["total"]) if "total" in counts else int(sum(counts.values()))
+        from megatron_selfjudge.megatron.models.qwen_sizes import parameter_counts
+
+        return int(sum(parameter_counts(json.loads((self.hf_path / "config.json").read_text())).values()))
 
     # ---- module side ----
     def module_builder(self) -> Callable[[], torch.nn.Module]:
