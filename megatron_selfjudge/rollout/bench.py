@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -40,7 +41,8 @@ def _parser() -> argparse.ArgumentParser:
 def _positive(args: argparse.Namespace) -> None:
     for key in ("prompts", "samples", "max_new_tokens", "pushes", "sync_bucket_mb"):
         if getattr(args, key) < 1:
-            raise SystemExit(f"selfjudge bench rollout: --{key.replace('_', '-')} must be >= 1")
+            print(f"selfjudge bench rollout: --{key.replace('_', '-')} must be >= 1", file=sys.stderr)
+            raise SystemExit(2)
 
 
 def _init_one_rank_world() -> None:
