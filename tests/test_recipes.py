@@ -110,6 +110,51 @@ def test_missing_model_folder_is_one_line(tmp_path):
     assert f"model folder {str(tmp_path)!r} has no config.json" in out.stderr
 
 
+def _tiny_vl_config(folder: Path, **text) -> dict:
+    """A small GQA Qwen2.5-VL config.json in `folder` (no weights: the estimate reads only this)."""
+    config = {"model_type": "qwen2_5_vl", "tie_word_embeddings": False,
+              "text_config": {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+                              "intermediate_size": 128, "num_hidden_layers": 4, "vocab_size": 1000, **text},
+              "vision_config": {"depth": 2, "hidden_size": 32, "intermediate_size": 48, "num_heads": 2,
+                                "out_hidden_size": 64, "patch_size": 14, "spatial_merge_size": 2,
+                                "temporal_patch_size": 2, "in_channels": 3}}
+    (folder / "config.json").write_text(json.dumps(config))
+    return config
+
+
+VLLM_RUN = ["model.preset=qwen2.5-vl", "model.params_dtype=bfloat16", "parallel.tp=2", "trainer.prompts_per_step=2",
+            "trainer.mini_batch_prompts=2", "rollout.n=4", "rollout.max_batch_size=4", "rollout.max_prompt_len=20",
+            "rollout.max_response_len=30", "trainer.micro_batch_tokens=100", "rollout.backend=vllm",
+            "rollout.vllm.dtype=float32", "reward.mode=judge", "judge.kind=generative"]
+
+
+def test_vllm_engines_by_hand(tmp_path):
+    """rollout.backend=vllm: each engine's weights and KV cache, and the phases they are resident in."""
+    _tiny_vl_config(tmp_path)
+    cfg = load_config(None, [*VLLM_RUN, f"model.hf_path={tmp_path}", "rollout.vllm.tp=2",
+                             "rollout.vllm.kv_cache_gb=0.5"], embedded_default=False)
+    shape = preflight.model_shape(cfg)
+    est = preflight.estimate_memory(cfg, shape, world_size=2)
+    engine = -(-shape.parameters // 2) * 4  # whole model over rollout.vllm.tp=2, float32
+    assert est.parts["rollout engine weights"] == est.parts["Judge engine weights"] == engine
+    assert est.parts["rollout KV cache"] == est.parts["Judge KV cache"] == preflight.GIB // 2
+    persistent = sum(est.parts[k] for k in ("weights", "grads", "optimizer"))
+    both = 2 * (engine + preflight.GIB // 2)
+    # The policy's engine sleeps through the update; the Judge's own engine never sleeps.
+    assert est.phase_totals() == {
+        "rollout": persistent + both,
+        "reference/Judge": persistent + est.parts["frozen copy"] + est.parts["logits"] + both,
+        "training": persistent + est.parts["activations"] + est.parts["logits"] + engine + preflight.GIB // 2}
+    # Without kv_cache_gb the engine takes gpu_memory_utilization of the GPU, its weights included.
+    cfg = load_config(None, [*VLLM_RUN, f"model.hf_path={tmp_path}", "rollout.vllm.gpu_memory_utilization=0.25",
+                             "judge.share_engine=true", "rollout.vllm.sleep_level=0"], embedded_default=False)
+    est = preflight.estimate_memory(cfg, shape, world_size=2, gpu_bytes=8 * preflight.GIB)
+    engine = shape.parameters * 4
+    assert est.parts["rollout KV cache"] == 2 * preflight.GIB - engine
+    assert "Judge KV cache" not in est.parts  # the Judge samples from the policy's engine
+    assert all("rollout KV cache" in names for names in est.phases.values())  # sleep_level 0: always resident
+
+
 def test_estimate_by_hand_for_a_tiny_qwen_config(tmp_path):
     """Every term of estimate_memory from its inputs, for a small GQA VL model at tp 2 x pp 2 x dp 2."""
     h, heads, kv_heads, head_dim, ffn, layers, vocab = 64, 4, 2, 16, 128, 4, 1000

@@ -38,7 +38,8 @@ def report(cfg: Config, world_size: int, gpu_gib: float = DEFAULT_GPU_GIB) -> tu
                       transformer_engine=True, host="target")
     checks = preflight.launch_checks(cfg, target, shape)
     preflight.require(checks)
-    estimate = preflight.memory_estimate(cfg, shape, world_size, cuda=True)
+    gpu_bytes = int(gpu_gib * GIB)
+    estimate = preflight.memory_estimate(cfg, shape, world_size, cuda=True, gpu_bytes=gpu_bytes)
     dp = world_size // (p.tp * p.pp)
     updates = t.prompts_per_step // t.mini_batch_prompts
     steps = (f"trainer.max_steps={t.max_steps}" if t.max_steps >= 0 else
@@ -59,7 +60,6 @@ def report(cfg: Config, world_size: int, gpu_gib: float = DEFAULT_GPU_GIB) -> tu
     if estimate is None:
         lines.append("memory: not estimated (the model family cannot count its parameters before building)")
         return lines, estimate
-    gpu_bytes = int(gpu_gib * GIB)
     lines.append(f"memory per GPU (estimate; frozen copy "
                  f"{'offloaded between uses' if cfg.trainer.offload_frozen else 'resident'}, no activation "
                  "recomputation):")
@@ -73,7 +73,9 @@ def main(cfg: Config, world_size: Optional[int] = None, gpu_gib: float = DEFAULT
     lines, estimate = report(cfg, world, gpu_gib)
     print("\n".join(lines), flush=True)
     if estimate is not None and estimate.total > gpu_gib * GIB:
+        vllm = ("; with rollout.backend=vllm lower rollout.vllm.gpu_memory_utilization or rollout.vllm.kv_cache_gb, "
+                "or set judge.share_engine=true") if cfg.rollout.backend == "vllm" else ""
         raise PreflightError(
             f"the estimate's {estimate.peak_phase} peak of {preflight.format_bytes(estimate.total)} per GPU exceeds "
-            f"{gpu_gib:g} GiB; lower trainer.micro_batch_tokens or rollout.max_batch_size, or raise parallel.tp")
+            f"{gpu_gib:g} GiB; lower trainer.micro_batch_tokens or rollout.max_batch_size, or raise parallel.tp{vllm}")
     return 0

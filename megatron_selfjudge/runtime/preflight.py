@@ -323,10 +323,10 @@ def model_shape(cfg: Config) -> ModelShape:
 # Parts resident on the GPU in each phase of a step; the peak is the largest phase.
 _PERSISTENT = ("weights", "grads", "optimizer")
 PHASES = {
-    "rollout": (*_PERSISTENT, "rollout KV cache"),
-    "reference/Judge": (*_PERSISTENT, "frozen copy", "Judge KV cache", "logits"),
+    "rollout": _PERSISTENT,
+    "reference/Judge": (*_PERSISTENT, "frozen copy", "logits"),
     "training": (*_PERSISTENT, "activations", "logits"),
-}
+}  # the engines' weights and KV caches join the phases they are resident in (estimate_memory)
 
 
 @dataclass(frozen=True)
@@ -393,8 +393,38 @@ def activation_bytes_per_token(shape: ModelShape, tp: int, width: int) -> int:
     return (4 * shape.hidden_size + -(-split // tp)) * width
 
 
-def estimate_memory(cfg: Config, shape: ModelShape, world_size: int, offload_frozen: bool = True) -> MemoryEstimate:
-    """Memory one rank needs for the config: a pure function of the config and the model's shape.
+def _engine_kv_row(shape: ModelShape, layers: int, tp: int, width: int) -> int:
+    """Bytes of K and V per token for `layers` layers with the kv heads split over `tp`."""
+    return 2 * layers * -(-shape.num_key_value_heads // tp) * shape.head_dim * width
+
+
+def _vllm_engine(cfg: Config, shape: ModelShape, rows: int, tokens: int, gpu_bytes: Optional[int],
+                 on_gpu: bool) -> tuple[int, int]:
+    """(weights, KV cache) bytes one rank's vLLM engine (rollout.vllm.*) holds.
+
+    Weights: the whole model (vLLM has no pipeline stages here) over rollout.vllm.tp in its dtype.
+    KV cache: rollout.vllm.kv_cache_gb when set; else on CPU vLLM's 2 GiB (vllm_compat's default);
+    else on GPU what gpu_memory_utilization x the GPU leaves after the engine's weights (vLLM takes
+    it whole), or, when the GPU's size is unknown, max_num_seqs (= rollout.max_batch_size) rows of
+    min(max_model_len, the longest sequence) tokens.
+    """
+    v = cfg.rollout.vllm
+    width = _BYTES[v.dtype or cfg.model.params_dtype]
+    weights = -(-shape.parameters // v.tp) * width
+    if v.kv_cache_gb > 0:
+        kv = int(v.kv_cache_gb * GIB)
+    elif not on_gpu:
+        kv = 2 * GIB
+    elif gpu_bytes:
+        kv = max(0, int(v.gpu_memory_utilization * gpu_bytes) - weights)
+    else:
+        kv = rows * min(v.max_model_len, tokens) * _engine_kv_row(shape, shape.num_layers, v.tp, width)
+    return weights, kv
+
+
+def estimate_memory(cfg: Config, shape: ModelShape, world_size: int, offload_frozen: bool = True,
+                    on_gpu: bool = True, gpu_bytes: Optional[int] = None) -> MemoryEstimate:
+    """Memory one rank needs for the config: a pure function of the config, the model's shape and the GPU.
 
     - weights, params_dtype: the busiest pipeline stage's parameters over tp;
     - grads: megatron DDP's fp32 gradient buffer (grad_reduce_in_fp32), as large as the weights' count;
@@ -408,12 +438,18 @@ def estimate_memory(cfg: Config, shape: ModelShape, world_size: int, offload_fro
       (1F1B keeps up to pp micro-batches in flight on the first stage). The vision tower's
       activations are not counted;
     - logits: one micro-batch's [tokens, vocab / tp] in fp32 with their gradient (8 B each);
-    - rollout KV cache: K and V of this rank's stage layers, kv heads / tp x head_dim each, in
-      params_dtype, for one engine batch (rollout.max_batch_size rows, at most this data-parallel
-      rank's prompts x rollout.n) of full-length sequences (prompt + response + image positions).
-      The in-process engine sizes its cache this way; no GPU-memory-fraction key exists yet;
-    - Judge KV cache: the same for the generative Judge's batch (judge.samples per trajectory).
-    The total is the peak over the phases of a step (PHASES): rollout, reference/Judge, training.
+    - rollout KV cache, rollout.backend=megatron: K and V of this rank's stage layers, kv heads / tp
+      x head_dim each, in params_dtype, for one engine batch (rollout.max_batch_size rows, at most
+      this data-parallel rank's prompts x rollout.n) of full-length sequences (prompt + response +
+      image positions), in the rollout phase. rollout.backend=vllm: the engine's own weights and
+      KV cache (`_vllm_engine`), resident until the update, which it sleeps through on GPU
+      (rollout.vllm.sleep_level > 0);
+    - Judge KV cache: the same for the generative Judge's batch (judge.samples per trajectory), in
+      the reference/Judge phase; a Judge on its own vLLM engine (judge.backend or rollout.backend
+      vllm, judge.share_engine off) holds its weights and KV cache in every phase (it never sleeps);
+      a Judge sharing the policy's vLLM engine adds nothing.
+    The total is the peak over the phases of a step (PHASES): rollout, reference/Judge, training;
+    the reference/Judge phase counts the Judge's cache and a forward's logits together.
     """
     m, p, r, t, j = cfg.model, cfg.parallel, cfg.rollout, cfg.trainer, cfg.judge
     if shape.parameters is None:
@@ -424,9 +460,10 @@ def estimate_memory(cfg: Config, shape: ModelShape, world_size: int, offload_fro
     adam = 8 + (4 if m.params_dtype != "float32" else 0)
     shard = dp if (p.use_distributed_optimizer and dp > 1) else 1
     stage_layers = -(-shape.num_layers // p.pp)
-    kv_row = 2 * stage_layers * -(-shape.num_key_value_heads // p.tp) * shape.head_dim * width  # K and V per token
+    kv_row = _engine_kv_row(shape, stage_layers, p.tp, width)
     extra = shape.image_positions
     rank_trajectories = -(-t.prompts_per_step // dp) * r.n
+    rollout_rows, rollout_len = min(r.max_batch_size, rank_trajectories), r.max_prompt_len + r.max_response_len + extra
     parts = {
         "weights": local * width,
         "grads": local * 4,
@@ -434,26 +471,45 @@ def estimate_memory(cfg: Config, shape: ModelShape, world_size: int, offload_fro
         "frozen copy": local * width,
         "activations": t.micro_batch_tokens * activation_bytes_per_token(shape, p.tp, width) * stage_layers * p.pp,
         "logits": t.micro_batch_tokens * -(-shape.vocab_size // p.tp) * 8,
-        "rollout KV cache": min(r.max_batch_size, rank_trajectories) * (r.max_prompt_len + r.max_response_len + extra)
-        * kv_row,
     }
-    if uses_generative_judge(cfg):
+    phases = {name: [x for x in names if x in parts] for name, names in PHASES.items()}
+    if r.backend == "vllm":
+        parts["rollout engine weights"], parts["rollout KV cache"] = _vllm_engine(
+            cfg, shape, rollout_rows, rollout_len, gpu_bytes, on_gpu)
+        awake = ("rollout", "reference/Judge") if on_gpu and r.vllm.sleep_level > 0 else tuple(phases)
+        for name in awake:
+            phases[name] += ["rollout engine weights", "rollout KV cache"]
+    else:
+        parts["rollout KV cache"] = rollout_rows * rollout_len * kv_row
+        phases["rollout"].append("rollout KV cache")
+    if uses_generative_judge(cfg) and not (j.share_engine and r.backend == "vllm"):
         judge_rows = min(r.max_batch_size, rank_trajectories * j.samples)
-        parts["Judge KV cache"] = judge_rows * (j.max_prompt_len + j.max_tokens + extra) * kv_row
-    phases = {name: tuple(x for x in names if x in parts) for name, names in PHASES.items()}
+        judge_len = j.max_prompt_len + j.max_tokens + extra
+        if (j.backend or r.backend) == "vllm" and not j.share_engine:
+            parts["Judge engine weights"], parts["Judge KV cache"] = _vllm_engine(
+                cfg, shape, judge_rows, judge_len, gpu_bytes, on_gpu)
+            for names in phases.values():
+                names += ["Judge engine weights", "Judge KV cache"]
+        else:
+            parts["Judge KV cache"] = judge_rows * judge_len * kv_row
+            phases["reference/Judge"].append("Judge KV cache")
     if not offload_frozen:
-        phases = {name: names if "frozen copy" in names else (*names, "frozen copy") for name, names in phases.items()}
-    return MemoryEstimate(parts=parts, phases=phases)
+        for names in phases.values():
+            if "frozen copy" not in names:
+                names.append("frozen copy")
+    return MemoryEstimate(parts=parts, phases={name: tuple(names) for name, names in phases.items()})
 
 
-def memory_estimate(cfg: Config, shape: ModelShape, world_size: int, cuda: bool) -> Optional[MemoryEstimate]:
+def memory_estimate(cfg: Config, shape: ModelShape, world_size: int, cuda: bool,
+                    gpu_bytes: Optional[int] = None) -> Optional[MemoryEstimate]:
     """`estimate_memory` for the config's model, or None when its family cannot count its parameters.
 
     The frozen copy leaves the GPU between uses only on CUDA with trainer.offload_frozen (the trainer's rule).
     """
     if shape.parameters is None:
         return None
-    return estimate_memory(cfg, shape, world_size, offload_frozen=cfg.trainer.offload_frozen and cuda)
+    return estimate_memory(cfg, shape, world_size, offload_frozen=cfg.trainer.offload_frozen and cuda,
+                           on_gpu=cuda, gpu_bytes=gpu_bytes)
 
 
 def check_memory(estimate: Optional[MemoryEstimate], free_bytes: Optional[int], where: str) -> str:
