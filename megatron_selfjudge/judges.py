@@ -30,6 +30,7 @@ class JudgePrompt:
     uid: str
     question: str
     images: Optional[Any]  # the family's preprocessed images ([N, C, H, W] or PackedImages), or None
+    source_images: Optional[Any] = None  # the record's own (PIL) images, for an engine that preprocesses itself (vLLM)
 
 
 def mean_token_logprob(logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -75,7 +76,8 @@ class GenerativeJudge:
             p = by_uid[t.uid]
             n_images = 0 if p.images is None else len(p.images)
             ids = self.encode_prompt(build_judge_prompt(p.question, t.text), n_images, images=p.images)
-            out.append(RolloutRequest(uid=f"{t.uid}/{t.sample_index}", prompt_ids=ids, images=p.images))
+            meta = {"source_images": p.source_images} if p.source_images is not None else {}
+            out.append(RolloutRequest(uid=f"{t.uid}/{t.sample_index}", prompt_ids=ids, images=p.images, metadata=meta))
         return out
 
     def score(self, prompts: Sequence[JudgePrompt], trajectories: Sequence[Trajectory],

@@ -23,6 +23,7 @@ DP=1 run does; only the loss normaliser and the logged metrics cross ranks.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import json
 import math
@@ -201,7 +202,8 @@ class Trainer:
                                                                          limit_key="judge.max_prompt_len", images=images),
                                 samples=j.samples, temperature=j.temperature, top_p=j.top_p,
                                 max_tokens=j.max_tokens, seed=self.cfg.trainer.seed + 20_000)
-        prompts = [JudgePrompt(uid=r.uid, question=r.question, images=self.images_of(r)) for r in records]
+        prompts = [JudgePrompt(uid=r.uid, question=r.question, images=self.images_of(r),
+                               source_images=r.images if self.family.multimodal else None) for r in records]
         scores, _ = judge.score(prompts, trajectories, step=self.state["step"])
         return scores
 
@@ -321,6 +323,11 @@ class Trainer:
         out["skipped_updates"] = float(sum(h.get("skipped", 0.0) for h in history))
         out.update(time_rollout=t_roll - t0, time_prepare=t_prep - t_roll, time_update=t_upd - t_prep, **synced)
         return out
+
+    def close_engines(self) -> None:
+        """Close the rollout engine and the Judge's (the same object when shared)."""
+        for engine in {id(e): e for e in (self.engine, getattr(self, "judge_engine", None)) if e is not None}.values():
+            engine.close()
 
     def rollout_mismatch(self, batch, trajs) -> dict:
         """Rollout engine vs trainer log-probs of the same tokens (logged), and the loss.rollout_correction
@@ -534,7 +541,11 @@ def main(cfg: Config) -> int:
                 log.info(line)
             # Locked before anything is written there (the Trainer opens TensorBoard, run() config.yaml).
             with hold_run_dir(cfg.trainer.run_dir, is_main_rank()):
-                return Trainer(cfg).run(preempt)
+                trainer = Trainer(cfg)
+                try:
+                    return trainer.run(preempt)
+                finally:
+                    trainer.close_engines()  # before the process groups go: a vLLM engine tears down its own
         finally:
             sigterm_point("teardown")
             teardown_distributed(created)

@@ -393,6 +393,9 @@ class VllmRolloutEngine(RolloutEngine):
         super().wake_up()
 
     def close(self) -> None:
-        """Drop the engine (its memory is released with the LLM object)."""
+        """Shut the engine down now (while the process groups it uses still exist) and drop it."""
+        if self.llm is not None:
+            # vLLM otherwise shuts down from a finalizer at interpreter exit, after torch.distributed's teardown.
+            self.llm.llm_engine.engine_core.shutdown()
         super().close()
         self.llm = None
