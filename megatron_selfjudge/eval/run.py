@@ -498,54 +498,36 @@ def hf_config(path: Union[str, Path]) -> Any:
                     + (f" ({'; '.join(problems)})" if problems else " (none of the families reads HF folders)"))
 
 
-def resolve_checkpoint(path: Union[str, Path]) -> tuple[Path, Path]:
-    """(run directory, step folder) of a run directory, checkpoint root or step folder."""
-    from megatron_selfjudge.megatron.checkpoint import META_FILE, latest_checkpoint
-
-    p = Path(path)
-    if not p.is_dir():
-        raise EvalError(f"--checkpoint {p}: not a folder")
-    if (p / META_FILE).is_file():
-        step_dir, run_dir = p, p.parent.parent
-    else:
-        root = p / "checkpoints" if (p / "checkpoints").is_dir() else p
-        step_dir = latest_checkpoint(root)
-        if step_dir is None:
-            raise EvalError(f"--checkpoint {p}: no complete checkpoint (looked in {root})")
-        run_dir = root.parent
-    if not (run_dir / "config.yaml").is_file():
-        raise EvalError(f"--checkpoint {p}: no config.yaml in the run directory {run_dir} (the model is built "
-                        "from the run's config)")
-    return run_dir, step_dir
-
-
 def _evaluate_checkpoint(a: argparse.Namespace) -> int:
-    from megatron_selfjudge.config import load_saved_config
     from megatron_selfjudge.data.datasets import ImageLimits
-    from megatron_selfjudge.megatron.checkpoint import load_checkpoint
     from megatron_selfjudge.megatron.models.family import build_family
     from megatron_selfjudge.rollout.base import build_engine
+    from megatron_selfjudge.runtime.trained_policy import load_policy, load_run_config, locate
     from megatron_selfjudge.runtime.console import Console
     from megatron_selfjudge.runtime.setup import is_main_rank, setup_distributed, teardown_distributed
 
     names = _check_args(a)
+    where = None
     if is_hf_folder(a.checkpoint):
-        cfg, run_dir, step_dir = hf_config(a.checkpoint), Path(a.checkpoint), None
+        cfg, run_dir = hf_config(a.checkpoint), Path(a.checkpoint)
         if a.out is None:
             raise EvalError("--out is needed with an HF folder (results are not written into the model folder)")
     else:
-        run_dir, step_dir = resolve_checkpoint(a.checkpoint)
-        cfg = load_saved_config(run_dir / "config.yaml")
+        where = locate(a.checkpoint)
+        cfg, run_dir = load_run_config(where), where.config_file.parent
     # One process evaluates at TP=PP=1 (the checkpoint reshards on load); under torchrun the run's layout.
     launched = "WORLD_SIZE" in os.environ
     created = setup_distributed(cfg.parallel.tp if launched else 1, cfg.parallel.pp if launched else 1, a.seed)
     try:
         log = Console(is_main_rank())
-        family = build_family(cfg)
-        module = family.builder()()  # an HF family's builder loads the folder's weights
-        state = {"step": None} if step_dir is None else load_checkpoint(step_dir, module, None, load_rng=False)
-        source = step_dir or run_dir
-        log.info(f"loaded {source} (step {state.get('step')}, model {cfg.model.preset})")
+        if where is None:
+            family = build_family(cfg)
+            module = family.builder()()  # an HF family's builder loads the folder's weights
+            source, step = run_dir, None
+        else:  # the newest intact checkpoint (or exactly the step folder named)
+            loaded = load_policy(where, cfg, log.info)
+            family, module, source, step = loaded.family, loaded.module, loaded.checkpoint, loaded.step
+        log.info(f"loaded {source} (step {step}, model {cfg.model.preset})")
         r = cfg.rollout
         engine = build_engine(r.backend, model=module, tokenizer=family.tokenizer, max_batch_size=r.max_batch_size)
         settings = EvalSettings(n=a.n, temperature=a.temperature, top_p=a.top_p,
@@ -557,7 +539,7 @@ def _evaluate_checkpoint(a: argparse.Namespace) -> int:
         results = run_benchmarks(names, a.data, policy, settings, log, limits, extract=policy.extract)
         if is_main_rank():
             out = write_results(Path(a.out) if a.out else run_dir / "eval", results, settings, str(source),
-                                {"checkpoint": str(source), "step": state.get("step"), "model": cfg.model.preset})
+                                {"checkpoint": str(source), "step": step, "model": cfg.model.preset})
             log.info(f"wrote {out}/report.md")
         return 0
     finally:
@@ -569,6 +551,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from megatron_selfjudge.config import ConfigError
     from megatron_selfjudge.data.datasets import DatasetError
     from megatron_selfjudge.runtime.run_state import CheckpointDamaged
+    from megatron_selfjudge.runtime.trained_policy import PolicyLoadError
 
     try:
         args = build_parser().parse_args(argv)
@@ -576,7 +559,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return int(exc.code or 0)
     try:
         return _evaluate_checkpoint(args)
-    except (EvalError, DatasetError, ConfigError, FileNotFoundError) as exc:
+    except (EvalError, PolicyLoadError, DatasetError, ConfigError, FileNotFoundError) as exc:
         print(f"selfjudge eval: {exc}", file=sys.stderr)
         return 2
     except CheckpointDamaged as exc:

@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     from megatron_selfjudge.runtime.console import Console
     from megatron_selfjudge.runtime.files import write_atomic
     from megatron_selfjudge.synth.pipeline import Synthesizer
-    from megatron_selfjudge.synth.policy import load_policy, load_run_config, locate, single_process
+    from megatron_selfjudge.runtime.trained_policy import load_policy, load_run_config, locate, single_process
     from megatron_selfjudge.synth.prompts import prompt_style
 
     t0 = time.perf_counter()
@@ -200,7 +200,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """`selfjudge synth ...`; bad input gives one line on stderr and exit code 2."""
     from megatron_selfjudge.config import ConfigError
     from megatron_selfjudge.data.datasets import DatasetError
-    from megatron_selfjudge.synth.policy import PolicyLoadError
+    from megatron_selfjudge.runtime.trained_policy import PolicyLoadError
 
     args = build_parser().parse_args(argv)
     # torch.distributed.checkpoint's deprecation notices on every weights load say nothing about this run.

@@ -65,8 +65,8 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     (["--checkpoint", ".", "--benchmarks", "wemath", "--data", ".", "--n", "0"], "--n must be >= 1"),
     (["--checkpoint", ".", "--benchmarks", "wemath", "--data", ".", "--temperature", "nan"], "--temperature"),
     (["--checkpoint", ".", "--benchmarks", "wemath", "--data", ".", "--instruction", "loud"], "--instruction"),
-    (["--checkpoint", "/no/such", "--benchmarks", "wemath", "--data", "."], "--checkpoint /no/such: not a folder"),
-    (["--checkpoint", "{tmp}", "--benchmarks", "wemath", "--data", "."], "no complete checkpoint"),
+    (["--checkpoint", "/no/such", "--benchmarks", "wemath", "--data", "."], "checkpoint /no/such does not exist"),
+    (["--checkpoint", "{tmp}", "--benchmarks", "wemath", "--data", "."], "is not a run directory"),
 ])
 def test_bad_arguments_are_one_line_exit_2(tmp_path, capsys, args, message):
     code = eval_run.main([a.replace("{tmp}", str(tmp_path)) for a in args])

@@ -1,10 +1,13 @@
-"""A trained policy for inference outside the trainer: a run's config, model family and weights.
+"""A trained policy for inference outside the trainer (`selfjudge eval`, `selfjudge synth`).
+
+A run's config, model family and weights, found from one `--checkpoint` argument.
 
 `--checkpoint` may name a run directory (``config.yaml`` + ``checkpoints/``: its newest intact
 step checkpoint, falling back past damaged ones as a resume does), its ``checkpoints/`` root, or
 one step folder inside it (exactly that one). The model is built from the run's saved config by
 its model family and loaded weights-only (megatron/checkpoint.py: manifest verified, no
-optimizer, no RNG) in one process at TP=PP=1; dist-checkpoint shards reshard from any layout.
+optimizer, no RNG) in the caller's parallel layout (`single_process`: TP=PP=1); dist-checkpoint
+shards reshard from any layout.
 """
 from __future__ import annotations
 
@@ -70,9 +73,9 @@ def load_run_config(where: RunCheckpoint) -> Config:
 
 
 def load_policy(where: RunCheckpoint, cfg: Config, warn: Callable[[str], None]) -> LoadedPolicy:
-    """Build the run's model (config `cfg`) at TP=PP=1 and load the first intact checkpoint of `where`.
+    """Build the run's model (config `cfg`) and load the first intact checkpoint of `where`.
 
-    Call inside `single_process()` (megatron's parallel state must exist).
+    Megatron's parallel state must exist (`single_process()`, or the caller's own set-up).
     """
     from megatron_selfjudge.megatron.checkpoint import load_checkpoint
     from megatron_selfjudge.megatron.models.family import build_family
