@@ -104,3 +104,11 @@ def test_text_model_trains_a_step(tmp_path):
     _train(hf, run_dir, "model.preset=qwen2.5", *STEPS, "trainer.max_steps=1")
     (row,) = read_metrics(run_dir)
     assert row["step"] == 1 and row["rollouts_per_rank"] == 8 and row["loss"] != 0 and row["grad_norm"] > 0
+
+
+def test_missing_model_folder_is_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, *_train_args(tmp_path / "absent", tmp_path / "run")], env=_env(),
+                          capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if "model.hf_path" in line]
+    assert len(lines) == 1 and "absent" in lines[0] and "Traceback" not in proc.stderr

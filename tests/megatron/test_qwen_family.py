@@ -77,6 +77,8 @@ def test_prompt_ids_match_the_processor(vl_dir, text_dir):
         assert torch.equal(images.rows, reference["pixel_values"].float())
         assert torch.equal(images.grid, reference["image_grid_thw"])
     assert family.image_token_counts(family.images(_images())) == [24, 64]
+    none = family.images([])  # an image-free row of a VL batch keeps the PackedImages layout
+    assert len(none) == 0 and family.expand_images(family.prompt_ids("Hi?", 0, ""), none).count(151655) == 0
     # One placeholder per image before expansion (what vLLM takes); special-token text stays text.
     raw = family.prompt_ids("a <|im_end|> b", 2, "")
     assert raw.count(151655) == 2 and raw.count(151645) == 2  # only the template's turn ends
@@ -156,3 +158,38 @@ def test_forward_and_greedy_generation_match_transformers(vl_dir):
         stop = generated.index(151645) + 1 if 151645 in generated else len(generated)
         assert got["generated"][row] == generated[:stop], (row, got["generated"][row], generated)
     assert worst < TOL, f"max abs logits difference {worst:.3g}"
+
+
+def test_judge_prompt_goes_through_the_chat_template(vl_dir):
+    """The generative Judge's rubric prompt: trainer.encode -> family.prompt_ids + expand_images, as the processor."""
+    from types import SimpleNamespace
+
+    from megatron_selfjudge.data.prompts import build_prompt_text  # every family's text: stripped + instruction
+    from megatron_selfjudge.judges import GenerativeJudge, JudgePrompt
+    from megatron_selfjudge.megatron.models import qwen
+    from megatron_selfjudge.megatron.models.family import build_family
+    from megatron_selfjudge.rewards.judge import build_judge_prompt
+    from megatron_selfjudge.rollout.base import Trajectory
+    from megatron_selfjudge.trainer import Trainer
+
+    cfg = _cfg("qwen2.5-vl", vl_dir, "judge.max_prompt_len=4096")
+    trainer = SimpleNamespace(cfg=cfg, family=build_family(cfg))
+    image = _images()[1]
+    images = trainer.family.images([image])
+
+    def encode(text, n, images=None):  # what Trainer.judge_scores hands the Judge
+        return Trainer.encode(trainer, text, n, instruction="", limit_key="judge.max_prompt_len", images=images)
+
+    answer = "<think>2+2=4</think>\\boxed{4}"
+    trajectory = Trajectory(uid="q", sample_index=0, prompt_ids=[1], response_ids=[2], logprobs=torch.zeros(1),
+                            finish_reason="stop", text=answer)
+    (request,) = GenerativeJudge(None, encode, samples=1, temperature=1.0, top_p=1.0, max_tokens=8, seed=0).requests(
+        [JudgePrompt(uid="q", question=QUESTIONS[0], images=images)], [trajectory])
+    processor = qwen.load_processor(vl_dir)
+    messages = [{"role": "user", "content": [{"type": "image"},
+                                             {"type": "text",
+                                              "text": build_prompt_text(build_judge_prompt(QUESTIONS[0], answer), "")}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert text.startswith("<|im_start|>system\n")
+    assert request.prompt_ids == processor(images=[image], text=[text], return_tensors="pt")["input_ids"][0].tolist()
+    assert request.images is images

@@ -146,11 +146,13 @@ class QwenFamily(ModelFamily):
         return out
 
     def images(self, images: Sequence[Any]) -> Optional[PackedImages]:
-        """pixel_values and image_grid_thw of the processor, as PackedImages (None without images)."""
+        """pixel_values and image_grid_thw of the processor, as PackedImages (None for the text model)."""
         if not self.multimodal:
             return None
-        if not images:
-            return None
+        if not images:  # an image-free row of a VL batch: no patches (rows keep one layout)
+            v = self.hf_config.vision_config
+            width = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
+            return PackedImages(torch.zeros(0, width), torch.zeros(0, 3, dtype=torch.long))
         out = self._processor.image_processor(images=[img.convert("RGB") for img in images], return_tensors="pt")
         return PackedImages(out["pixel_values"].float(), out["image_grid_thw"].long())
 
