@@ -98,6 +98,7 @@ def test_tp2_matches_tp1(vl_dir, reference_run, tmp_path):
             assert g[key] == pytest.approx(w[key], rel=1e-4, abs=1e-6), (key, g[key], w[key])
 
 
+@pytest.mark.slow
 def test_text_model_trains_a_step(tmp_path):
     hf = _tiny_folder(tmp_path / "tiny_qwen2_5", "--text")
     run_dir = tmp_path / "run"
