@@ -1,6 +1,6 @@
 """`selfjudge train --config examples/tiny_qwen2_5_vl_cpu.yaml` as a user runs it, on a tiny folder
 made by `selfjudge convert tiny-qwen`: UPT steps run and save, a resumed run's metrics equal an
-uninterrupted run's, TP=2 (torchrun, 2 gloo ranks) matches TP=1, and the tiny Qwen2.5 text model
+uninterrupted run's, TP=2 and PP=2 (torchrun, 2 gloo ranks) match one rank, and the tiny Qwen2.5 text model
 trains a step.
 """
 from __future__ import annotations
@@ -87,9 +87,10 @@ def test_resumed_run_equals_uninterrupted(vl_dir, reference_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_tp2_matches_tp1(vl_dir, reference_run, tmp_path):
+@pytest.mark.parametrize("layout", ["parallel.tp=2", "parallel.pp=2"])
+def test_two_ranks_match_one(vl_dir, reference_run, tmp_path, layout):
     _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-          *_train_args(vl_dir, tmp_path, *STEPS, "parallel.tp=2")])
+          *_train_args(vl_dir, tmp_path, *STEPS, layout)])
     got, want = _steps(tmp_path), _steps(reference_run)
     assert [r["step"] for r in got] == [1, 2]
     for g, w in zip(got, want):
