@@ -61,7 +61,17 @@ def test_vllm_resumed_run_equals_uninterrupted(vl_dir, vllm_run, tmp_path):
 @pytest.mark.slow
 def test_vllm_two_data_parallel_ranks_generate_their_shares(vl_dir, tmp_path):
     _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-          *_train_args(vl_dir, tmp_path, *STEPS, "trainer.max_steps=1")])
+          *_train_args(vl_dir, tmp_path, *STEPS, "trainer.max_steps=1", "trainer.mini_batch_prompts=2")])
     (row,) = read_metrics(tmp_path)
     # 2 prompts x 4 samples per step over two ranks: 4 trajectories each.
     assert row["rollouts_per_rank"] == 4 and row["rollout_logp_diff_max"] < 1e-3
+
+
+@pytest.mark.slow
+def test_generative_judge_on_its_own_vllm_engine(vl_dir, tmp_path):
+    # The Judge gets a second vLLM engine (frozen initial weights, with the prompts' images); an untrained
+    # tiny Judge writes no parseable score, so every one of its 8 verdicts is counted as unparsed.
+    _train(vl_dir, tmp_path, *STEPS, "trainer.max_steps=1", "reward.mode=judge", "judge.kind=generative",
+           "judge.unparsed=neutral", "judge.max_tokens=8", "judge.max_prompt_len=1600", "rollout.vllm.max_model_len=2048")
+    (row,) = read_metrics(tmp_path)
+    assert row["judge_unparsed"] == 8 and 0.0 <= row["reward_mean"] <= 1.0
