@@ -83,7 +83,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from megatron_selfjudge import convert
+    from megatron_selfjudge.megatron.models import convert
 
     return convert.main(args.convert_args)
 

@@ -47,6 +47,15 @@ from omegaconf.errors import OmegaConfBaseException
 RESUME_MODES = ("never", "auto")
 PARAMS_DTYPES = ("float32", "bfloat16", "float16")
 
+
+def torch_dtype(name: str) -> Any:
+    """The torch dtype named by one of PARAMS_DTYPES (ValueError naming the choices otherwise)."""
+    if name not in PARAMS_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(PARAMS_DTYPES)}, got {name!r}")
+    import torch  # here, not at the top: config validation stays free of torch
+
+    return getattr(torch, name)
+
 # Bounds on counts and sizes. Values past them are typos or hostile input; refusing them here
 # turns a late crash or an out-of-memory into a one-line error naming the key.
 MAX_COUNT = 2**31 - 1  # any count or size: int32 indexing in torch/megatron, and far past any real run

@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent / "megatron"))
 
 import tiny_qwen  # noqa: E402
 
-from megatron_selfjudge import convert  # noqa: E402
+from megatron_selfjudge.megatron.models import convert  # noqa: E402
 
 pytest.importorskip("mbridge")
 

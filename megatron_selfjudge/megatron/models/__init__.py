@@ -5,6 +5,8 @@
 - `tiny`: the in-process tiny families (text GPT, LLaVA-style) of the embedded default.
 - `builders`: layout-invariant builders of megatron-core GPTModel and a tiny LLaVAModel, and the
   Transformer Engine / local layer-spec choice.
+- `qwen_family`, `qwen`, `mbridge_compat`, `qwen_sizes`, `tiny_hf`: HF Qwen2.5-VL / Qwen2.5 folders
+  through mbridge; `convert`: `selfjudge convert` between those folders and megatron checkpoints.
 
 `from megatron_selfjudge.megatron import models; models.build_gpt(...)` keeps working: the
 builders' names resolve lazily here, so importing the package stays cheap.

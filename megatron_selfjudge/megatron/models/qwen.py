@@ -28,6 +28,7 @@ from typing import Any, Iterator, Optional, Union
 
 import torch
 
+from megatron_selfjudge.config import torch_dtype
 from megatron_selfjudge.megatron import cpu
 from megatron_selfjudge.megatron.models.builders import resolve_transformer_impl, transformer_engine_available
 from megatron_selfjudge.megatron.models import mbridge_compat
@@ -42,7 +43,6 @@ HF_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tok
                  "processor_config.json")
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class HFFolderError(ValueError):
@@ -148,15 +148,11 @@ def load_processor(hf_path: Union[str, Path]) -> Any:
 def parse_dtype(dtype: Union[str, torch.dtype, None], hf_config: Any = None) -> torch.dtype:
     """A torch dtype from 'float32'/'bfloat16'/'float16', a torch.dtype, or None (the config's dtype)."""
     if isinstance(dtype, torch.dtype):
-        if dtype not in _DTYPES.values():
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype}")
-        return dtype
+        return torch_dtype(str(dtype).replace("torch.", ""))  # refuses any other dtype, by name
     if dtype is None:
         saved = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None) or "float32"
         dtype = str(saved).replace("torch.", "")
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-    return _DTYPES[dtype]
+    return torch_dtype(dtype)
 
 
 def make_bridge(hf_config: Any, dtype: torch.dtype = torch.float32, transformer_impl: str = "auto") -> Any:

@@ -12,11 +12,11 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from megatron_selfjudge.config import torch_dtype
 from megatron_selfjudge.megatron.models import builders as models
 from megatron_selfjudge.megatron.models.family import ModelFamily, ModelInfo
 
 LLAVA_IMAGE_TOKEN_INDEX = -200
-_PARAMS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _pipeline_parallel() -> bool:
@@ -74,7 +74,7 @@ class TinyGPTFamily(ModelFamily):
                     num_attention_heads=m.num_attention_heads, ffn_hidden_size=m.ffn_hidden_size,
                     max_seq_len=max_seq_len, pre_process=parallel_state.is_pipeline_first_stage(),
                     post_process=parallel_state.is_pipeline_last_stage(), transformer_impl=m.transformer_impl,
-                    params_dtype=_PARAMS_DTYPES[m.params_dtype], seed=self.cfg.trainer.seed)
+                    params_dtype=torch_dtype(m.params_dtype), seed=self.cfg.trainer.seed)
 
     def module_builder(self) -> Callable[[], torch.nn.Module]:
         return functools.partial(models.build_gpt, **self._common(self._context_len()))
