@@ -123,6 +123,7 @@ class VllmRolloutConfig:
     sync_bucket_mb: int = 512  # weight push: MiB of HF tensors moved to the engine at once
     sleep_level: int = 1  # GPU sleep mode while the trainer updates (1: free KV, offload weights; 0: off)
     enable_prefix_caching: bool = True  # reuse a prompt's KV blocks across its G samples
+    max_images_per_prompt: int = 1  # vLLM's limit_mm_per_prompt (it sizes its encoder cache for this many)
 
 
 @dataclass
@@ -421,6 +422,7 @@ def validate(cfg: Config) -> Config:
            v.gpu_memory_utilization)
     _check("rollout.vllm.kv_cache_gb", v.kv_cache_gb >= 0, ">= 0", v.kv_cache_gb)
     _check("rollout.vllm.sync_bucket_mb", v.sync_bucket_mb >= 1, ">= 1", v.sync_bucket_mb)
+    _check("rollout.vllm.max_images_per_prompt", v.max_images_per_prompt >= 1, ">= 1", v.max_images_per_prompt)
     _check("rollout.vllm.sleep_level", v.sleep_level in (0, 1, 2), "0, 1 or 2", v.sleep_level)
     image_names = "image tokens (model.image_size / model.patch_size)^2"
     _check_context(("rollout.max_prompt_len", "rollout.max_response_len", image_names),
@@ -612,13 +614,9 @@ def _read_config_file(path: Path) -> DictConfig:
         raise ConfigError(f"{name} does not exist")
     if not path.is_file():
         raise ConfigError(f"{name} is not a regular file")
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read(MAX_CONFIG_BYTES + 1)
-    except OSError as exc:
-        raise ConfigError(f"{name} cannot be read: {exc.strerror or exc}") from None
-    if len(data) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{name} is larger than {MAX_CONFIG_BYTES} bytes (a config file is a few KB)")
+    from megatron_selfjudge.runtime.files import read_bounded
+
+    data = read_bounded(path, MAX_CONFIG_BYTES, name, ConfigError, "a config file is a few KB")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:

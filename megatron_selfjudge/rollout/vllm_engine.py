@@ -69,7 +69,7 @@ class VllmSettings:
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
             raise ValueError(f"rollout.vllm dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
-        for key in ("tensor_parallel_size", "max_model_len", "sync_bucket_mb", "max_num_seqs"):
+        for key in ("tensor_parallel_size", "max_model_len", "sync_bucket_mb", "max_num_seqs", "max_images_per_prompt"):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"rollout.vllm {key} must be an int >= 1, got {value!r}")
@@ -259,7 +259,8 @@ class VllmRolloutEngine(RolloutEngine):
             tensor_parallel_size=v.tp, dtype=dtype, max_model_len=v.max_model_len,
             gpu_memory_utilization=v.gpu_memory_utilization, kv_cache_gb=v.kv_cache_gb,
             sync_bucket_mb=v.sync_bucket_mb, sleep_level=v.sleep_level,
-            max_num_seqs=max(cfg.rollout.max_batch_size, 1), enable_prefix_caching=v.enable_prefix_caching)
+            max_num_seqs=max(cfg.rollout.max_batch_size, 1), enable_prefix_caching=v.enable_prefix_caching,
+            max_images_per_prompt=v.max_images_per_prompt)
         hf_path = kwargs.pop("hf_path", None) or cfg.model.hf_path
         kwargs.pop("model", None)  # the engine has its own copy of the weights
         return cls(hf_path, kwargs.pop("tokenizer", None), settings=settings, seed=cfg.trainer.seed)
