@@ -1,4 +1,4 @@
-"""Crash-safe file replacement: readers (and a resumed run) see the old content or the new, never half."""
+"""Crash-safe file replacement (readers see the old content or the new, never half), and bounded reads."""
 from __future__ import annotations
 
 import os
@@ -36,3 +36,18 @@ def write_atomic(path: Union[str, Path], text: str, fault_point: Optional[str] =
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def read_bounded(path: Union[str, Path], limit: int, name: str, error: type, hint: str = "") -> bytes:
+    """The bytes of a small file; `error(one line)` when it cannot be read or holds more than `limit` bytes.
+
+    Reads at most limit + 1 bytes, so a huge (or endless) file named by mistake costs nothing.
+    """
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(limit + 1)
+    except OSError as exc:
+        raise error(f"{name} cannot be read: {exc.strerror or exc}") from None
+    if len(data) > limit:
+        raise error(f"{name} is larger than {limit} bytes" + (f" ({hint})" if hint else ""))
+    return data

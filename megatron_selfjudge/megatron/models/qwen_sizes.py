@@ -140,13 +140,9 @@ def read_config(hf_path: Union[str, Path]) -> dict:
         raise HFConfigError(f"model.hf_path={str(hf_path)!r} is not a folder")
     if not file.is_file():
         raise HFConfigError(f"model folder {str(hf_path)!r} has no config.json")
-    try:
-        with open(file, "rb") as fh:
-            data = fh.read(MAX_CONFIG_JSON_BYTES + 1)
-    except OSError as exc:
-        raise HFConfigError(f"{file} cannot be read: {exc.strerror or exc}") from None
-    if len(data) > MAX_CONFIG_JSON_BYTES:
-        raise HFConfigError(f"{file} is larger than {MAX_CONFIG_JSON_BYTES} bytes (a config.json is a few KB)")
+    from megatron_selfjudge.runtime.files import read_bounded
+
+    data = read_bounded(file, MAX_CONFIG_JSON_BYTES, str(file), HFConfigError, "a config.json is a few KB")
     try:
         parsed = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
