@@ -44,31 +44,32 @@ from megatron_selfjudge.rollout.base import (
     check_requests,
     default_stop_ids,
 )
+from megatron_selfjudge.config import PARAMS_DTYPES, VllmRolloutConfig, torch_dtype
 from megatron_selfjudge.rollout.sampling import row_seed
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_CONFIG = VllmRolloutConfig()  # the one source of the defaults below (documented in config.py)
 
 
 @dataclass(frozen=True)
 class VllmSettings:
     """Engine construction settings (config: `rollout.vllm.*`, documented there)."""
 
-    tensor_parallel_size: int = 1
-    dtype: str = "float32"
-    max_model_len: int = 4096
-    gpu_memory_utilization: float = 0.5
-    kv_cache_gb: float = 0.0  # KV-cache GiB; 0: GPU from gpu_memory_utilization, CPU 2 GiB
-    sync_bucket_mb: int = 512
-    sleep_level: int = 1  # GPU sleep mode during the update (0: never sleep)
-    max_images_per_prompt: int = 1
-    max_num_seqs: int = 256
-    enable_prefix_caching: bool = True
+    tensor_parallel_size: int = _CONFIG.tp
+    dtype: str = "float32"  # config "" means model.params_dtype; a bare engine needs a name
+    max_model_len: int = _CONFIG.max_model_len
+    gpu_memory_utilization: float = _CONFIG.gpu_memory_utilization
+    kv_cache_gb: float = _CONFIG.kv_cache_gb
+    sync_bucket_mb: int = _CONFIG.sync_bucket_mb
+    sleep_level: int = _CONFIG.sleep_level
+    max_images_per_prompt: int = _CONFIG.max_images_per_prompt
+    max_num_seqs: int = 256  # the trainer passes rollout.max_batch_size
+    enable_prefix_caching: bool = _CONFIG.enable_prefix_caching
 
     def __post_init__(self) -> None:
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"rollout.vllm dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in PARAMS_DTYPES:
+            raise ValueError(f"rollout.vllm dtype must be one of {sorted(PARAMS_DTYPES)}, got {self.dtype!r}")
         for key in ("tensor_parallel_size", "max_model_len", "sync_bucket_mb", "max_num_seqs", "max_images_per_prompt"):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -341,7 +342,7 @@ class VllmRolloutEngine(RolloutEngine):
     def weight_stream(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> WeightStream:
         """The bucketed stream update_weights feeds the engine (sizes from rollout.vllm.sync_bucket_mb)."""
         return WeightStream(named_tensors, self.settings.sync_bucket_mb * 2**20, self._device(),
-                            _DTYPES[self.settings.dtype], self.tied)
+                            torch_dtype(self.settings.dtype), self.tied)
 
     def _load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
         if self._asleep:
