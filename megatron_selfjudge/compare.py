@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from megatron_selfjudge.config import ConfigError, Config, load_config
+from megatron_selfjudge.runtime.setup import without_launch_env
 from megatron_selfjudge.stats import mean_interval, paired_interval
 
 FIGURES = (("greedy", "greedy_pass1"), ("sampled", "sampled_pass1"), ("maj", "maj_at_g"))
@@ -118,7 +119,10 @@ def run_subprocess(command: list[str], log_file: Path) -> int:
     """Run command with its output in log_file; returns the exit code."""
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with log_file.open("a") as log:
-        return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
+        # Each run is a one-process job with its own rendezvous; inheriting this process's (a
+        # port a caller's process group may still hold) would make it fail with EADDRINUSE.
+        return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False,
+                              env=without_launch_env(os.environ)).returncode
 
 
 def execute(run: Run, config: Optional[str], user_overrides: Sequence[str], echo: Callable[[str], None],

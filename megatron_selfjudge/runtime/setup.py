@@ -47,6 +47,11 @@ def teardown_distributed(created: bool) -> None:
             os.environ.pop(key, None)
 
 
+def without_launch_env(env: "os._Environ | dict") -> dict:
+    """A copy of `env` without the rendezvous variables, for a child that is a job of its own."""
+    return {k: v for k, v in env.items() if k not in _RANK_VARS}
+
+
 def is_main_rank() -> bool:
     """Global rank 0 writes files and prints."""
     import torch.distributed as dist
