@@ -79,7 +79,7 @@ class DatasetError(ValueError):
     """A dataset file or row that cannot be used; the message names the file and row."""
 
 
-class _RowError(Exception):
+class RowError(Exception):
     """Raised inside a row parser; the loader adds the file name and row number."""
 
 
@@ -102,7 +102,7 @@ class ImageLimits:
 
 
 @dataclass(frozen=True)
-class _RowContext:
+class RowContext:
     """What the row parsers of one file need: its folder, the resolved roots and the limits."""
 
     base_dir: Path
@@ -114,7 +114,7 @@ class _RowContext:
 
 
 @dataclass(frozen=True)
-class _ImageSource:
+class ImageSource:
     """One image of a row, still encoded: its bytes, or a file path confined at every read."""
 
     where: str  # e.g. "field 'images'[0]", for messages
@@ -125,7 +125,7 @@ class _ImageSource:
 class LazyImages(SequenceABC):
     """A record's images, kept encoded; each access decodes (within the limits) a fresh RGB image."""
 
-    def __init__(self, sources: Sequence[_ImageSource], context: _RowContext, source_file: str, row: int):
+    def __init__(self, sources: Sequence[ImageSource], context: RowContext, source_file: str, row: int):
         self._sources = tuple(sources)
         self._context = context
         self._origin = f"{source_file} row {row}"
@@ -139,7 +139,7 @@ class LazyImages(SequenceABC):
         source = self._sources[index]
         try:
             return _decode(source, self._context)
-        except _RowError as err:  # the file changed since it was checked at load
+        except RowError as err:  # the file changed since it was checked at load
             raise DatasetError(f"{self._origin}: {err}") from None
 
 
@@ -172,7 +172,7 @@ class LoadResult:
         return iter(self.records)
 
 
-def _one_line(err: BaseException) -> str:
+def one_line(err: BaseException) -> str:
     """A library's error text on one printable line (Arrow's thrift messages end in newlines)."""
     text = "".join(c if c.isprintable() else " " for c in str(err))
     return " ".join(text.split())
@@ -181,23 +181,23 @@ def _one_line(err: BaseException) -> str:
 # ---------------------------------------------------------------- field readers
 def _require(row: dict, name: str) -> Any:
     if name not in row:
-        raise _RowError(f"missing field {name!r}")
+        raise RowError(f"missing field {name!r}")
     if row[name] is None:
-        raise _RowError(f"field {name!r} is null")
+        raise RowError(f"field {name!r} is null")
     return row[name]
 
 
 def _text(row: dict, name: str) -> str:
     value = _require(row, name)
     if not isinstance(value, str):
-        raise _RowError(f"field {name!r} must be a string, got {type(value).__name__}")
+        raise RowError(f"field {name!r} must be a string, got {type(value).__name__}")
     return value
 
 
 def _question(row: dict, name: str) -> str:
     question = strip_image_tags(_text(row, name))
     if not question:
-        raise _RowError(f"field {name!r} has no text besides image tags")
+        raise RowError(f"field {name!r} has no text besides image tags")
     return question
 
 
@@ -208,7 +208,7 @@ def _optional_answer(row: dict, name: str, required: bool) -> str | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise _RowError(f"field {name!r} must be a string or number, got {type(value).__name__}")
+        raise RowError(f"field {name!r} must be a string or number, got {type(value).__name__}")
     return str(value).strip()
 
 
@@ -217,33 +217,33 @@ def _shown(value: str, limit: int = 200) -> str:
     return repr(value) if len(value) <= limit else repr(value[:limit]) + f"... ({len(value)} characters)"
 
 
-def _confined_path(value: Any, context: _RowContext, where: str) -> Path:
+def _confined_path(value: Any, context: RowContext, where: str) -> Path:
     """The real path of a row's image file, refused unless it lies inside the allowed roots."""
     if not isinstance(value, str):
-        raise _RowError(f"{where}: 'path' must be a string, got {type(value).__name__}")
+        raise RowError(f"{where}: 'path' must be a string, got {type(value).__name__}")
     if "\x00" in value:
-        raise _RowError(f"{where}: 'path' contains a NUL byte")
+        raise RowError(f"{where}: 'path' contains a NUL byte")
     joined = context.base_dir / value  # an absolute value replaces the base
     real = Path(os.path.realpath(joined))
     if not any(real.is_relative_to(root) for root in context.roots):
         # One message whether or not the target exists: a row must not probe the file system.
-        raise _RowError(f"{where}: image path {_shown(value)} is outside the data folder and "
+        raise RowError(f"{where}: image path {_shown(value)} is outside the data folder and "
                         "data.image_roots")
     try:
         found = real.is_file()
     except OSError as err:  # e.g. a name longer than the OS allows
-        raise _RowError(f"{where}: cannot read image file {_shown(value)} ({err.strerror})") from None
+        raise RowError(f"{where}: cannot read image file {_shown(value)} ({err.strerror})") from None
     if not found:
-        raise _RowError(f"{where}: image file not found: {_shown(str(joined))}")
+        raise RowError(f"{where}: image file not found: {_shown(str(joined))}")
     return real
 
 
 def _too_large(where: str, size: int, limits: ImageLimits) -> None:
     if size > limits.max_bytes:
-        raise _RowError(f"{where}: image of {size} bytes exceeds data.max_image_bytes ({limits.max_bytes})")
+        raise RowError(f"{where}: image of {size} bytes exceeds data.max_image_bytes ({limits.max_bytes})")
 
 
-def _read_bytes(source: _ImageSource, context: _RowContext) -> bytes:
+def _read_bytes(source: ImageSource, context: RowContext) -> bytes:
     """The encoded image: the row's bytes, or the confined file's (read no further than the cap)."""
     if source.data is not None:
         _too_large(source.where, len(source.data), context.limits)
@@ -254,12 +254,12 @@ def _read_bytes(source: _ImageSource, context: _RowContext) -> bytes:
         with real.open("rb") as fh:
             data = fh.read(context.limits.max_bytes + 1)  # the file may have grown since stat
     except OSError as err:
-        raise _RowError(f"{source.where}: cannot read image file ({err.strerror})") from None
+        raise RowError(f"{source.where}: cannot read image file ({err.strerror})") from None
     _too_large(source.where, len(data), context.limits)
     return data
 
 
-def _decode(source: _ImageSource, context: _RowContext) -> Image.Image:
+def _decode(source: ImageSource, context: RowContext) -> Image.Image:
     """Decode one image into RGB, refusing oversized ones from their header, before decoding."""
     where, limits = source.where, context.limits
     data = _read_bytes(source, context)
@@ -271,7 +271,7 @@ def _decode(source: _ImageSource, context: _RowContext) -> Image.Image:
             img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)  # reads the header only
         width, height = img.size
         if width * height > limits.max_pixels:
-            raise _RowError(f"{where}: image of {width} x {height} = {width * height} pixels exceeds "
+            raise RowError(f"{where}: image of {width} x {height} = {width * height} pixels exceeds "
                             f"data.max_image_pixels ({limits.max_pixels})")
         target = limits.target_size
         if target and img.format == "JPEG":
@@ -283,44 +283,44 @@ def _decode(source: _ImageSource, context: _RowContext) -> Image.Image:
             if factor >= 2:  # whole-factor box reduction; collate's resize makes the final size
                 img = img.reduce(factor)
         return img
-    except _RowError:
+    except RowError:
         raise
     except Image.DecompressionBombError as err:
-        raise _RowError(f"{where}: image exceeds data.max_image_pixels ({limits.max_pixels}): "
-                        f"{_one_line(err)}") from None
+        raise RowError(f"{where}: image exceeds data.max_image_pixels ({limits.max_pixels}): "
+                        f"{one_line(err)}") from None
     except (OSError, ValueError, SyntaxError, EOFError) as err:
         # Pillow names the buffer by its address; a message must read the same in every run.
-        text = _BUFFER_NAME.sub("the encoded image", _one_line(err))
-        raise _RowError(f"{where}: not a readable image ({type(err).__name__}: {text})") from err
+        text = _BUFFER_NAME.sub("the encoded image", one_line(err))
+        raise RowError(f"{where}: not a readable image ({type(err).__name__}: {text})") from err
 
 
-def _image_source(value: Any, context: _RowContext, where: str) -> _ImageSource:
+def _image_source(value: Any, context: RowContext, where: str) -> ImageSource:
     """A checked image of a row: decoded once here (and dropped) so broken rows surface at load."""
     if isinstance(value, str):  # JSONL: a bare path
         value = {"path": value}
     if not isinstance(value, dict):
-        raise _RowError(f"{where}: expected a {{bytes, path}} struct, got {type(value).__name__}")
+        raise RowError(f"{where}: expected a {{bytes, path}} struct, got {type(value).__name__}")
     data, path = value.get("bytes"), value.get("path")
     if data is not None:
         if not isinstance(data, (bytes, bytearray)):
-            raise _RowError(f"{where}: 'bytes' must be binary, got {type(data).__name__}")
-        source = _ImageSource(where, data=bytes(data))
+            raise RowError(f"{where}: 'bytes' must be binary, got {type(data).__name__}")
+        source = ImageSource(where, data=bytes(data))
     elif path is not None and path != "":
-        source = _ImageSource(where, path=path)
+        source = ImageSource(where, path=path)
     else:
-        raise _RowError(f"{where}: has neither image bytes nor a path")
+        raise RowError(f"{where}: has neither image bytes nor a path")
     if context.check_images:
         _decode(source, context)
     return source
 
 
-def _image_list(row: dict, name: str, context: _RowContext) -> list[_ImageSource]:
+def _image_list(row: dict, name: str, context: RowContext) -> list[ImageSource]:
     value = _require(row, name)
     if not isinstance(value, list) or not value:
-        raise _RowError(f"field {name!r} must be a non-empty list of images")
+        raise RowError(f"field {name!r} must be a non-empty list of images")
     limit = context.limits.max_per_row
     if len(value) > limit:
-        raise _RowError(f"field {name!r} holds {len(value)} images > data.max_images_per_row ({limit})")
+        raise RowError(f"field {name!r} holds {len(value)} images > data.max_images_per_row ({limit})")
     return [_image_source(v, context, f"field {name!r}[{k}]") for k, v in enumerate(value)]
 
 
@@ -337,12 +337,12 @@ def _meta(row: dict) -> dict:
 
 
 # ---------------------------------------------------------------- row parsers per schema
-def _parse_images_problem_answer(row: dict, context: _RowContext, require_answer: bool) -> tuple:
+def _parse_images_problem_answer(row: dict, context: RowContext, require_answer: bool) -> tuple:
     return (_image_list(row, "images", context), _question(row, "problem"),
             _optional_answer(row, "answer", require_answer))
 
 
-def _parse_geoqa(row: dict, context: _RowContext, require_answer: bool) -> tuple:
+def _parse_geoqa(row: dict, context: RowContext, require_answer: bool) -> tuple:
     images = [_image_source(_require(row, "image"), context, "field 'image'")]
     solution = row.get("solution")
     if require_answer:
@@ -350,27 +350,27 @@ def _parse_geoqa(row: dict, context: _RowContext, require_answer: bool) -> tuple
     answer = None
     if solution is not None:
         if not isinstance(solution, str):
-            raise _RowError(f"field 'solution' must be a string, got {type(solution).__name__}")
+            raise RowError(f"field 'solution' must be a string, got {type(solution).__name__}")
         tagged = _ANSWER_TAG.findall(solution)
         # R1-V wraps the answer in <answer> tags; an untagged solution is taken whole.
         answer = (tagged[-1] if tagged else solution).strip()
     return images, _question(row, "problem"), answer
 
 
-def _parse_jsonl(row: dict, context: _RowContext, require_answer: bool) -> tuple:
+def _parse_jsonl(row: dict, context: RowContext, require_answer: bool) -> tuple:
     if "images" in row:
         images = _image_list(row, "images", context)
     elif "image" in row:
         images = [_image_source(_require(row, "image"), context, "field 'image'")]
     else:
-        raise _RowError("missing field 'images' (or 'image')")
+        raise RowError("missing field 'images' (or 'image')")
     if "problem" not in row and "question" not in row:
-        raise _RowError("missing field 'problem' (or 'question')")
+        raise RowError("missing field 'problem' (or 'question')")
     question = _question(row, "problem" if "problem" in row else "question")
     return images, question, _optional_answer(row, "answer", require_answer)
 
 
-_PARSERS: dict[str, Callable[[dict, _RowContext, bool], tuple]] = {
+_PARSERS: dict[str, Callable[[dict, RowContext, bool], tuple]] = {
     "geometry3k": _parse_images_problem_answer,
     "mmr1": _parse_images_problem_answer,
     "geoqa": _parse_geoqa,
@@ -385,7 +385,7 @@ def _parquet_schema(path: Path) -> pa.Schema:
     try:
         return pq.read_schema(path)
     except (pa.ArrowException, OSError, ValueError) as err:  # ValueError: names that are not UTF-8
-        raise DatasetError(f"{path}: not a readable parquet file ({_one_line(err)})") from None
+        raise DatasetError(f"{path}: not a readable parquet file ({one_line(err)})") from None
 
 
 def detect_schema(path: str | Path) -> str:
@@ -402,42 +402,42 @@ def detect_schema(path: str | Path) -> str:
                        f"(columns: {sorted(names)})")
 
 
-def _batch_rows(batch: pa.RecordBatch | pa.Table) -> list[dict | _RowError]:
+def batch_rows(batch: pa.RecordBatch | pa.Table) -> list[dict | RowError]:
     """Rows of a record batch or table as dicts; a row whose text is not UTF-8 becomes a row error."""
     try:
         return batch.to_pylist()
     except UnicodeDecodeError:
         pass  # parquet does not validate string columns: find the bad rows one by one
-    rows: list[dict | _RowError] = []
+    rows: list[dict | RowError] = []
     for i in range(batch.num_rows):
         row: dict = {}
         for name, column in zip(batch.schema.names, batch.columns):
             try:
                 row[name] = column[i].as_py()
             except UnicodeDecodeError:
-                row = _RowError(f"column {name!r} holds text that is not UTF-8")
+                row = RowError(f"column {name!r} holds text that is not UTF-8")
                 break
         rows.append(row)
     return rows
 
 
-def _jsonl_line(number: int, line: bytes) -> dict | _RowError:
+def _jsonl_line(number: int, line: bytes) -> dict | RowError:
     """One JSONL line as a row, or the row error that says why it is not one."""
     if number == 1 and line.startswith(b"\xef\xbb\xbf"):
         line = line[3:]  # a UTF-8 byte-order mark
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError as err:
-        return _RowError(f"line {number} is not UTF-8 text "
+        return RowError(f"line {number} is not UTF-8 text "
                          f"(byte 0x{line[err.start]:02x} at column {err.start + 1})")
     try:
         row = json.loads(text)
     except json.JSONDecodeError as err:
-        return _RowError(f"invalid JSON on line {number} ({err.msg} at column {err.colno})")
+        return RowError(f"invalid JSON on line {number} ({err.msg} at column {err.colno})")
     except RecursionError:
-        return _RowError(f"invalid JSON on line {number} (nested too deeply)")
+        return RowError(f"invalid JSON on line {number} (nested too deeply)")
     if not isinstance(row, dict):
-        return _RowError(f"line {number} is not a JSON object (got {type(row).__name__})")
+        return RowError(f"line {number} is not a JSON object (got {type(row).__name__})")
     return row
 
 
@@ -450,15 +450,15 @@ class _FileSpec:
     require_answer: bool
     limits: ImageLimits
 
-    def context(self, check_images: bool) -> _RowContext:
+    def context(self, check_images: bool) -> RowContext:
         """The row context of this file: real paths (symlinks resolved) on both sides of the check."""
         roots = tuple(Path(os.path.realpath(r)) for r in (self.path.parent, *self.limits.roots))
-        return _RowContext(base_dir=self.path.parent, roots=roots, limits=self.limits,
+        return RowContext(base_dir=self.path.parent, roots=roots, limits=self.limits,
                            check_images=check_images)
 
-    def record(self, row: dict | _RowError, index: int, context: _RowContext) -> PromptRecord:
-        """Row `index` as a PromptRecord; raises _RowError when it is not usable."""
-        if isinstance(row, _RowError):
+    def record(self, row: dict | RowError, index: int, context: RowContext) -> PromptRecord:
+        """Row `index` as a PromptRecord; raises RowError when it is not usable."""
+        if isinstance(row, RowError):
             raise row
         sources, question, answer = _PARSERS[self.schema](row, context, self.require_answer)
         return PromptRecord(uid=_uid(row, self.path.stem, index),
@@ -476,14 +476,14 @@ _BATCH_ROWS = 32  # parquet rows turned into Python objects at once (their image
 _Scanned = tuple[int, int, int, str | None, bool]
 
 
-def _scan_rows(spec: _FileSpec, rows: Iterator[tuple[int, int, int, dict | _RowError]]) -> list[_Scanned]:
+def _scan_rows(spec: _FileSpec, rows: Iterator[tuple[int, int, int, dict | RowError]]) -> list[_Scanned]:
     """Parse every row (decoding its images once) and say which are usable."""
     context = spec.context(check_images=True)
     out: list[_Scanned] = []
     for index, offset, number, row in rows:
         try:
             record = spec.record(row, index, context)
-        except _RowError as err:
+        except RowError as err:
             out.append((index, offset, number, f"{spec.path} row {index}: {err}", False))
             continue
         out.append((index, offset, number, None, record.answer is not None))
@@ -491,17 +491,17 @@ def _scan_rows(spec: _FileSpec, rows: Iterator[tuple[int, int, int, dict | _RowE
 
 
 def _parquet_failure(spec: _FileSpec, index: int, err: BaseException) -> DatasetError:
-    return DatasetError(f"{spec.path}: parquet read failed near row {index} ({_one_line(err)})")
+    return DatasetError(f"{spec.path}: parquet read failed near row {index} ({one_line(err)})")
 
 
 def _scan_parquet_group(spec: _FileSpec, group: int, first: int) -> list[_Scanned]:
     """Scan one row group (row `first` of the file is its first), in small batches."""
-    def rows() -> Iterator[tuple[int, int, int, dict | _RowError]]:
+    def rows() -> Iterator[tuple[int, int, int, dict | RowError]]:
         index = first
         with pq.ParquetFile(spec.path) as pfile:
             # Small batches: a batch's encoded images are held twice (Arrow and Python).
             for batch in pfile.iter_batches(batch_size=_BATCH_ROWS, row_groups=[group]):
-                for row in _batch_rows(batch):
+                for row in batch_rows(batch):
                     yield index, -1, 0, row
                     index += 1
     try:
@@ -544,7 +544,7 @@ def _parquet_starts(spec: _FileSpec) -> np.ndarray:
             meta = pfile.metadata
             counts = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
     except (pa.ArrowException, OSError, ValueError) as err:
-        raise DatasetError(f"{spec.path}: not a readable parquet file ({_one_line(err)})") from None
+        raise DatasetError(f"{spec.path}: not a readable parquet file ({one_line(err)})") from None
     return np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype(np.int64)
 
 
@@ -641,10 +641,10 @@ class StreamingRecords(SequenceABC):
         for slot, index, row in self._read(positions):
             try:
                 yield slot, self._spec.record(row, index, context)
-            except _RowError as err:  # the scan accepted it: the file changed under the same size and time
+            except RowError as err:  # the scan accepted it: the file changed under the same size and time
                 raise DatasetError(f"{self.path} row {index}: {err}") from None
 
-    def _read(self, positions: np.ndarray) -> Iterator[tuple[int, int, dict | _RowError]]:
+    def _read(self, positions: np.ndarray) -> Iterator[tuple[int, int, dict | RowError]]:
         """(slot in the request, file row, row) for each position, reading each row group once."""
         rows = self._rows[positions]
         if self._starts is None:
@@ -665,7 +665,7 @@ class StreamingRecords(SequenceABC):
                     table = pfile.read_row_group(int(group)).take(rows[slots] - self._starts[group])
                     for lo in range(0, len(slots), _BATCH_ROWS):
                         batch = slots[lo:lo + _BATCH_ROWS]
-                        for slot, row in zip(batch, _batch_rows(table.slice(lo, len(batch)))):
+                        for slot, row in zip(batch, batch_rows(table.slice(lo, len(batch)))):
                             yield int(slot), int(rows[slot]), row
         except (pa.ArrowException, OSError, ValueError) as err:
             raise _parquet_failure(self._spec, index, err) from None

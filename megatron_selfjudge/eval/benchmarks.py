@@ -42,12 +42,12 @@ import pyarrow.parquet as pq
 from megatron_selfjudge.data.datasets import (
     DatasetError,
     ImageLimits,
+    ImageSource,
     LazyImages,
-    _batch_rows,
-    _ImageSource,
-    _one_line,
-    _RowContext,
-    _RowError,
+    RowContext,
+    RowError,
+    batch_rows,
+    one_line,
 )
 from megatron_selfjudge.data.prompts import strip_image_tags
 
@@ -105,7 +105,7 @@ class RawRow:
     layout: str  # hub | tsv | json
     file: Path
     row: int
-    context: _RowContext
+    context: RowContext
     variant: Optional[str] = None  # DynaMath variant named by the hub file
 
 
@@ -119,7 +119,7 @@ def _get(row: dict, *names: str, required: bool = True) -> Any:
                 and not (isinstance(value, float) and value != value):  # NaN: a blank TSV cell read by pandas
             return value
     if required:
-        raise _RowError(f"missing or empty field {names[0]!r}" + (f" (or {', '.join(map(repr, names[1:]))})"
+        raise RowError(f"missing or empty field {names[0]!r}" + (f" (or {', '.join(map(repr, names[1:]))})"
                                                                     if len(names) > 1 else ""))
     return None
 
@@ -129,7 +129,7 @@ def _str(row: dict, *names: str, required: bool = True) -> Optional[str]:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise _RowError(f"field {names[0]!r} must be text or a number, got {type(value).__name__}")
+        raise RowError(f"field {names[0]!r} must be text or a number, got {type(value).__name__}")
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     return str(value).strip()
@@ -149,18 +149,18 @@ def _text_list(value: Any, name: str) -> list[str]:
         if not text or text in ("[]", "None", "nan"):
             return []
         if not text.startswith("["):
-            raise _RowError(f"field {name!r} is not a list: {text[:60]!r}")
+            raise RowError(f"field {name!r} is not a list: {text[:60]!r}")
         try:
             items = json.loads(text)
         except json.JSONDecodeError:
             # VLMEvalKit writes Python reprs ("['a', 'b']"): take the quoted strings as they stand.
             items = [a if a or not b else b for a, b in _QUOTED_RE.findall(text)]
             if not items and text.strip("[] "):
-                raise _RowError(f"field {name!r} is not a readable list: {text[:60]!r}") from None
+                raise RowError(f"field {name!r} is not a readable list: {text[:60]!r}") from None
     else:
-        raise _RowError(f"field {name!r} must be a list, got {type(value).__name__}")
+        raise RowError(f"field {name!r} must be a list, got {type(value).__name__}")
     if not all(isinstance(x, (str, int, float)) and not isinstance(x, bool) for x in items):
-        raise _RowError(f"field {name!r} must hold strings")
+        raise RowError(f"field {name!r} must hold strings")
     return [str(x).strip() for x in items]
 
 
@@ -194,7 +194,7 @@ def _letter(value: str, n_choices: int, what: str = "answer") -> str:
     """A gold letter, checked against the number of options (when known)."""
     text = value.strip().strip("()").rstrip(".").strip()
     if len(text) != 1 or text not in LETTERS or (n_choices and LETTERS.index(text) >= n_choices):
-        raise _RowError(f"{what} {value!r} is not an option letter" + (f" (A-{LETTERS[n_choices - 1]})"
+        raise RowError(f"{what} {value!r} is not an option letter" + (f" (A-{LETTERS[n_choices - 1]})"
                                                                        if n_choices else ""))
     return text
 
@@ -213,23 +213,23 @@ def parse_letter_set(text: str) -> Optional[frozenset[str]]:
 
 # ---------------------------------------------------------------- images
 
-def _image_from_value(value: Any, where: str) -> _ImageSource:
+def _image_from_value(value: Any, where: str) -> ImageSource:
     """A hub image value: a {bytes, path} struct, or a path string (relative to the benchmark folder)."""
     if isinstance(value, str):
-        return _ImageSource(where, path=value)
+        return ImageSource(where, path=value)
     if isinstance(value, dict):
         data, path = value.get("bytes"), value.get("path")
         if data is not None:
             if not isinstance(data, (bytes, bytearray)):
-                raise _RowError(f"{where}: 'bytes' must be binary, got {type(data).__name__}")
-            return _ImageSource(where, data=bytes(data))
+                raise RowError(f"{where}: 'bytes' must be binary, got {type(data).__name__}")
+            return ImageSource(where, data=bytes(data))
         if isinstance(path, str) and path:
-            return _ImageSource(where, path=path)
-        raise _RowError(f"{where}: has neither image bytes nor a path")
-    raise _RowError(f"{where}: expected an image struct or path, got {type(value).__name__}")
+            return ImageSource(where, path=path)
+        raise RowError(f"{where}: has neither image bytes nor a path")
+    raise RowError(f"{where}: expected an image struct or path, got {type(value).__name__}")
 
 
-def _hub_images(row: RawRow, columns: Sequence[str], required: bool = True) -> list[_ImageSource]:
+def _hub_images(row: RawRow, columns: Sequence[str], required: bool = True) -> list[ImageSource]:
     """The images of a hub row from the first of `columns` that holds one (a list column gives several)."""
     for name in columns:
         value = row.fields.get(name)
@@ -239,7 +239,7 @@ def _hub_images(row: RawRow, columns: Sequence[str], required: bool = True) -> l
             return [_image_from_value(v, f"field {name!r}[{k}]") for k, v in enumerate(value)]
         return [_image_from_value(value, f"field {name!r}")]
     if required:
-        raise _RowError(f"no image (looked in {', '.join(map(repr, columns))})")
+        raise RowError(f"no image (looked in {', '.join(map(repr, columns))})")
     return []
 
 
@@ -247,34 +247,34 @@ def _b64(text: str, where: str) -> bytes:
     try:
         return base64.b64decode(text.strip(), validate=True)
     except (binascii.Error, ValueError) as err:
-        raise _RowError(f"{where}: not valid base64 ({_one_line(err)})") from None
+        raise RowError(f"{where}: not valid base64 ({one_line(err)})") from None
 
 
-def _tsv_images(row: RawRow, required: bool = True) -> list[_ImageSource]:
+def _tsv_images(row: RawRow, required: bool = True) -> list[ImageSource]:
     """The TSV images (decoded from base64 by the reader, see _TsvReader)."""
     images = row.fields.get("__images__")
-    if isinstance(images, _RowError):
+    if isinstance(images, RowError):
         raise images
     if not images:
         if required:
-            raise _RowError("missing or empty field 'image'")
+            raise RowError("missing or empty field 'image'")
         return []
     return images
 
 
 # ---------------------------------------------------------------- file readers
 
-def _parquet_rows(path: Path) -> Iterator[tuple[int, Union[dict, _RowError]]]:
+def _parquet_rows(path: Path) -> Iterator[tuple[int, Union[dict, RowError]]]:
     index = 0
     try:
         with pq.ParquetFile(path) as pfile:
             # Batches of a few rows: only the current batch's image bytes are held by Arrow.
             for batch in pfile.iter_batches(batch_size=16):
-                for row in _batch_rows(batch):
+                for row in batch_rows(batch):
                     yield index, row
                     index += 1
     except (pa.ArrowException, OSError, ValueError) as err:
-        raise BenchmarkError(f"{path}: parquet read failed near row {index} ({_one_line(err)})") from None
+        raise BenchmarkError(f"{path}: parquet read failed near row {index} ({one_line(err)})") from None
 
 
 class _TsvReader:
@@ -288,24 +288,24 @@ class _TsvReader:
         self.path = path
         self.by_index: dict[str, list[bytes]] = {}
 
-    def _images(self, value: Any, index: str) -> Union[list[_ImageSource], _RowError]:
+    def _images(self, value: Any, index: str) -> Union[list[ImageSource], RowError]:
         if value is None or not str(value).strip():
             return []
         text = str(value).strip()
         try:
             if len(text) <= 64 and text in self.by_index and text != index:
-                return [_ImageSource(f"field 'image' (shared with index {text})", data=b)
+                return [ImageSource(f"field 'image' (shared with index {text})", data=b)
                         for b in self.by_index[text]]
             if len(text) <= 64 and re.fullmatch(r"\d+", text):
-                raise _RowError(f"field 'image' refers to index {text}, which no earlier row holds")
+                raise RowError(f"field 'image' refers to index {text}, which no earlier row holds")
             parts = _text_list(text, "image") if text.startswith("[") else [text]
             blobs = [_b64(p, f"field 'image'[{k}]") for k, p in enumerate(parts)]
-        except _RowError as err:
+        except RowError as err:
             return err
         self.by_index[index] = blobs
-        return [_ImageSource(f"field 'image'[{k}]", data=b) for k, b in enumerate(blobs)]
+        return [ImageSource(f"field 'image'[{k}]", data=b) for k, b in enumerate(blobs)]
 
-    def rows(self) -> Iterator[tuple[int, Union[dict, _RowError]]]:
+    def rows(self) -> Iterator[tuple[int, Union[dict, RowError]]]:
         """(row number, fields) per data line; '__images__' holds the image sources or the row's error."""
         csv.field_size_limit(sys.maxsize)  # base64 images are megabytes in one cell
         try:
@@ -316,24 +316,24 @@ class _TsvReader:
                                          f"{reader.fieldnames})")
                 for k, row in enumerate(reader):
                     if None in row:  # more cells than header columns
-                        yield k, _RowError(f"{len(row[None])} more cells than the header has columns")
+                        yield k, RowError(f"{len(row[None])} more cells than the header has columns")
                         continue
                     row["__images__"] = self._images(row.get("image"), str(row.get("index", "")).strip())
                     yield k, row
         except UnicodeDecodeError as err:
-            raise BenchmarkError(f"{self.path}: not UTF-8 text ({_one_line(err)})") from None
+            raise BenchmarkError(f"{self.path}: not UTF-8 text ({one_line(err)})") from None
         except csv.Error as err:
-            raise BenchmarkError(f"{self.path}: not a readable TSV ({_one_line(err)})") from None
+            raise BenchmarkError(f"{self.path}: not a readable TSV ({one_line(err)})") from None
         except OSError as err:
             raise BenchmarkError(f"{self.path}: cannot read ({err.strerror or err})") from None
 
 
-def _json_rows(path: Path) -> Iterator[tuple[int, Union[dict, _RowError]]]:
+def _json_rows(path: Path) -> Iterator[tuple[int, Union[dict, RowError]]]:
     """LogicVista's dataset.json: an object of items keyed v1_0, v1_1, ... (row = position in the file)."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-        raise BenchmarkError(f"{path}: not a readable JSON file ({_one_line(err)})") from None
+        raise BenchmarkError(f"{path}: not a readable JSON file ({one_line(err)})") from None
     if isinstance(data, dict):
         entries = list(data.items())
     elif isinstance(data, list):
@@ -342,7 +342,7 @@ def _json_rows(path: Path) -> Iterator[tuple[int, Union[dict, _RowError]]]:
         raise BenchmarkError(f"{path}: expected an object of items, got {type(data).__name__}")
     for k, (key, value) in enumerate(entries):
         if not isinstance(value, dict):
-            yield k, _RowError(f"item {key!r} is not an object")
+            yield k, RowError(f"item {key!r} is not an object")
         else:
             yield k, {"__key__": key, **value}
 
@@ -365,7 +365,7 @@ def _item(bench: str, row: RawRow, **kw: Any) -> BenchItem:
     return BenchItem(benchmark=bench, source_file=str(row.file), row=row.row, **kw)
 
 
-def _lazy(row: RawRow, sources: list[_ImageSource]) -> LazyImages:
+def _lazy(row: RawRow, sources: list[ImageSource]) -> LazyImages:
     return LazyImages(sources, row.context, str(row.file), row.row)
 
 
@@ -390,7 +390,7 @@ def _parse_mathvision(row: RawRow) -> BenchItem:
         prompt = _mc_prompt(question, choices)
         gold = _gold_letter(gold, choices)
     if not question and not images:
-        raise _RowError("no question text and no image")
+        raise RowError("no question text and no image")
     return _item("mathvision", row, qid=qid, prompt=prompt, images=_lazy(row, images), gold=gold, kind=kind,
                  choices=shown, categories=cats)
 
@@ -403,7 +403,7 @@ def _gold_letter(gold: str, choices: Sequence[str]) -> str:
     matches = [k for k, c in enumerate(choices) if c.strip() == gold.strip()]
     if len(matches) == 1:
         return LETTERS[matches[0]]
-    raise _RowError(f"answer {gold!r} is neither an option letter nor the text of exactly one option")
+    raise RowError(f"answer {gold!r} is neither an option letter nor the text of exactly one option")
 
 
 MATHVERSE_VERSIONS = ("Text Dominant", "Text Lite", "Vision Intensive", "Vision Dominant", "Vision Only")
@@ -423,7 +423,7 @@ def _parse_mathverse(row: RawRow) -> BenchItem:
     is_mc = qtype == "multi-choice" if qtype else bool(re.fullmatch(r"\(?[A-H]\)?\.?", gold))
     if not question:
         if not images:
-            raise _RowError("no question text and no image")
+            raise RowError("no question text and no image")
         question = "Answer the question shown in the image."  # Vision Only: the whole problem is drawn
     if is_mc:
         gold = _letter(gold, 0)
@@ -443,7 +443,7 @@ def _wemath_options(text: str) -> list[str]:
     """'A. 3;B. 4;C. 5' -> ['3', '4', '5'] (letters must run A, B, C... in order)."""
     marks = list(_WEMATH_OPTION_RE.finditer(text))
     if not marks or [m.group(1) for m in marks] != list(LETTERS[:len(marks)]):
-        raise _RowError(f"field 'option' is not of the form 'A. ...;B. ...': {text[:80]!r}")
+        raise RowError(f"field 'option' is not of the form 'A. ...;B. ...': {text[:80]!r}")
     ends = [m.start() for m in marks[1:]] + [len(text)]
     return [text[m.end():end].strip().rstrip(";").strip() for m, end in zip(marks, ends)]
 
@@ -455,7 +455,7 @@ def _parse_wemath(row: RawRow) -> BenchItem:
     key = _str(f, "key")
     m = _WEMATH_KEY_RE.match(key)
     if not m:
-        raise _RowError(f"field 'key' {key!r} is not one of 2steps_1..2steps_multi, 3steps_1..3steps_multi")
+        raise RowError(f"field 'key' {key!r} is not one of 2steps_1..2steps_multi, 3steps_1..3steps_multi")
     if hub:
         choices = _wemath_options(_str(f, "option"))
         images = _hub_images(row, ("image_path", "image", "decoded_image"))
@@ -479,7 +479,7 @@ def _parse_logicvista(row: RawRow) -> BenchItem:
     if row.layout == "json":
         qid = _str(f, "__key__")
         name = _str(f, "imagename")
-        images = [_ImageSource("field 'imagename'", path=str(Path("images") / name))]
+        images = [ImageSource("field 'imagename'", path=str(Path("images") / name))]
     elif row.layout == "hub":
         qid = _str(f, "id", "index", required=False) or str(row.row)
         images = _hub_images(row, ("image", "decoded_image"))
@@ -490,7 +490,7 @@ def _parse_logicvista(row: RawRow) -> BenchItem:
     gold_text = _str(f, "answer")
     gold = parse_letter_set(gold_text)
     if gold is None:
-        raise _RowError(f"answer {gold_text!r} is not a list of option letters")
+        raise RowError(f"answer {gold_text!r} is not a list of option letters")
     skills = f.get("skill")
     skills = _text_list(skills, "skill") if isinstance(skills, (list, tuple)) or \
         (isinstance(skills, str) and skills.strip().startswith("[")) else \
@@ -511,10 +511,10 @@ def _parse_dynamath(row: RawRow) -> BenchItem:
     qid = _str(f, "qid", "question_id", "id")
     variant = _str(f, "varid", "variant", required=False) or row.variant
     if variant is None:
-        raise _RowError("no variant: neither a 'varid' column nor a sample_variantK file name")
+        raise RowError("no variant: neither a 'varid' column nor a sample_variantK file name")
     atype = (_str(f, "answer_type") or "").lower()
     if atype not in _DYNAMATH_TYPES:
-        raise _RowError(f"answer_type {atype!r} is not one of {', '.join(_DYNAMATH_TYPES)}")
+        raise RowError(f"answer_type {atype!r} is not one of {', '.join(_DYNAMATH_TYPES)}")
     kind = _DYNAMATH_TYPES[atype]
     gold = _str(f, "ground_truth", "answer")
     if kind == "choice":
@@ -547,16 +547,16 @@ def _parse_mathvista(row: RawRow) -> BenchItem:
     images = _hub_images(row, ("decoded_image", "image")) if hub else _tsv_images(row)
     if qtype == "multi_choice":
         if not choices:
-            raise _RowError("multi_choice question without choices")
+            raise RowError("multi_choice question without choices")
         # MathVista's gold is the option's text (never its letter): it must be exactly one option.
         matches = [k for k, c in enumerate(choices) if c.strip() == gold.strip()]
         if len(matches) != 1:
-            raise _RowError(f"answer {gold!r} is not the text of exactly one of the choices")
+            raise RowError(f"answer {gold!r} is not the text of exactly one of the choices")
         kind, gold = "choice", LETTERS[matches[0]]
         prompt = _mc_prompt(question, choices)
     else:
         if atype not in _MATHVISTA_TYPES:
-            raise _RowError(f"answer_type {atype!r} is not one of {', '.join(_MATHVISTA_TYPES)}")
+            raise RowError(f"answer_type {atype!r} is not one of {', '.join(_MATHVISTA_TYPES)}")
         kind = _MATHVISTA_TYPES[atype]
         prompt = question
         unit = _str(f, "unit", required=False)
@@ -565,7 +565,7 @@ def _parse_mathvista(row: RawRow) -> BenchItem:
             try:
                 precision = int(float(p)) if p is not None else 1
             except (TypeError, ValueError):
-                raise _RowError(f"precision {p!r} is not a number") from None
+                raise RowError(f"precision {p!r} is not a number") from None
             prompt += f"\nAnswer with a number with {precision} decimal place{'s' if precision != 1 else ''}."
         elif kind == "integer":
             prompt += "\nAnswer with an integer."
@@ -662,7 +662,7 @@ def iter_items(bench: Benchmark, root: Union[str, Path], *, limit: Optional[int]
         roots = tuple(Path(os.path.realpath(r)) for r in (folder, path.parent, *limits.roots))
         # Hub image paths are relative to the dataset's root; LogicVista's to its dataset.json.
         base = path.parent if layout == "json" else folder
-        context = _RowContext(base_dir=base.absolute(), roots=roots, limits=limits)
+        context = RowContext(base_dir=base.absolute(), roots=roots, limits=limits)
         rows = (_parquet_rows(path) if layout == "hub" else _TsvReader(path).rows() if layout == "tsv"
                 else _json_rows(path))
         variant = _variant_of(path) if layout == "hub" else None
@@ -672,12 +672,12 @@ def iter_items(bench: Benchmark, root: Union[str, Path], *, limit: Optional[int]
                 return
             data.rows_read += 1
             try:
-                if isinstance(fields, _RowError):
+                if isinstance(fields, RowError):
                     raise fields
                 item = bench.parse(RawRow(fields, layout, path, index, context, variant))
                 if item.qid in seen_ids:
-                    raise _RowError(f"question id {item.qid!r} appears twice")
-            except _RowError as err:
+                    raise RowError(f"question id {item.qid!r} appears twice")
+            except RowError as err:
                 if not full:
                     data.skipped.append(Skipped(str(path), index, str(err)))
                 continue
