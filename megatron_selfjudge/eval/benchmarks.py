@@ -13,8 +13,10 @@ Layouts read (facts in DATASETS.md), found under ``ROOT`` (the ``--data`` folder
 - LogicVista's release: ``ROOT/LogicVista/dataset.json`` (keyed ``v1_0``...) beside ``images/``.
 
 Rows are read lazily: parquet files batch by batch (row groups on demand), TSV and JSON row by
-row; images stay encoded in the item and are decoded only when a prompt is built
-(`BenchItem.images` is a `LazyImages`, with the training loaders' limits and path confinement).
+row (a TSV row naming an earlier row's image gets it by reading that row again at its byte
+offset, so memory does not grow with the file); images stay encoded in the item and are decoded
+only when a prompt is built (`BenchItem.images` is a `LazyImages`, with the training loaders'
+limits and path confinement).
 A row that cannot be used (missing field, unreadable answer, bad base64, ...) becomes a
 `Skipped` entry naming its file and row, reported and counted, never graded.
 
@@ -277,55 +279,130 @@ def _parquet_rows(path: Path) -> Iterator[tuple[int, Union[dict, RowError]]]:
         raise BenchmarkError(f"{path}: parquet read failed near row {index} ({one_line(err)})") from None
 
 
+class _Lines:
+    """Text lines of a binary file, split where text mode with ``newline=""`` splits them (after
+    ``\n``, ``\r\n`` or a lone ``\r``), with the byte offset of the next one: where a row starts."""
+
+    _LONE_CR = re.compile(rb"(?<=\r)(?!\n)")
+
+    def __init__(self, fh: Any):
+        self.fh = fh
+        self.offset = fh.tell()
+        self.line = 0  # number of the line last returned (or being decoded), from 1
+        self._pieces: list[bytes] = []  # the rest of a line cut at a lone CR, in reverse order
+
+    def __iter__(self) -> "_Lines":
+        return self
+
+    def __next__(self) -> str:
+        if not self._pieces:
+            line = self.fh.readline()
+            if not line:
+                raise StopIteration
+            if b"\r" not in line:  # the usual line: no split, no copy
+                self.offset += len(line)
+                self.line += 1
+                return line.decode("utf-8")
+            self._pieces = [p for p in self._LONE_CR.split(line) if p][::-1]
+        piece = self._pieces.pop()
+        self.offset += len(piece)
+        self.line += 1
+        return piece.decode("utf-8")  # a UTF-8 sequence holds no CR or LF byte: cutting there is safe
+
+
 class _TsvReader:
     """Rows of a VLMEvalKit TSV, one at a time; images as encoded sources.
 
-    VLMEvalKit stores an image once and lets later rows name it by the `index` of that row; the
-    reader keeps each row's encoded bytes for such references (the file's size in memory at most).
+    VLMEvalKit stores an image once and lets later rows name it by the `index` of that row. The
+    reader keeps, for each row whose images decoded, only the byte offset where the row starts, and
+    reads that row again when a later row names it (the last row's images are kept, for the rows
+    that follow it). Memory holds a few rows' images and one offset per row, whatever the file's size.
     """
 
     def __init__(self, path: Path):
         self.path = path
-        self.by_index: dict[str, list[bytes]] = {}
+        self.offsets: dict[str, int] = {}  # index -> byte offset of its row (rows whose images decoded)
+        self._fieldnames: list[str] = []
+        self._last: tuple[str, list[bytes]] = ("", [])  # the index and images of the last row decoded
+        self._again: Optional[Any] = None  # a second handle on the file, for rows read again
 
-    def _images(self, value: Any, index: str) -> Union[list[ImageSource], RowError]:
+    @staticmethod
+    def _blobs(text: str) -> list[bytes]:
+        """The encoded images of an image cell: one base64 string or a JSON list of them."""
+        parts = _text_list(text, "image") if text.startswith("[") else [text]
+        return [_b64(p, f"field 'image'[{k}]") for k, p in enumerate(parts)]
+
+    def _shared(self, index: str) -> list[bytes]:
+        """The images of the earlier row `index`, read again from its offset unless it was the last."""
+        if self._last[0] == index:
+            return self._last[1]
+        if self._again is None:
+            self._again = self.path.open("rb")
+        changed = RowError(f"field 'image' refers to index {index}, whose row changed since it was read")
+        try:
+            self._again.seek(self.offsets[index])
+            row = next(csv.DictReader(_Lines(self._again), fieldnames=self._fieldnames, delimiter="\t"), None)
+        except (UnicodeDecodeError, csv.Error, OSError):  # it read well before: the file was rewritten
+            raise changed from None
+        if row is None or str(row.get("index", "")).strip() != index:
+            raise changed
+        blobs = self._blobs(str(row.get("image") or "").strip())
+        self._last = (index, blobs)
+        return blobs
+
+    def _images(self, value: Any, index: str, offset: int) -> Union[list[ImageSource], RowError]:
         if value is None or not str(value).strip():
             return []
         text = str(value).strip()
         try:
-            if len(text) <= 64 and text in self.by_index and text != index:
+            if len(text) <= 64 and text in self.offsets and text != index:
                 return [ImageSource(f"field 'image' (shared with index {text})", data=b)
-                        for b in self.by_index[text]]
+                        for b in self._shared(text)]
             if len(text) <= 64 and re.fullmatch(r"\d+", text):
                 raise RowError(f"field 'image' refers to index {text}, which no earlier row holds")
-            parts = _text_list(text, "image") if text.startswith("[") else [text]
-            blobs = [_b64(p, f"field 'image'[{k}]") for k, p in enumerate(parts)]
+            blobs = self._blobs(text)
         except RowError as err:
             return err
-        self.by_index[index] = blobs
+        self.offsets[index] = offset
+        self._last = (index, blobs)
         return [ImageSource(f"field 'image'[{k}]", data=b) for k, b in enumerate(blobs)]
 
     def rows(self) -> Iterator[tuple[int, Union[dict, RowError]]]:
         """(row number, fields) per data line; '__images__' holds the image sources or the row's error."""
         csv.field_size_limit(sys.maxsize)  # base64 images are megabytes in one cell
+        lines: Optional[_Lines] = None
         try:
-            with self.path.open("r", encoding="utf-8", newline="") as fh:
-                reader = csv.DictReader(fh, delimiter="\t")
+            with self.path.open("rb") as fh:
+                lines = _Lines(fh)
+                reader = csv.DictReader(lines, delimiter="\t")
                 if not reader.fieldnames or "index" not in reader.fieldnames:
                     raise BenchmarkError(f"{self.path}: not a VLMEvalKit TSV (no 'index' column in the header "
                                          f"{reader.fieldnames})")
-                for k, row in enumerate(reader):
+                self._fieldnames = list(reader.fieldnames)
+                k = 0
+                while True:
+                    offset = lines.offset  # the reader reads no further than the row it returns
+                    row = next(reader, None)
+                    if row is None:
+                        break
                     if None in row:  # more cells than header columns
                         yield k, RowError(f"{len(row[None])} more cells than the header has columns")
-                        continue
-                    row["__images__"] = self._images(row.get("image"), str(row.get("index", "")).strip())
-                    yield k, row
+                    else:
+                        row["__images__"] = self._images(row.get("image"), str(row.get("index", "")).strip(),
+                                                         offset)
+                        yield k, row
+                    k += 1
         except UnicodeDecodeError as err:
-            raise BenchmarkError(f"{self.path}: not UTF-8 text ({one_line(err)})") from None
+            where = f"line {lines.line}: " if lines is not None else ""  # the codec's position is in that line
+            raise BenchmarkError(f"{self.path}: not UTF-8 text ({where}{one_line(err)})") from None
         except csv.Error as err:
             raise BenchmarkError(f"{self.path}: not a readable TSV ({one_line(err)})") from None
         except OSError as err:
             raise BenchmarkError(f"{self.path}: cannot read ({err.strerror or err})") from None
+        finally:
+            if self._again is not None:
+                self._again.close()
+                self._again = None
 
 
 def _json_rows(path: Path) -> Iterator[tuple[int, Union[dict, RowError]]]:
