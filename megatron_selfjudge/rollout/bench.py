@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 import tempfile
 import time
@@ -45,19 +44,8 @@ def _positive(args: argparse.Namespace) -> None:
             raise SystemExit(2)
 
 
-def _init_one_rank_world() -> None:
-    import torch.distributed as dist
-
-    from megatron_selfjudge.megatron.parallel import initialize_parallel
-
-    if not dist.is_initialized():
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    initialize_parallel(1, 1)
+class BenchError(ValueError):
+    """The bench cannot run as asked (e.g. under torchrun); one line."""
 
 
 def _requests(family, task_records, n_prompts: int) -> list:
@@ -93,7 +81,10 @@ def run(args: argparse.Namespace) -> dict:
     from megatron_selfjudge.rollout.base import SamplingConfig, build_engine
     from megatron_selfjudge.rollout.vllm_engine import VllmRolloutEngine
 
-    with tempfile.TemporaryDirectory() as tmp:
+    from megatron_selfjudge.runtime.setup import one_process
+
+    # The one-rank group (and its rendezvous variables) is taken down before the folder goes.
+    with tempfile.TemporaryDirectory() as tmp, one_process("selfjudge bench rollout", error=BenchError):
         hf_path = args.hf_path
         if not hf_path:
             make = tiny_hf.make_tiny_qwen2_5 if args.text else tiny_hf.make_tiny_qwen2_5_vl
@@ -110,7 +101,6 @@ def run(args: argparse.Namespace) -> dict:
                      "trainer.mini_batch_prompts=1", "data.synthetic_test=0", "data.synthetic_sft=0",
                      "data.instruction=short", f"trainer.run_dir={tmp}/run"]
         cfg = load_config(None, overrides)
-        _init_one_rank_world()
         torch.manual_seed(0)
         family = build_family(cfg)
         policy = family.builder()()
@@ -169,7 +159,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     """Parse, run, print the table and write the JSON; returns the result."""
     args = _parser().parse_args(argv)
     _positive(args)
-    result = run(args)
+    try:
+        result = run(args)
+    except BenchError as exc:
+        print(f"selfjudge bench rollout: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"rollout_{result['date'][:19].replace(':', '')}.json"

@@ -1,9 +1,11 @@
 """Process set-up of a run: the process group and megatron's groups, seeding, rank roles."""
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import socket
+from typing import Iterator
 
 _RANK_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -45,6 +47,24 @@ def teardown_distributed(created: bool) -> None:
         dist.destroy_process_group()
         for key in _RANK_VARS:
             os.environ.pop(key, None)
+
+
+@contextlib.contextmanager
+def one_process(command: str, seed: int = 0, error: type[Exception] = ValueError) -> Iterator[None]:
+    """A one-rank process group and megatron's groups at TP=PP=1 for `command`, torn down (env included) after.
+
+    Raises `error` (one line) when started under a launcher with more than one rank.
+    """
+    import torch.distributed as dist
+
+    world = str(dist.get_world_size()) if dist.is_initialized() else os.environ.get("WORLD_SIZE", "1")
+    if world != "1":
+        raise error(f"{command} runs in one process, but WORLD_SIZE={world} (run it without torchrun)")
+    created = setup_distributed(1, 1, seed)
+    try:
+        yield
+    finally:
+        teardown_distributed(created)
 
 
 def without_launch_env(env: "os._Environ | dict") -> dict:

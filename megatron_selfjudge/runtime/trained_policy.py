@@ -11,10 +11,9 @@ shards reshard from any layout.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager
 
 from megatron_selfjudge.config import Config, load_saved_config
 
@@ -98,23 +97,8 @@ def load_policy(where: RunCheckpoint, cfg: Config, warn: Callable[[str], None]) 
     return LoadedPolicy(cfg=cfg, family=family, module=module, checkpoint=path, step=int(state.get("step", 0)))
 
 
-class single_process:
-    """Context manager: a one-rank process group and megatron's groups at TP=PP=1, torn down after."""
+def single_process(seed: int) -> ContextManager[None]:
+    """A one-rank process group and megatron's groups at TP=PP=1 (runtime.setup.one_process), torn down after."""
+    from megatron_selfjudge.runtime.setup import one_process
 
-    def __init__(self, seed: int):
-        self.seed = seed
-        self.created = False
-
-    def __enter__(self) -> "single_process":
-        from megatron_selfjudge.runtime.setup import setup_distributed
-
-        world = os.environ.get("WORLD_SIZE", "1")
-        if world != "1":
-            raise PolicyLoadError(f"this command runs in one process, but WORLD_SIZE={world} (run it without torchrun)")
-        self.created = setup_distributed(1, 1, self.seed)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        from megatron_selfjudge.runtime.setup import teardown_distributed
-
-        teardown_distributed(self.created)
+    return one_process("this command", seed, PolicyLoadError)

@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shutil
-import socket
 import sys
 import warnings
 from pathlib import Path
@@ -43,33 +41,11 @@ class ConvertError(ValueError):
     """A conversion that cannot run as asked (bad folder, existing output...); one line."""
 
 
-def _single_process_group() -> None:
-    """Join (or create) a one-rank process group: conversion runs at TP=PP=1 in this process."""
-    import torch.distributed as dist
+def _one_process():
+    """The one-rank process group the conversions run in (TP=PP=1), torn down after."""
+    from megatron_selfjudge.runtime.setup import one_process
 
-    if dist.is_initialized():
-        if dist.get_world_size() != 1:
-            raise ConvertError(f"selfjudge convert runs in one process, not {dist.get_world_size()} "
-                               "(run it without torchrun)")
-        return
-    world = os.environ.get("WORLD_SIZE", "1")
-    if world != "1":
-        raise ConvertError(f"selfjudge convert runs in one process, but WORLD_SIZE={world} (run it without torchrun)")
-    if "MASTER_PORT" not in os.environ:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("LOCAL_RANK", "0")
-
-
-def _setup() -> None:
-    from megatron_selfjudge.megatron.parallel import initialize_parallel
-
-    _single_process_group()
-    initialize_parallel(tp=1, pp=1)
+    return one_process("selfjudge convert", error=ConvertError)
 
 
 def _check_out(out: Path) -> None:
@@ -85,12 +61,12 @@ def hf_to_megatron(hf_dir: str | Path, out: str | Path, dtype: Optional[str] = N
     hf_dir, out = Path(hf_dir), Path(out)
     config = qwen.load_hf_config(hf_dir)  # fails early, in one line, on a bad folder
     _check_out(out)
-    _setup()
-    model = qwen.build_model(hf_dir, dtype=dtype)
-    state = {"step": CONVERTED_STEP, "converted_from_hf": str(hf_dir.resolve()), "model_type": config.model_type,
-             "dtype": str(qwen.parse_dtype(dtype, config)).replace("torch.", "")}
-    step_dir = save_checkpoint(out, CONVERTED_STEP, [model.module], optimizer=None, trainer_state=state,
-                               keep_last=None)
+    with _one_process():
+        model = qwen.build_model(hf_dir, dtype=dtype)
+        state = {"step": CONVERTED_STEP, "converted_from_hf": str(hf_dir.resolve()),
+                 "model_type": config.model_type, "dtype": str(qwen.parse_dtype(dtype, config)).replace("torch.", "")}
+        step_dir = save_checkpoint(out, CONVERTED_STEP, [model.module], optimizer=None, trainer_state=state,
+                                   keep_last=None)
     (out / HF_SUBDIR).mkdir()
     for name in qwen.HF_SIDE_FILES:
         if (hf_dir / name).is_file():
@@ -132,10 +108,10 @@ def megatron_to_hf(ckpt: str | Path, out: str | Path, hf_dir: Optional[str | Pat
     config = qwen.load_hf_config(source)
     out = Path(out)
     _check_out(out)
-    _setup()
-    model = qwen.build_model(source, dtype=dtype, load_weights=False)
-    load_checkpoint(step_dir, [model.module], optimizer=None, load_rng=False)
-    written = qwen.save_hf_folder(model, source, out, dtype=qwen.parse_dtype(dtype, config) if dtype else None)
+    with _one_process():
+        model = qwen.build_model(source, dtype=dtype, load_weights=False)
+        load_checkpoint(step_dir, [model.module], optimizer=None, load_rng=False)
+        written = qwen.save_hf_folder(model, source, out, dtype=qwen.parse_dtype(dtype, config) if dtype else None)
     assert written is not None  # one process: rank 0
     return written
 
