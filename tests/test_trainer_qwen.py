@@ -1,17 +1,18 @@
 """`selfjudge train --config examples/tiny_qwen2_5_vl_cpu.yaml` as a user runs it, on a tiny folder
-made by `selfjudge convert tiny-qwen`: UPT steps run and save, a resumed run's metrics equal an
-uninterrupted run's, TP=2 and PP=2 (torchrun, 2 gloo ranks) match one rank, and the tiny Qwen2.5 text model
-trains a step.
+made by `selfjudge convert tiny-qwen` (tests/conftest.py's session `vl_dir`): UPT steps run and save, a run
+resumed from its step-1 checkpoint (as a preemption leaves it) gives the uninterrupted run's step 2,
+TP=2 and PP=2 (torchrun, 2 gloo ranks) match one rank, and the tiny Qwen2.5 text model trains a step.
 """
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from megatron_selfjudge.metrics import read_metrics
+from megatron_selfjudge.metrics import METRICS_FILE, read_metrics
 from megatron_selfjudge.runtime.setup import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,11 +38,6 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess:
     return proc
 
 
-def _tiny_folder(out: Path, *flags: str) -> Path:
-    _run([sys.executable, "-m", "megatron_selfjudge.cli", "convert", "tiny-qwen", str(out), *flags])
-    return out
-
-
 def _train_args(hf: Path, run_dir: Path, *extra: str) -> list[str]:
     return ["-m", "megatron_selfjudge.cli", "train", "--config", str(EXAMPLE), f"model.hf_path={hf}",
             f"trainer.run_dir={run_dir}", *extra]
@@ -55,9 +51,24 @@ def _steps(run_dir: Path) -> list[dict]:
     return [{k: v for k, v in row.items() if not k.startswith("time_")} for row in read_metrics(run_dir)]
 
 
-@pytest.fixture(scope="module")
-def vl_dir(tmp_path_factory) -> Path:
-    return _tiny_folder(tmp_path_factory.mktemp("hf") / "tiny_qwen2_5_vl")
+def _stopped_after_step_1(finished: Path, dest: Path) -> Path:
+    """A copy of a finished 2-step run as a stop after step 1's checkpoint leaves it (no step 2 on disk)."""
+    shutil.copytree(finished, dest)
+    ckpts = dest / "checkpoints"
+    shutil.rmtree(ckpts / "step_00000002")
+    (ckpts / "latest").write_text("step_00000001\n")
+    metrics = dest / METRICS_FILE
+    metrics.write_text(metrics.read_text().splitlines(keepends=True)[0])
+    assert [r["step"] for r in read_metrics(dest)] == [1]
+    return dest
+
+
+def _resume_gives_step_2(hf: Path, finished: Path, dest: Path, *steps: str) -> None:
+    """Resuming the stopped copy writes step 2 again, equal to the uninterrupted run's (time_* aside)."""
+    out = _train(hf, _stopped_after_step_1(finished, dest), *steps)
+    assert "resumed from" in out.stderr and "step_00000001" in out.stderr
+    assert (dest / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+    assert _steps(dest) == _steps(finished)
 
 
 @pytest.fixture(scope="module")
@@ -79,11 +90,7 @@ def test_example_trains_and_saves(reference_run):
 
 @pytest.mark.slow
 def test_resumed_run_equals_uninterrupted(vl_dir, reference_run, tmp_path):
-    _train(vl_dir, tmp_path, *STEPS, "trainer.max_steps=1")
-    assert [r["step"] for r in read_metrics(tmp_path)] == [1]
-    out = _train(vl_dir, tmp_path, *STEPS)
-    assert "resumed from" in out.stderr
-    assert _steps(tmp_path) == _steps(reference_run)
+    _resume_gives_step_2(vl_dir, reference_run, tmp_path / "run", *STEPS)
 
 
 @pytest.mark.slow
@@ -100,10 +107,9 @@ def test_two_ranks_match_one(vl_dir, reference_run, tmp_path, layout):
 
 
 @pytest.mark.slow
-def test_text_model_trains_a_step(tmp_path):
-    hf = _tiny_folder(tmp_path / "tiny_qwen2_5", "--text")
+def test_text_model_trains_a_step(text_dir, tmp_path):
     run_dir = tmp_path / "run"
-    _train(hf, run_dir, "model.preset=qwen2.5", *STEPS, "trainer.max_steps=1")
+    _train(text_dir, run_dir, "model.preset=qwen2.5", *STEPS, "trainer.max_steps=1")
     (row,) = read_metrics(run_dir)
     assert row["step"] == 1 and row["rollouts_per_rank"] == 8 and row["loss"] != 0 and row["grad_norm"] > 0
 

@@ -14,11 +14,6 @@ import tiny_qwen  # noqa: E402
 from megatron_selfjudge.megatron.models import mbridge_compat, qwen  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def vl_dir(tmp_path_factory) -> Path:
-    return tiny_qwen.make_tiny_qwen2_5_vl(tmp_path_factory.mktemp("qwen2_5_vl"))
-
-
 def test_other_versions_are_refused(monkeypatch):
     real = mbridge_compat.metadata.version
     monkeypatch.setattr(mbridge_compat.metadata, "version",

@@ -20,16 +20,6 @@ from dist_utils import run_distributed  # noqa: E402
 TOL = 1e-4
 
 
-@pytest.fixture(scope="module")
-def vl_dir(tmp_path_factory) -> Path:
-    return tiny_qwen.make_tiny_qwen2_5_vl(tmp_path_factory.mktemp("qwen2_5_vl"))
-
-
-@pytest.fixture(scope="module")
-def text_dir(tmp_path_factory) -> Path:
-    return tiny_qwen.make_tiny_qwen2_5(tmp_path_factory.mktemp("qwen2_5"))
-
-
 def _vl_inputs(path: Path) -> dict:
     """Processor output for one image + a question in the chat template (two rows, right-padded)."""
     from megatron_selfjudge.megatron.models import qwen
@@ -169,11 +159,30 @@ def _assert_close(logits: torch.Tensor, reference: torch.Tensor, mask: torch.Ten
     assert diff < TOL, f"max abs logits difference {diff:.3g} >= {TOL}"
 
 
-@pytest.mark.parametrize("kind", ["vl", "text"])
-def test_tp1_logits_gradients_and_export(kind, vl_dir, text_dir):
+def _each(rank: int, world: int, worker, cases: list[tuple]) -> list:
+    """worker(rank, world, *case) for each case in turn: one launch (one set of imports) for several checks."""
+    return [worker(rank, world, *case) for case in cases]
+
+
+def _kind_inputs(kind: str, vl_dir: Path, text_dir: Path) -> tuple[Path, dict]:
     path = vl_dir if kind == "vl" else text_dir
-    inputs = _vl_inputs(path) if kind == "vl" else _text_inputs(path)
-    got = run_distributed(_single_rank_worker, 1, str(path), inputs, timeout=600)[0]
+    return path, _vl_inputs(path) if kind == "vl" else _text_inputs(path)
+
+
+KINDS = ("vl", "text")
+
+
+@pytest.fixture(scope="module")
+def single_rank(vl_dir, text_dir) -> dict:
+    """_single_rank_worker's result per model kind, both from one one-rank process."""
+    cases = [(str(path), inputs) for path, inputs in (_kind_inputs(k, vl_dir, text_dir) for k in KINDS)]
+    return dict(zip(KINDS, run_distributed(_each, 1, _single_rank_worker, cases, timeout=600)[0]))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_tp1_logits_gradients_and_export(kind, vl_dir, text_dir, single_rank):
+    path, inputs = _kind_inputs(kind, vl_dir, text_dir)
+    got = single_rank[kind]
     _assert_close(got["logits"], _hf_logits(path, inputs), inputs["attention_mask"])
     assert got["no_grad"] == [], f"parameters without gradient: {got['no_grad']}"
     assert got["n_params"] > 10
@@ -187,14 +196,28 @@ def test_tp1_logits_gradients_and_export(kind, vl_dir, text_dir):
         assert (got["flat_ignored"] - got["logits"]).abs()[mask].max() < 1e-6
 
 
+LAYOUTS = [("vl", 2, 1), ("text", 2, 1), ("vl", 1, 2), ("text", 1, 2)]
+# At TP=2 the VL run also reloads without the merger fix, to show that adjustment is needed.
+WITHOUT = {("vl", 2, 1): "merger_fc1_split"}
+
+
+@pytest.fixture(scope="module")
+def parallel_layouts(vl_dir, text_dir) -> dict:
+    """Each layout's per-rank results, all from one launch of two gloo ranks (groups rebuilt per layout)."""
+    cases = []
+    for kind, tp, pp in LAYOUTS:
+        path, inputs = _kind_inputs(kind, vl_dir, text_dir)
+        cases.append((str(path), inputs, tp, pp, WITHOUT.get((kind, tp, pp))))
+    per_rank = run_distributed(_each, 2, _logits_worker, cases, timeout=900)
+    return {layout: [rank[i] for rank in per_rank] for i, layout in enumerate(LAYOUTS)}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("kind,tp,pp", [("vl", 2, 1), ("text", 2, 1), ("vl", 1, 2), ("text", 1, 2)])
-def test_parallel_layouts_match_transformers(kind, tp, pp, vl_dir, text_dir):
-    path = vl_dir if kind == "vl" else text_dir
-    inputs = _vl_inputs(path) if kind == "vl" else _text_inputs(path)
-    # At TP=2 the VL run also reloads without the merger fix, to show that adjustment is needed.
-    without = "merger_fc1_split" if (kind, tp) == ("vl", 2) else None
-    results = run_distributed(_logits_worker, tp * pp, str(path), inputs, tp, pp, without, timeout=600)
+@pytest.mark.parametrize("kind,tp,pp", LAYOUTS)
+def test_parallel_layouts_match_transformers(kind, tp, pp, vl_dir, text_dir, parallel_layouts):
+    path, inputs = _kind_inputs(kind, vl_dir, text_dir)
+    without = WITHOUT.get((kind, tp, pp))
+    results = parallel_layouts[(kind, tp, pp)]
     reference = _hf_logits(path, inputs)
     last = results[-1]
     _assert_close(last["logits"], reference, inputs["attention_mask"])

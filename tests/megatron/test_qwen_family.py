@@ -28,16 +28,6 @@ INSTRUCTION = " Reply <think>..</think>\\boxed{}."
 RESPONSES = ([72, 105, 33, 151645], [101, 102])
 
 
-@pytest.fixture(scope="module")
-def vl_dir(tmp_path_factory) -> Path:
-    return tiny_qwen.make_tiny_qwen2_5_vl(tmp_path_factory.mktemp("qwen2_5_vl"))
-
-
-@pytest.fixture(scope="module")
-def text_dir(tmp_path_factory) -> Path:
-    return tiny_qwen.make_tiny_qwen2_5(tmp_path_factory.mktemp("qwen2_5"))
-
-
 def _cfg(preset: str, path, *extra: str):
     from megatron_selfjudge.config import load_config
 
