@@ -224,6 +224,10 @@ class OptimConfig:
 
     lr: float = 1e-6  # constant learning rate of stage 2
     sft_lr: float = 1e-5  # stage-1 supervised warm start (only when trainer.sft_steps > 0)
+    # Warm-start schedule over trainer.sft_steps (megatron-core's OptimizerParamScheduler styles).
+    sft_schedule: str = "constant"  # constant | linear | cosine (decay from sft_lr to sft_min_lr)
+    sft_warmup_steps: int = 0  # warm-start steps of linear warmup from 0 to sft_lr
+    sft_min_lr: float = 0.0  # where the linear / cosine decay ends
     weight_decay: float = 0.01  # AdamW decoupled weight decay
     grad_clip: float = 1.0  # global gradient-norm clip (0: off)
     adam_beta1: float = 0.9  # Adam beta1
@@ -257,6 +261,10 @@ class DataConfig:
     # question families: count | add | compare | bar
     synthetic_families: List[str] = field(default_factory=lambda: ["count", "add", "compare", "bar"])
     synthetic_sft: int = 512  # labelled warm-start prompts
+    # Of those, how many also teach question writing (for `selfjudge synth`): each adds three
+    # warm-start pairs, "image + question + ask cue -> another question about the image",
+    # "image + ask cue -> a question" and "the other question -> its solution" (0: off).
+    synthetic_sft_ask: int = 0
     synthetic_unlabeled: int = 2048  # label-free training prompts
     synthetic_test: int = 256  # held-out prompts
 
@@ -482,6 +490,13 @@ def validate(cfg: Config) -> Config:
            "> 0", lo.rollout_correction_cap)
     _check("optim.lr", _finite(o.lr) and o.lr >= 0, ">= 0", o.lr)
     _check("optim.sft_lr", _finite(o.sft_lr) and o.sft_lr >= 0, ">= 0", o.sft_lr)
+    from megatron_selfjudge.sft import SFT_SCHEDULES
+
+    _choice("optim.sft_schedule", o.sft_schedule, SFT_SCHEDULES)
+    _check("optim.sft_min_lr", _finite(o.sft_min_lr) and 0 <= o.sft_min_lr <= o.sft_lr,
+           f"in [0, optim.sft_lr={o.sft_lr}]", o.sft_min_lr)
+    _check("optim.sft_warmup_steps", 0 <= o.sft_warmup_steps and (t.sft_steps == 0 or o.sft_warmup_steps < t.sft_steps),
+           f"in [0, trainer.sft_steps={t.sft_steps})", o.sft_warmup_steps)
     _check("optim.weight_decay", o.weight_decay >= 0, ">= 0", o.weight_decay)
     _check("optim.grad_clip", o.grad_clip >= 0, ">= 0 (0 disables clipping)", o.grad_clip)
     _check("optim.adam_beta1", 0 <= o.adam_beta1 < 1, "in [0, 1)", o.adam_beta1)
@@ -501,6 +516,8 @@ def validate(cfg: Config) -> Config:
     for name in ("synthetic_sft", "synthetic_test"):
         _check(f"data.{name}", getattr(d, name) >= 0, ">= 0", getattr(d, name))
     _check("data.synthetic_unlabeled", d.synthetic_unlabeled >= 1, ">= 1", d.synthetic_unlabeled)
+    _check("data.synthetic_sft_ask", 0 <= d.synthetic_sft_ask <= d.synthetic_sft,
+           f"in [0, data.synthetic_sft={d.synthetic_sft}]", d.synthetic_sft_ask)
     _check_train_files(d)
     _check("data.limit", d.limit >= 0, ">= 0 (0 = every usable row)", d.limit)
     _check("data.workers", 0 <= d.workers <= MAX_DATA_WORKERS, f"in [0, {MAX_DATA_WORKERS}]", d.workers)

@@ -15,7 +15,28 @@ import torch
 from megatron_selfjudge.megatron import optimizer as optim
 
 if TYPE_CHECKING:
+    from megatron_selfjudge.config import OptimConfig
     from megatron_selfjudge.trainer import Trainer
+
+SFT_SCHEDULES = ("constant", "linear", "cosine")  # decay styles of megatron-core's OptimizerParamScheduler
+
+
+def sft_lr_at(o: "OptimConfig", step: int, total: int) -> float:
+    """The warm-start learning rate of step `step` (0-based) of `total`: megatron-core's
+    OptimizerParamScheduler formula (linear warmup, then optim.sft_schedule down to optim.sft_min_lr)."""
+    from types import SimpleNamespace
+
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    # The scheduler only computes here: its optimizer has no groups (the real groups carry stage 2's
+    # max_lr, which it would read instead of optim.sft_lr).
+    sched = OptimizerParamScheduler(SimpleNamespace(param_groups=[]), init_lr=0.0, max_lr=o.sft_lr,
+                                    min_lr=min(o.sft_min_lr, o.sft_lr), lr_warmup_steps=o.sft_warmup_steps,
+                                    lr_decay_steps=max(total, o.sft_warmup_steps + 1),
+                                    lr_decay_style=o.sft_schedule, start_wd=0.0, end_wd=0.0, wd_incr_steps=1,
+                                    wd_incr_style="constant")
+    sched.num_steps = step + 1 if o.sft_warmup_steps else step  # warmup's first step already moves
+    return sched.get_lr({})
 
 
 def sft_step(tr: "Trainer", with_nll: bool) -> dict:
@@ -32,7 +53,7 @@ def sft_step(tr: "Trainer", with_nll: bool) -> dict:
     picks = rng.choice(len(tr.task.sft), size=min(t.sft_batch_size, len(tr.task.sft)), replace=False)
     recs = [tr.task.sft[i][0] for i in picks]
     images = [tr.images_of(r) for r in recs]
-    batch = tr.policy_batch([tr.encode(r.question, tr.num_images(r), images=im) for r, im in zip(recs, images)],
+    batch = tr.policy_batch([tr.encode_record(r, images=im) for r, im in zip(recs, images)],
                             [encode_response(tr.task.sft[i][1], tr.tokenizer) for i in picks],
                             images, torch.ones(len(recs)))
     out = {}
@@ -49,14 +70,15 @@ def run_sft(tr: "Trainer", preempt: Any) -> bool:
     if not tr.task.sft or t.sft_steps == 0:
         tr.state["phase"] = "upt"
         return False
-    optim.set_lr(tr.optimizer, tr.cfg.optim.sft_lr)
     tr.metrics.truncate_after(tr.state["sft_step"], prefix="sft")
     with tr.log.progress("SFT warm start", t.sft_steps, tr.state["sft_step"]) as advance:
         log_every = max(1, t.sft_steps // 10)
         nll = float("nan")
         while tr.state["sft_step"] < t.sft_steps:
             logged = (tr.state["sft_step"] + 1) % log_every == 0
-            m = sft_step(tr, with_nll=logged)
+            lr = sft_lr_at(tr.cfg.optim, tr.state["sft_step"], t.sft_steps)
+            optim.set_lr(tr.optimizer, lr)
+            m = {**sft_step(tr, with_nll=logged), "lr": lr}
             tr.state["sft_step"] += 1
             if logged:
                 nll = m["sft_nll"]

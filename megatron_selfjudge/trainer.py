@@ -98,6 +98,14 @@ class Trainer:
             raise ValueError(f"prompt of {len(ids)} tokens exceeds {limit_key}={limit}: {question[:80]!r}")
         return ids
 
+    def encode_record(self, record, images=None) -> list[int]:
+        """A record's prompt ids: its own instruction if it carries one (question-writing warm-start
+        pairs), else data.instruction."""
+        from megatron_selfjudge.data.task import PROMPT_INSTRUCTION
+
+        return self.encode(record.question, self.num_images(record), instruction=record.meta.get(PROMPT_INSTRUCTION),
+                           images=images)
+
     def images_of(self, record) -> Optional[torch.Tensor]:
         """Preprocessed images of a record, as the model family wants them (None for a text-only policy)."""
         return self.family.images(record.images)
@@ -126,7 +134,7 @@ class Trainer:
         records = itertools.chain(self.task.train, self.task.test, (rec for rec, _ in self.task.sft))
         for rec in records:
             try:
-                self.encode(rec.question, self.num_images(rec), images=self.images_of(rec))
+                self.encode_record(rec, images=self.images_of(rec))
             except ValueError as exc:
                 raise DatasetError(f"{rec.source_file} row {rec.row}: {exc}") from None
 

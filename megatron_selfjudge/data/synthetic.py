@@ -72,6 +72,9 @@ class Example:
     answer: str
     reasoning: str  # the short trace an SFT target puts inside <think>...</think>
     meta: dict = field(default_factory=dict)  # the generator's parameters (counts, digits, heights)
+    # Other questions the same image answers, each (question, answer, reasoning): what a
+    # question-writing warm start (data.synthetic_sft_ask) teaches the policy to ask.
+    alternatives: tuple[tuple[str, str, str], ...] = ()
 
     def image_array(self) -> np.ndarray:
         """The image as a uint8 array [C, H, W]."""
@@ -91,6 +94,12 @@ class _Drawn:
     answer: int
     reasoning: str
     meta: dict
+    alternatives: list[tuple[str, int, str]] = field(default_factory=list)
+
+
+def _enumeration(n: int) -> str:
+    """The counting trace of n objects ('1,2,3'; 'none' for zero)."""
+    return ",".join(str(i) for i in range(1, n + 1)) or "none"
 
 
 def _canvas(rng: np.random.Generator, size: int) -> tuple[Image.Image, ImageDraw.ImageDraw]:
@@ -139,9 +148,10 @@ def _draw_count(rng: np.random.Generator, size: int) -> _Drawn:
     colors = [target] * n + [others[int(rng.integers(2))] for _ in range(n_distract)]
     for (x, y), cname in zip(spots, colors):
         _draw_shape(draw, ("circle", "square")[int(rng.integers(2))], x, y, box, COLORS[cname])
-    reasoning = ",".join(str(i) for i in range(1, n + 1))
-    return _Drawn(img, f"How many {target} shapes?", n, reasoning,
-                  {"color": target, "count": n, "distractors": n_distract, "box": box})
+    alternatives = [(f"How many {c} shapes?", colors.count(c), _enumeration(colors.count(c))) for c in others]
+    alternatives.append(("How many shapes?", len(colors), _enumeration(len(colors))))
+    return _Drawn(img, f"How many {target} shapes?", n, _enumeration(n),
+                  {"color": target, "count": n, "distractors": n_distract, "box": box}, alternatives)
 
 
 def _draw_digit(draw: ImageDraw.ImageDraw, digit: int, x: int, y: int, scale: int,
@@ -167,8 +177,9 @@ def _draw_add(rng: np.random.Generator, size: int) -> _Drawn:
     img, draw = _canvas(rng, size)
     _draw_digit(draw, a, xa, ya, scale, INK)
     _draw_digit(draw, b, xb, yb, scale, INK)
+    alternatives = [("What is the left digit?", a, f"left {a}"), ("What is the right digit?", b, f"right {b}")]
     return _Drawn(img, "Add the two digits.", a + b, f"{a}+{b}={a + b}",
-                  {"digits": [a, b], "scale": scale})
+                  {"digits": [a, b], "scale": scale}, alternatives)
 
 
 def _draw_compare(rng: np.random.Generator, size: int) -> _Drawn:
@@ -184,9 +195,12 @@ def _draw_compare(rng: np.random.Generator, size: int) -> _Drawn:
     for k, (x, y) in zip(order, spots):
         _draw_shape(draw, "circle", x, y, box, COLORS[colors[int(k)]])
     diff = n_more - n_fewer
+    alternatives = [(f"How many {more} dots?", n_more, _enumeration(n_more)),
+                    (f"How many {fewer} dots?", n_fewer, _enumeration(n_fewer)),
+                    ("How many dots?", n_more + n_fewer, _enumeration(n_more + n_fewer))]
     return _Drawn(img, f"How many more {more} than {fewer} dots?", diff,
                   f"{n_more}-{n_fewer}={diff}",
-                  {"colors": [more, fewer], "counts": [n_more, n_fewer], "box": box})
+                  {"colors": [more, fewer], "counts": [n_more, n_fewer], "box": box}, alternatives)
 
 
 def _draw_bar(rng: np.random.Generator, size: int) -> _Drawn:
@@ -203,15 +217,16 @@ def _draw_bar(rng: np.random.Generator, size: int) -> _Drawn:
     for k, (cname, h) in enumerate(zip(names, heights)):
         x0 = left + 2 + k * (width + 2)
         draw.rectangle((x0, base - h * unit, x0 + width - 1, base - 1), fill=COLORS[cname])
+    askable = [(f"How tall is the {c} bar?", h, f"{c} {h}") for c, h in zip(names, heights)]
+    askable.append(("How tall is the tallest bar?", max(heights), ",".join(map(str, heights)) + f" max {max(heights)}"))
     if rng.integers(2) == 0:
         ask = names[int(rng.integers(3))]
-        ans = heights[names.index(ask)]
-        question, reasoning = f"How tall is the {ask} bar?", f"{ask} {ans}"
+        pick = names.index(ask)
     else:
-        ask, ans = "tallest", max(heights)
-        question, reasoning = "How tall is the tallest bar?", ",".join(map(str, heights)) + f" max {ans}"
+        ask, pick = "tallest", len(names)
+    question, ans, reasoning = askable.pop(pick)
     return _Drawn(img, question, ans, reasoning,
-                  {"colors": names, "heights": heights, "asked": ask, "unit": unit, "base": base})
+                  {"colors": names, "heights": heights, "asked": ask, "unit": unit, "base": base}, askable)
 
 
 _GENERATORS: dict[str, Callable[[np.random.Generator, int], _Drawn]] = {
@@ -240,7 +255,8 @@ def render_example(family: str, seed: int, split_index: int, index: int, image_s
     key = content_key(family, drawn.question, drawn.image)
     return Example(uid=f"{family}-{key[:16]}", family=family, image=drawn.image,
                    question=drawn.question, answer=str(drawn.answer),
-                   reasoning=drawn.reasoning, meta=drawn.meta)
+                   reasoning=drawn.reasoning, meta=drawn.meta,
+                   alternatives=tuple((q, str(a), r) for q, a, r in drawn.alternatives))
 
 
 def _fill_split(seed: int, split_index: int, n: int, image_size: int, families: Sequence[str],

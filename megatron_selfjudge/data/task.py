@@ -65,6 +65,44 @@ class Task:
         return MixedSampler(sizes, self.step_counts, seed, shuffle=self.shuffle, **state)
 
 
+# PromptRecord.meta key of a warm-start prompt that carries its own instruction (question-writing
+# pairs: none, the synthesis cue is the whole prompt); absent: the run's data.instruction.
+PROMPT_INSTRUCTION = "prompt_instruction"
+
+
+def question_writing_pairs(examples: Sequence, seed: int, instruction: str) -> list[tuple]:
+    """Three warm-start pairs per synthetic example that teach `selfjudge synth`'s two strategies.
+
+    "image + the example's question + in-context cue -> one of the image's other questions",
+    "image + direct cue -> any of its questions" (cues of the synthesis prompt style that
+    `instruction` selects, so training and synthesis prompts are the same text), and "the other
+    question -> its solution", so that the questions the policy learns to write are ones it can answer.
+    """
+    from megatron_selfjudge.data import prompts
+    from megatron_selfjudge.data.datasets import PromptRecord
+    from megatron_selfjudge.synth.prompts import prompt_style
+
+    style = prompt_style("auto", instruction)
+    pairs: list[tuple] = []
+    for i, ex in enumerate(examples):
+        if not ex.alternatives:
+            raise ValueError(f"synthetic example {ex.uid} ({ex.family}) has no other question to ask")
+        rng = np.random.default_rng([seed, 11, i])
+        question, answer, reasoning = ex.alternatives[int(rng.integers(len(ex.alternatives)))]
+        direct = ([(ex.question, ex.answer)] + [(q, a) for q, a, _ in ex.alternatives])[
+            int(rng.integers(len(ex.alternatives) + 1))][0]
+        source = "synthetic:train_sft_ask"
+        for kind, cue, target in (("in-context", style.render("in-context", ex.question), question),
+                                  ("direct", style.render("direct", ""), direct)):
+            rec = PromptRecord(uid=f"{ex.uid}/ask-{kind}", images=[ex.image], question=cue, answer=None,
+                               source_file=source, row=i, meta={"family": ex.family, PROMPT_INSTRUCTION: ""})
+            pairs.append((rec, f"<question>{target}</question>" if style.tagged else target))
+        rec = PromptRecord(uid=f"{ex.uid}/asked", images=[ex.image], question=question, answer=answer,
+                           source_file=source, row=i, meta={"family": ex.family, "reasoning": reasoning})
+        pairs.append((rec, prompts.format_response(reasoning, answer)))
+    return pairs
+
+
 def load_task(cfg: Config) -> Task:
     """The embedded synthetic task, or local files in the published schemas."""
     from megatron_selfjudge.data import datasets, prompts, synthetic
@@ -76,6 +114,7 @@ def load_task(cfg: Config) -> Task:
             n_test=d.synthetic_test, image_size=cfg.model.image_size, families=tuple(d.synthetic_families))
         sft = list(zip(datasets.examples_to_records(splits["train_sft"], "synthetic:train_sft"),
                        [prompts.sft_target(ex) for ex in splits["train_sft"]]))
+        sft += question_writing_pairs(splits["train_sft"][:d.synthetic_sft_ask], d.synthetic_seed, d.instruction)
         return Task(train=datasets.examples_to_records(splits["train_unlabeled"], "synthetic:train_unlabeled"),
                     test=datasets.examples_to_records(splits["test"], "synthetic:test"), sft=sft,
                     shuffle=d.shuffle)

@@ -59,25 +59,34 @@ def _read_digit(pixels: np.ndarray) -> int:
     return matches[0]
 
 
-def _answer_from_pixels(ex) -> int:
-    """Recompute the answer from the image and the question text only (not the generator's meta)."""
+def _answer_from_pixels(ex, question: str | None = None) -> int:
+    """Recompute the answer to `question` (default the example's own) from the image and the
+    question text only (not the generator's meta)."""
     arr = np.asarray(ex.image)
+    q = ex.question if question is None else question
+    if ex.family in ("count", "compare"):
+        if q in ("How many shapes?", "How many dots?"):
+            return sum(len(_components(_color_mask(arr, rgb))) for rgb in COLORS.values())
     if ex.family == "count":
-        color = re.fullmatch(r"How many (\w+) shapes\?", ex.question).group(1)
+        color = re.fullmatch(r"How many (\w+) shapes\?", q).group(1)
         return len(_components(_color_mask(arr, COLORS[color])))
     if ex.family == "add":
         blobs = sorted(_components(_color_mask(arr, INK)), key=lambda p: p[:, 1].min())
         assert len(blobs) == 2
-        return sum(_read_digit(b) for b in blobs)
+        a, b = (_read_digit(blob) for blob in blobs)
+        return {"Add the two digits.": a + b, "What is the left digit?": a, "What is the right digit?": b}[q]
     if ex.family == "compare":
-        more, fewer = re.fullmatch(r"How many more (\w+) than (\w+) dots\?", ex.question).groups()
+        one = re.fullmatch(r"How many (\w+) dots\?", q)
+        if one:
+            return len(_components(_color_mask(arr, COLORS[one.group(1)])))
+        more, fewer = re.fullmatch(r"How many more (\w+) than (\w+) dots\?", q).groups()
         n = {c: len(_components(_color_mask(arr, COLORS[c]))) for c in (more, fewer)}
         return n[more] - n[fewer]
     if ex.family == "bar":
         ticks = np.nonzero(_color_mask(arr, AXIS)[:, 2])[0]
         unit = int(np.median(np.diff(ticks)))  # tick marks sit one unit apart
         heights = {c: int(_color_mask(arr, rgb).any(axis=1).sum()) // unit for c, rgb in COLORS.items()}
-        asked = re.fullmatch(r"How tall is the (\w+) bar\?", ex.question).group(1)
+        asked = re.fullmatch(r"How tall is the (\w+) bar\?", q).group(1)
         return max(heights.values()) if asked == "tallest" else heights[asked]
     raise AssertionError(ex.family)
 
@@ -109,6 +118,17 @@ def test_every_answer_matches_the_pixels(splits):
     for exs in splits.values():
         for ex in exs:
             assert int(ex.answer) == _answer_from_pixels(ex), (ex.uid, ex.question, ex.meta)
+
+
+def test_every_other_question_is_answered_by_the_pixels(splits):
+    """The alternatives a question-writing warm start teaches: distinct, new, answered right."""
+    for ex in (e for v in splits.values() for e in v):
+        questions = [ex.question] + [q for q, _, _ in ex.alternatives]
+        assert len(ex.alternatives) >= 2 and len(set(questions)) == len(questions), ex.alternatives
+        for q, answer, reasoning in ex.alternatives:
+            assert int(answer) == _answer_from_pixels(ex, q), (ex.uid, q, ex.meta)
+            last = re.split(r"[=, ]", reasoning)[-1]
+            assert last == answer or (reasoning == "none" and answer == "0"), (q, answer, reasoning)
 
 
 def test_answers_are_short_integers_and_families_balanced(splits):
