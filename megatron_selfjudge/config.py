@@ -181,6 +181,9 @@ class JudgeConfig:
     top_p: float = 0.9  # Judge nucleus sampling
     max_tokens: int = 1024  # new tokens per Judge verdict
     max_prompt_len: int = 4096  # rubric + question + candidate response, in tokens (generative)
+    # full: the paper's written rubric | short: a compact cue for the tiny policy, which learns to
+    # grade in its warm start (data.synthetic_sft_judge)
+    rubric: str = "full"
     unparsed: str = "zero"  # zero: reference code (s = 0); neutral: g = 1
     backend: str = ""  # rollout engine of the generative Judge; "" = the policy's rollout.backend
     # true: the generative Judge samples from the policy's own engine (its current weights, not the
@@ -265,6 +268,10 @@ class DataConfig:
     # warm-start pairs, "image + question + ask cue -> another question about the image",
     # "image + ask cue -> a question" and "the other question -> its solution" (0: off).
     synthetic_sft_ask: int = 0
+    # Of those, how many also teach judging (the generative Judge in miniature): each adds two pairs,
+    # "image + question + a right / a flawed solution, in judge.rubric's prompt -> the Judge's own
+    # reading of the image, then the rubric's weighted score" (0: off).
+    synthetic_sft_judge: int = 0
     synthetic_unlabeled: int = 2048  # label-free training prompts
     synthetic_test: int = 256  # held-out prompts
 
@@ -457,10 +464,11 @@ def validate(cfg: Config) -> Config:
         _check(f"reward.calibration.{name}", 0 <= getattr(c, name) <= 1, "in [0, 1]", getattr(c, name))
     _check("reward.calibration.g_min", 0 <= c.g_min <= c.g_max, "in [0, reward.calibration.g_max]", c.g_min)
     from megatron_selfjudge.judges import JUDGE_KINDS
-    from megatron_selfjudge.rewards.judge import UNPARSED_POLICIES
+    from megatron_selfjudge.rewards.judge import RUBRICS, UNPARSED_POLICIES
 
     _choice("judge.kind", j.kind, list(JUDGE_KINDS))
     _choice("judge.unparsed", j.unparsed, list(UNPARSED_POLICIES))
+    _choice("judge.rubric", j.rubric, list(RUBRICS))
     _check("judge.samples", 1 <= j.samples <= MAX_JUDGE_SAMPLES, f"in [1, {MAX_JUDGE_SAMPLES}]", j.samples)
     _check("judge.temperature", j.temperature > 0, "> 0", j.temperature)
     _check("judge.top_p", 0 < j.top_p <= 1, "in (0, 1]", j.top_p)
@@ -516,8 +524,9 @@ def validate(cfg: Config) -> Config:
     for name in ("synthetic_sft", "synthetic_test"):
         _check(f"data.{name}", getattr(d, name) >= 0, ">= 0", getattr(d, name))
     _check("data.synthetic_unlabeled", d.synthetic_unlabeled >= 1, ">= 1", d.synthetic_unlabeled)
-    _check("data.synthetic_sft_ask", 0 <= d.synthetic_sft_ask <= d.synthetic_sft,
-           f"in [0, data.synthetic_sft={d.synthetic_sft}]", d.synthetic_sft_ask)
+    for name in ("synthetic_sft_ask", "synthetic_sft_judge"):
+        _check(f"data.{name}", 0 <= getattr(d, name) <= d.synthetic_sft,
+               f"in [0, data.synthetic_sft={d.synthetic_sft}]", getattr(d, name))
     _check_train_files(d)
     _check("data.limit", d.limit >= 0, ">= 0 (0 = every usable row)", d.limit)
     _check("data.workers", 0 <= d.workers <= MAX_DATA_WORKERS, f"in [0, {MAX_DATA_WORKERS}]", d.workers)

@@ -57,8 +57,8 @@ class GenerativeJudge:
     kind = "generative"
 
     def __init__(self, engine: RolloutEngine, encode_prompt: Any, *, samples: int, temperature: float,
-                 top_p: float, max_tokens: int, seed: int):
-        """judge.samples, judge.temperature, judge.top_p and judge.max_tokens; seed + step per step."""
+                 top_p: float, max_tokens: int, seed: int, rubric: str = "full"):
+        """judge.samples, judge.temperature, judge.top_p, judge.max_tokens and judge.rubric; seed + step per step."""
         self.engine = engine
         # (text, n_images, images=...) -> token ids with image placeholders (sized by the images)
         self.encode_prompt = encode_prompt
@@ -67,6 +67,7 @@ class GenerativeJudge:
         self.top_p = top_p
         self.max_tokens = max_tokens
         self.seed = seed
+        self.rubric = rubric
 
     def requests(self, prompts: Sequence[JudgePrompt], trajectories: Sequence[Trajectory]) -> list[RolloutRequest]:
         """One Judge request per trajectory (the trajectory's prompt's image attached)."""
@@ -75,7 +76,7 @@ class GenerativeJudge:
         for t in trajectories:
             p = by_uid[t.uid]
             n_images = 0 if p.images is None else len(p.images)
-            ids = self.encode_prompt(build_judge_prompt(p.question, t.text), n_images, images=p.images)
+            ids = self.encode_prompt(build_judge_prompt(p.question, t.text, self.rubric), n_images, images=p.images)
             meta = {"source_images": p.source_images} if p.source_images is not None else {}
             out.append(RolloutRequest(uid=f"{t.uid}/{t.sample_index}", prompt_ids=ids, images=p.images, metadata=meta))
         return out

@@ -99,11 +99,13 @@ class Trainer:
         return ids
 
     def encode_record(self, record, images=None) -> list[int]:
-        """A record's prompt ids: its own instruction if it carries one (question-writing warm-start
-        pairs), else data.instruction."""
-        from megatron_selfjudge.data.task import PROMPT_INSTRUCTION
+        """A record's prompt ids: a question with data.instruction, or a whole prompt of its kind
+        (question-writing cues, Judge prompts of the warm start) with that kind's instruction and limit."""
+        from megatron_selfjudge.data.task import PROMPT_KIND, PROMPT_KINDS
 
-        return self.encode(record.question, self.num_images(record), instruction=record.meta.get(PROMPT_INSTRUCTION),
+        kind = record.meta.get(PROMPT_KIND)
+        instruction, limit_key = PROMPT_KINDS[kind] if kind else (None, "rollout.max_prompt_len")
+        return self.encode(record.question, self.num_images(record), instruction=instruction, limit_key=limit_key,
                            images=images)
 
     def images_of(self, record) -> Optional[torch.Tensor]:
@@ -209,7 +211,7 @@ class Trainer:
                                 lambda text, n, images=None: self.encode(text, n, instruction="",
                                                                          limit_key="judge.max_prompt_len", images=images),
                                 samples=j.samples, temperature=j.temperature, top_p=j.top_p,
-                                max_tokens=j.max_tokens, seed=self.cfg.trainer.seed + 20_000)
+                                max_tokens=j.max_tokens, seed=self.cfg.trainer.seed + 20_000, rubric=j.rubric)
         prompts = [JudgePrompt(uid=r.uid, question=r.question, images=self.images_of(r),
                                source_images=r.images if self.family.multimodal else None) for r in records]
         scores, _ = judge.score(prompts, trajectories, step=self.state["step"])
@@ -257,7 +259,7 @@ class Trainer:
         from megatron_selfjudge.megatron.parallel import max_over_data_parallel, mean_over_data_parallel
         from megatron_selfjudge.megatron.train_step import train_on_rollout
         from megatron_selfjudge.rewards.baselines import response_stats
-        from megatron_selfjudge.rewards.combine import REWARD_MODES
+        from megatron_selfjudge.rewards.combine import JUDGE_MONITOR_SUMS, REWARD_MODES, judge_monitor_means
         from megatron_selfjudge.rollout.base import SamplingConfig
 
         cfg, t, r = self.cfg, self.cfg.trainer, self.cfg.rollout
@@ -316,7 +318,8 @@ class Trainer:
             "adv_sq_mean": float((adv.double() ** 2).mean()),
             "rollouts_per_rank": float(len(trajs)),  # equal on every rank: P * G / dp
             **mismatch,
-        }, sums=("judge_unparsed",))
+        }, sums=("judge_unparsed", *JUDGE_MONITOR_SUMS))
+        judge_monitor_means(out)
         out["rollout_logp_diff_max"] = max_over_data_parallel(mismatch["rollout_logp_diff_max"])
         # The standard deviation of all ranks' advantages (unbiased, as torch.std of the whole batch).
         n_all = len(trajs) * optim.data_parallel_size()

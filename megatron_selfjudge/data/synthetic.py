@@ -21,7 +21,7 @@ import hashlib
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -257,6 +257,51 @@ def render_example(family: str, seed: int, split_index: int, index: int, image_s
                    question=drawn.question, answer=str(drawn.answer),
                    reasoning=drawn.reasoning, meta=drawn.meta,
                    alternatives=tuple((q, str(a), r) for q, a, r in drawn.alternatives))
+
+
+def _other(rng: np.random.Generator, value: int, lo: int, hi: int) -> Optional[int]:
+    """A value of [lo, hi] other than `value`, or None when there is none."""
+    choices = [v for v in range(lo, hi + 1) if v != value]
+    return int(choices[int(rng.integers(len(choices)))]) if choices else None
+
+
+def flawed_solutions(ex: Example, rng: np.random.Generator) -> list[tuple[str, str, str]]:
+    """Wrong solutions of the example's own question, (flaw, reasoning, answer), one per flaw its family has.
+
+    ``misread``: the trace reads other values than the image shows and follows them correctly;
+    ``slip``: it reads the right values and then computes wrongly; ``mismatch``: the trace is right
+    and the boxed answer is not its result. A Judge that checks the trace against the image tells
+    them apart from a right solution (what data.synthetic_sft_judge teaches).
+    """
+    m, answer = ex.meta, int(ex.answer)
+    wrong = _other(rng, answer, 0, 18)
+    out = [("mismatch", ex.reasoning, str(wrong))]
+    if ex.family == "add":
+        a, b = m["digits"]
+        a2 = _other(rng, a, 0, 9)
+        out += [("misread", f"{a2}+{b}={a2 + b}", str(a2 + b)), ("slip", f"{a}+{b}={wrong}", str(wrong))]
+    elif ex.family == "count":
+        n2 = _other(rng, m["count"], *COUNT_RANGE)
+        out.append(("misread", _enumeration(n2), str(n2)))
+    elif ex.family == "compare":
+        more, fewer = m["counts"]
+        more2 = _other(rng, more, max(fewer, COMPARE_RANGE[0]), COMPARE_RANGE[1])
+        if more2 is not None:
+            out.append(("misread", f"{more2}-{fewer}={more2 - fewer}", str(more2 - fewer)))
+        out.append(("slip", f"{more}-{fewer}={wrong}", str(wrong)))
+    elif ex.family == "bar":
+        heights = list(m["heights"])
+        if m["asked"] == "tallest":
+            k = heights.index(max(heights))
+            misread = list(heights)
+            misread[k] = _other(rng, heights[k], *BAR_RANGE)
+            if max(misread) != answer:
+                out.append(("misread", ",".join(map(str, misread)) + f" max {max(misread)}", str(max(misread))))
+            out.append(("slip", ",".join(map(str, heights)) + f" max {wrong}", str(wrong)))
+        else:
+            h2 = _other(rng, answer, *BAR_RANGE)
+            out.append(("misread", f"{m['asked']} {h2}", str(h2)))
+    return out
 
 
 def _fill_split(seed: int, split_index: int, n: int, image_size: int, families: Sequence[str],

@@ -65,9 +65,12 @@ class Task:
         return MixedSampler(sizes, self.step_counts, seed, shuffle=self.shuffle, **state)
 
 
-# PromptRecord.meta key of a warm-start prompt that carries its own instruction (question-writing
-# pairs: none, the synthesis cue is the whole prompt); absent: the run's data.instruction.
-PROMPT_INSTRUCTION = "prompt_instruction"
+# PromptRecord.meta key of a warm-start prompt that is not a question to solve: its kind names the
+# instruction appended to it and the config key bounding its length (absent: data.instruction and
+# rollout.max_prompt_len). Question-writing cues and Judge prompts are whole prompts, as the synthesis
+# command and the generative Judge send them.
+PROMPT_KIND = "prompt_kind"
+PROMPT_KINDS = {"ask": ("", "rollout.max_prompt_len"), "judge": ("", "judge.max_prompt_len")}
 
 
 def question_writing_pairs(examples: Sequence, seed: int, instruction: str) -> list[tuple]:
@@ -95,11 +98,42 @@ def question_writing_pairs(examples: Sequence, seed: int, instruction: str) -> l
         for kind, cue, target in (("in-context", style.render("in-context", ex.question), question),
                                   ("direct", style.render("direct", ""), direct)):
             rec = PromptRecord(uid=f"{ex.uid}/ask-{kind}", images=[ex.image], question=cue, answer=None,
-                               source_file=source, row=i, meta={"family": ex.family, PROMPT_INSTRUCTION: ""})
+                               source_file=source, row=i, meta={"family": ex.family, PROMPT_KIND: "ask"})
             pairs.append((rec, f"<question>{target}</question>" if style.tagged else target))
         rec = PromptRecord(uid=f"{ex.uid}/asked", images=[ex.image], question=question, answer=answer,
                            source_file=source, row=i, meta={"family": ex.family, "reasoning": reasoning})
         pairs.append((rec, prompts.format_response(reasoning, answer)))
+    return pairs
+
+
+def judging_pairs(examples: Sequence, seed: int, rubric: str) -> list[tuple]:
+    """Two warm-start pairs per synthetic example that teach the generative Judge in miniature.
+
+    The example's question with a right solution and with a flawed one (synthetic.flawed_solutions,
+    one flaw drawn per example), each in judge.rubric's prompt, as the trainer's Judge sends it. The
+    target is the Judge's own reading of the image (the example's true trace) and then the rubric's
+    weighted overall score: answer_correctness, reasoning_quality and visual_grounding each 1 or 0 by
+    the flaw (a misread trace is sound reasoning on wrong values; a slip or a boxed answer that is not
+    the trace's result is unsound reasoning on the right values).
+    """
+    from megatron_selfjudge.data import prompts, synthetic
+    from megatron_selfjudge.data.datasets import PromptRecord
+    from megatron_selfjudge.rewards.judge import CRITERIA_WEIGHTS, build_judge_prompt
+
+    met = {"right": ("answer_correctness", "reasoning_quality", "visual_grounding"),
+           "misread": ("reasoning_quality",), "slip": ("visual_grounding",), "mismatch": ("visual_grounding",)}
+    pairs: list[tuple] = []
+    for i, ex in enumerate(examples):
+        rng = np.random.default_rng([seed, 13, i])
+        flaws = synthetic.flawed_solutions(ex, rng)
+        flaw, reasoning, answer = flaws[int(rng.integers(len(flaws)))]
+        for kind, candidate in (("right", prompts.sft_target(ex)), (flaw, prompts.format_response(reasoning, answer))):
+            score = round(sum(CRITERIA_WEIGHTS[c] for c in met[kind]), 4)
+            rec = PromptRecord(uid=f"{ex.uid}/judge-{kind}", images=[ex.image],
+                               question=build_judge_prompt(ex.question, candidate, rubric), answer=None,
+                               source_file="synthetic:train_sft_judge", row=i,
+                               meta={"family": ex.family, PROMPT_KIND: "judge", "flaw": kind})
+            pairs.append((rec, prompts.format_response(ex.reasoning, f"{score:g}")))
     return pairs
 
 
@@ -115,6 +149,7 @@ def load_task(cfg: Config) -> Task:
         sft = list(zip(datasets.examples_to_records(splits["train_sft"], "synthetic:train_sft"),
                        [prompts.sft_target(ex) for ex in splits["train_sft"]]))
         sft += question_writing_pairs(splits["train_sft"][:d.synthetic_sft_ask], d.synthetic_seed, d.instruction)
+        sft += judging_pairs(splits["train_sft"][:d.synthetic_sft_judge], d.synthetic_seed, cfg.judge.rubric)
         return Task(train=datasets.examples_to_records(splits["train_unlabeled"], "synthetic:train_unlabeled"),
                     test=datasets.examples_to_records(splits["test"], "synthetic:test"), sft=sft,
                     shuffle=d.shuffle)

@@ -76,7 +76,29 @@ class RewardResult:
             out["gt_acc"] = sum(self.gt_correct) / n
         if self.response_stats is not None:
             out["self_certainty_mean"] = sum(self.response_stats.self_certainty) / n
+        if self.judge_scores is not None:
+            # Sums and row counts (they add up over data-parallel ranks; judge_monitor_means divides).
+            # Right/wrong is monitoring only (labels never reach a label-free reward): does the Judge
+            # score right answers higher than wrong ones?
+            correct = self.gt_correct or [None] * len(self.judge_scores)
+            for part, want in (("", None), ("_right", True), ("_wrong", False)):
+                scores = [s for s, ok in zip(self.judge_scores, correct)
+                          if not math.isnan(s) and (want is None or ok is want)]
+                out[f"judge_score{part}_sum"], out[f"judge_scored{part}_rows"] = float(sum(scores)), float(len(scores))
         return out
+
+
+JUDGE_MONITOR_SUMS = tuple(f"judge_{kind}{part}_{x}" for part in ("", "_right", "_wrong")
+                           for kind, x in (("score", "sum"), ("scored", "rows")))
+
+
+def judge_monitor_means(metrics: dict) -> dict:
+    """Replace RewardResult.metrics' Judge sums by judge_score_mean / _right / _wrong (None: no such row)."""
+    for part in ("", "_right", "_wrong"):
+        total, rows = metrics.pop(f"judge_score{part}_sum", None), metrics.pop(f"judge_scored{part}_rows", None)
+        if rows is not None:
+            metrics[f"judge_score{'_mean' if not part else part}"] = total / rows if rows else None
+    return metrics
 
 
 def _group_rows(group_ids: Sequence[Hashable]) -> dict[Hashable, list[int]]:

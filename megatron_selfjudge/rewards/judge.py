@@ -57,18 +57,25 @@ Reply in this order:
 3. On the last line, the overall score alone inside \\boxed{{}}, for example \\boxed{{0.75}}.
 """
 
+# The compact cue for the tiny character-level policy, whose context holds a few dozen tokens: it
+# learns the rubric from its warm start (data.synthetic_sft_judge) instead of reading it.
+_SHORT_PROMPT = "{question} Grade: {response}"
+RUBRICS = {"full": _PROMPT, "short": _SHORT_PROMPT}  # judge.rubric
+
 _NUMBER_RE = re.compile(r"^[+-]?(?:\d+(?:\.\d*)?|\.\d+)$")
 _KEY = '"overall_score"'
 _MAX_JSON_TRIES = 32  # bounded so a verdict full of '{' cannot make parsing quadratic
 _MAX_JSON_SPAN = 8192
 
 
-def build_judge_prompt(question: str, response: str) -> str:
-    """Text part of the Judge's input (the caller attaches the image(s))."""
+def build_judge_prompt(question: str, response: str, rubric: str = "full") -> str:
+    """Text part of the Judge's input (the caller attaches the image(s)); rubric: a name of RUBRICS."""
     if not isinstance(question, str) or not isinstance(response, str):
         raise TypeError("question and response must be str")
+    if rubric not in RUBRICS:
+        raise ValueError(f"judge.rubric: unknown {rubric!r}; choose one of {sorted(RUBRICS)}")
     w = CRITERIA_WEIGHTS
-    return _PROMPT.format(
+    return RUBRICS[rubric].format(
         question=question.strip(), response=response,
         w_answer=w["answer_correctness"], w_reason=w["reasoning_quality"], w_visual=w["visual_grounding"],
     )

@@ -5,7 +5,7 @@ import pytest
 from megatron_selfjudge.config import ConfigError, load_config
 from megatron_selfjudge.data.prompts import format_response
 from megatron_selfjudge.data.synthetic import make_synthetic_splits
-from megatron_selfjudge.data.task import PROMPT_INSTRUCTION, load_task, question_writing_pairs
+from megatron_selfjudge.data.task import PROMPT_KIND, load_task, question_writing_pairs
 from megatron_selfjudge.synth.prompts import PROMPTS, parse_reply
 
 
@@ -24,7 +24,7 @@ def test_three_pairs_per_example_in_the_synthesis_style(examples, instruction, s
         # The cues are the very texts the synthesis command sends, with no answer instruction after them.
         assert ic.question == prompt.render("in-context", ex.question)
         assert direct.question == prompt.render("direct", ex.question)
-        assert ic.meta[PROMPT_INSTRUCTION] == direct.meta[PROMPT_INSTRUCTION] == ""
+        assert ic.meta[PROMPT_KIND] == direct.meta[PROMPT_KIND] == "ask"
         assert ic.images == direct.images == asked.images == [ex.image]
         # What the synthesis command would read out of each target reply.
         new, reason = parse_reply(ic_target, "stop", prompt.tagged)
@@ -33,7 +33,7 @@ def test_three_pairs_per_example_in_the_synthesis_style(examples, instruction, s
         alternatives = {q: (a, r) for q, a, r in ex.alternatives}
         assert new in alternatives and picked in {ex.question, *alternatives}
         # The asked question is answered with its own trace and answer, under the run's instruction.
-        assert asked.question == new and PROMPT_INSTRUCTION not in asked.meta
+        assert asked.question == new and PROMPT_KIND not in asked.meta
         assert asked.answer == alternatives[new][0]
         assert solution == format_response(alternatives[new][1], alternatives[new][0])
 
