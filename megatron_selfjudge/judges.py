@@ -57,8 +57,11 @@ class GenerativeJudge:
     kind = "generative"
 
     def __init__(self, engine: RolloutEngine, encode_prompt: Any, *, samples: int, temperature: float,
-                 top_p: float, max_tokens: int, seed: int, rubric: str = "full"):
-        """judge.samples, judge.temperature, judge.top_p, judge.max_tokens and judge.rubric; seed + step per step."""
+                 top_p: float, max_tokens: int, seed: int, rubric: str = "full", greedy: bool = False):
+        """judge.samples, judge.temperature, judge.top_p, judge.max_tokens and judge.rubric; seed + step per step.
+
+        greedy: argmax verdicts (measuring the Judge, eval/judge_check.py); training samples them.
+        """
         self.engine = engine
         # (text, n_images, images=...) -> token ids with image placeholders (sized by the images)
         self.encode_prompt = encode_prompt
@@ -68,6 +71,7 @@ class GenerativeJudge:
         self.max_tokens = max_tokens
         self.seed = seed
         self.rubric = rubric
+        self.greedy = greedy
 
     def requests(self, prompts: Sequence[JudgePrompt], trajectories: Sequence[Trajectory]) -> list[RolloutRequest]:
         """One Judge request per trajectory (the trajectory's prompt's image attached)."""
@@ -85,7 +89,7 @@ class GenerativeJudge:
               step: int = 0) -> tuple[list[list[Optional[float]]], list[str]]:
         """Per trajectory, K parsed scores (None where unparseable), plus the raw Judge texts."""
         sampling = SamplingConfig(n=self.samples, temperature=self.temperature, top_p=self.top_p,
-                                  max_new_tokens=self.max_tokens, seed=self.seed + step)
+                                  max_new_tokens=self.max_tokens, seed=self.seed + step, greedy=self.greedy)
         outputs = self.engine.generate(self.requests(prompts, trajectories), sampling)
         k = self.samples
         texts = [o.text for o in outputs]

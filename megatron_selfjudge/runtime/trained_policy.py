@@ -32,14 +32,20 @@ class RunCheckpoint:
 
 
 def locate(path: str | Path) -> RunCheckpoint:
-    """Resolve a run directory, its checkpoints/ root, or a step folder inside it."""
+    """Resolve a run directory, its checkpoints/ root, its warm start (checkpoints/initial), or a step folder."""
     from megatron_selfjudge.megatron.checkpoint import META_FILE, checkpoint_candidates
 
     path = Path(path)
     if not path.is_dir():
         raise PolicyLoadError(f"checkpoint {path} does not exist (expected a run directory)")
-    if (path / META_FILE).is_file():  # one step folder: run_dir/checkpoints/step_XXXXXXXX
-        return RunCheckpoint(path.parent.parent / "config.yaml", [path], path.parent)
+    if (path / META_FILE).is_file():  # one step folder: run_dir/checkpoints/[initial/]step_XXXXXXXX
+        run_dir = next((p for p in list(path.parents)[1:3] if (p / "config.yaml").is_file()), path.parent.parent)
+        return RunCheckpoint(run_dir / "config.yaml", [path], path.parent)
+    if path.name == "initial" and (path.parent.parent / "config.yaml").is_file():  # the warm start's root
+        candidates = checkpoint_candidates(path)
+        if not candidates:
+            raise PolicyLoadError(f"{path} holds no complete step checkpoint")
+        return RunCheckpoint(path.parent.parent / "config.yaml", candidates, path)
     if (path / "checkpoints").is_dir():
         root, run_dir = path / "checkpoints", path
     elif (path / "config.yaml").is_file():
