@@ -54,12 +54,12 @@ def process_group():
 class Setup:
     """One model kind: its HF folder, the megatron policy built from it, the vLLM engine and a prompt."""
 
-    def __init__(self, kind: str, root: Path):
+    def __init__(self, kind: str, path: Path):
         from megatron_selfjudge.megatron.models import qwen
         from megatron_selfjudge.rollout.vllm_engine import VllmRolloutEngine, VllmSettings
 
         self.kind = kind
-        self.path = (tiny_qwen.make_tiny_qwen2_5_vl if kind == "vl" else tiny_qwen.make_tiny_qwen2_5)(root)
+        self.path = path  # the session's tiny folder (tests/conftest.py), read only
         self.policy = qwen.build_model(self.path)
         self.policy.module.eval()
         self.engine = VllmRolloutEngine(str(self.path), settings=VllmSettings(max_model_len=512, kv_cache_gb=1),
@@ -97,13 +97,13 @@ class Setup:
 
 
 @pytest.fixture(scope="module")
-def setups(process_group, tmp_path_factory):
+def setups(process_group, vl_dir, text_dir):
     made: dict[str, Setup] = {}
 
     def get(kind: str) -> Setup:
         # Built once: a dropped engine's shutdown would tear down vLLM's process-wide groups.
         if kind not in made:
-            made[kind] = Setup(kind, tmp_path_factory.mktemp(f"vllm_{kind}"))
+            made[kind] = Setup(kind, vl_dir if kind == "vl" else text_dir)
         return made[kind]
 
     yield get
