@@ -569,6 +569,13 @@ def validate(cfg: Config) -> Config:
                d.synthetic_unlabeled)
         _check("model.image_size", m.image_size >= MIN_SYNTHETIC_IMAGE_SIZE,
                f">= {MIN_SYNTHETIC_IMAGE_SIZE} with data.train=synthetic (the size of the drawings)", m.image_size)
+    # Judging pairs teach the generative Judge; without it the model's context is not sized for them.
+    _check("data.synthetic_sft_judge", d.synthetic_sft_judge == 0 or (d.train == "synthetic"
+                                                                       and uses_generative_judge(cfg)),
+           "0 unless data.train=synthetic, judge.kind=generative and a reward.mode that uses the Judge",
+           d.synthetic_sft_judge)
+    _check("data.synthetic_sft_ask", d.synthetic_sft_ask == 0 or d.train == "synthetic",
+           "0 unless data.train=synthetic", d.synthetic_sft_ask)
     return cfg
 
 

@@ -31,11 +31,13 @@ def sft_lr_at(o: "OptimConfig", step: int, total: int) -> float:
     # The scheduler only computes here: its optimizer has no groups (the real groups carry stage 2's
     # max_lr, which it would read instead of optim.sft_lr).
     sched = OptimizerParamScheduler(SimpleNamespace(param_groups=[]), init_lr=0.0, max_lr=o.sft_lr,
-                                    min_lr=min(o.sft_min_lr, o.sft_lr), lr_warmup_steps=o.sft_warmup_steps,
+                                    min_lr=o.sft_min_lr, lr_warmup_steps=o.sft_warmup_steps,
                                     lr_decay_steps=max(total, o.sft_warmup_steps + 1),
                                     lr_decay_style=o.sft_schedule, start_wd=0.0, end_wd=0.0, wd_incr_steps=1,
                                     wd_incr_style="constant")
-    sched.num_steps = step + 1 if o.sft_warmup_steps else step  # warmup's first step already moves
+    # Step k trains at the scheduler's value after k + 1 increments: warmup's first step is above 0
+    # and the last step of a decay lands on sft_min_lr.
+    sched.num_steps = step + 1
     return sched.get_lr({})
 
 

@@ -129,8 +129,12 @@ class Trainer:
         return self.family.num_images(record.images)
 
     def check_prompt_lengths(self) -> None:
-        """Refuse, before any training, a prompt longer than rollout.max_prompt_len (names file and row)."""
+        """Refuse, before any training, a prompt over its limit (rollout.max_prompt_len, judge.max_prompt_len
+        for warm-start Judge prompts) or a warm-start question / verdict longer than what may be generated
+        (rollout.max_response_len, judge.max_tokens; data/task.TARGET_LIMITS). The message names file and row."""
+        from megatron_selfjudge.data.collate import encode_response
         from megatron_selfjudge.data.datasets import DatasetError
+        from megatron_selfjudge.data.task import PROMPT_KIND, TARGET_LIMITS
 
         # Streamed training files are read once more here, a row group at a time (no images decoded).
         records = itertools.chain(self.task.train, self.task.test, (rec for rec, _ in self.task.sft))
@@ -139,6 +143,15 @@ class Trainer:
                 self.encode_record(rec, images=self.images_of(rec))
             except ValueError as exc:
                 raise DatasetError(f"{rec.source_file} row {rec.row}: {exc}") from None
+        for rec, target in self.task.sft:
+            key = TARGET_LIMITS.get(rec.meta.get(PROMPT_KIND))
+            if key is None:  # a solution: a warm start may teach longer traces than the rollouts sample
+                continue
+            section, name = key.split(".")
+            limit, n = getattr(getattr(self.cfg, section), name), len(encode_response(target, self.tokenizer))
+            if n > limit:
+                raise DatasetError(f"{rec.source_file} row {rec.row}: warm-start target of {n} tokens (with EOS) "
+                                   f"exceeds {key}={limit}: {target[:80]!r}")
 
     def policy_batch(self, prompt_ids: Sequence[list[int]], response_ids: Sequence[list[int]],
                      images: Sequence[torch.Tensor], advantages: torch.Tensor):

@@ -25,8 +25,9 @@ def test_warmup_then_cosine_by_hand():
 
 
 def test_linear_without_warmup_by_hand():
-    o = OptimConfig(sft_lr=2e-3, sft_schedule="linear", sft_min_lr=0.0)
-    assert [sft_lr_at(o, k, 4) for k in range(4)] == pytest.approx([2e-3, 1.5e-3, 1e-3, 0.5e-3])
+    o = OptimConfig(sft_lr=2e-3, sft_schedule="linear", sft_min_lr=1e-4)
+    # Step k is the value after k + 1 increments: the last of the 4 steps lands on the floor.
+    assert [sft_lr_at(o, k, 4) for k in range(4)] == pytest.approx([1.525e-3, 1.05e-3, 0.575e-3, 1e-4])
 
 
 @pytest.mark.parametrize("override,message", [

@@ -71,6 +71,9 @@ class Task:
 # command and the generative Judge send them.
 PROMPT_KIND = "prompt_kind"
 PROMPT_KINDS = {"ask": ("", "rollout.max_prompt_len"), "judge": ("", "judge.max_prompt_len")}
+# The generation limit a warm-start target of each kind must fit: a question or a verdict taught past
+# it is always cut off (synth drops a truncated reply, the Judge's parser finds no score).
+TARGET_LIMITS = {"ask": "rollout.max_response_len", "judge": "judge.max_tokens"}
 
 
 def question_writing_pairs(examples: Sequence, seed: int, instruction: str) -> list[tuple]:

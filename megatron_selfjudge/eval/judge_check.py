@@ -89,16 +89,19 @@ def run(args: argparse.Namespace) -> dict:
     log = Console(True)
     with single_process(args.seed):
         policy = load_policy(where, cfg, log.info)
-        engine = build_engine_for(cfg.rollout.backend, cfg, model=policy.module, tokenizer=policy.family.tokenizer,
-                                  max_batch_size=cfg.rollout.max_batch_size)
+        engine = build_engine_for(j.backend or cfg.rollout.backend, cfg, model=policy.module,
+                                  tokenizer=policy.family.tokenizer, max_batch_size=cfg.rollout.max_batch_size)
         fam = policy.family
 
         def encode(text: str, n: int, images=None) -> list[int]:
             ids = fam.prompt_ids(text, n, "")
-            return fam.expand_images(ids, images) if images is not None else ids
+            ids = fam.expand_images(ids, images) if images is not None else ids
+            if len(ids) > j.max_prompt_len:  # as the trainer's Judge refuses it
+                raise ValueError(f"a Judge prompt of {len(ids)} tokens exceeds judge.max_prompt_len={j.max_prompt_len}")
+            return ids
 
         # Greedy by default: the Judge's best reading, without sampling noise.
-        judge = GenerativeJudge(engine, encode, samples=1, temperature=args.temperature or 1.0, top_p=1.0,
+        judge = GenerativeJudge(engine, encode, samples=1, temperature=args.temperature or 1.0, top_p=j.top_p,
                                 max_tokens=j.max_tokens, seed=args.seed, rubric=j.rubric, greedy=not args.temperature)
         images = [fam.images([ex.image]) for ex in examples]
         scores: list[Optional[float]] = []
@@ -135,6 +138,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="", help="also write the summary here as JSON")
     args = p.parse_args(argv)
+    if args.limit < 0 or args.temperature < 0:
+        print("judge_check: --limit and --temperature must be >= 0", file=sys.stderr)
+        return 2
     # torch.distributed.checkpoint's deprecation notices on every weights load say nothing about this check.
     warnings.filterwarnings("ignore", category=FutureWarning)
     try:

@@ -31,3 +31,13 @@ def test_candidates_are_each_problem_right_then_flawed():
         mine = [(k, t) for j, k, t in cands if j == i]
         assert mine[0] == (RIGHT, sft_target(ex))
         assert len(mine) >= 2 and all(extract_boxed(t) != ex.answer for k, t in mine[1:])
+
+
+def test_bad_arguments_are_one_line(tmp_path, capsys):
+    from megatron_selfjudge.eval.judge_check import main
+
+    assert main(["--checkpoint", str(tmp_path), "--limit", "-3"]) == 2
+    assert capsys.readouterr().err == "judge_check: --limit and --temperature must be >= 0\n"
+    assert main(["--checkpoint", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("judge_check: checkpoint ") and "does not exist" in err and err.count("\n") == 1

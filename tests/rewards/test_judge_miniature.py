@@ -76,14 +76,51 @@ def test_judging_pairs_score_by_the_rubric_weights(examples):
     assert flaws == set(want)
 
 
+BASE = ["data.synthetic_sft=8", "data.synthetic_unlabeled=16", "data.synthetic_test=2", "trainer.prompts_per_step=4",
+        "trainer.mini_batch_prompts=2", "judge.kind=generative", "judge.rubric=short", "judge.max_prompt_len=96",
+        "judge.max_tokens=16"]
+
+
 def test_config_adds_judging_pairs():
-    base = ["data.synthetic_sft=8", "data.synthetic_unlabeled=16", "data.synthetic_test=2",
-            "trainer.prompts_per_step=4", "trainer.mini_batch_prompts=2", "judge.rubric=short"]
-    task = load_task(load_config(None, base + ["data.synthetic_sft_judge=3", "data.synthetic_sft_ask=2"]))
+    task = load_task(load_config(None, BASE + ["data.synthetic_sft_judge=3", "data.synthetic_sft_ask=2"]))
     kinds = [r.meta.get(PROMPT_KIND) for r, _ in task.sft]
     assert kinds == [None] * 8 + ["ask", "ask", None] * 2 + ["judge"] * 6
     with pytest.raises(ConfigError, match=r"data.synthetic_sft_judge=9 is out of range"):
-        load_config(None, base + ["data.synthetic_sft_judge=9"])
+        load_config(None, BASE + ["data.synthetic_sft_judge=9"])
+    # Without a generative Judge in the reward the model's context is not sized for Judge prompts.
+    for other in ("judge.kind=likelihood", "reward.mode=majority"):
+        with pytest.raises(ConfigError, match=r"data.synthetic_sft_judge=3 is out of range: must be 0 unless "
+                                              r"data.train=synthetic, judge.kind=generative"):
+            load_config(None, BASE + ["data.synthetic_sft_judge=3", other])
+
+
+def _checked(overrides):
+    """Trainer.check_prompt_lengths on the run's task, without building any model."""
+    from megatron_selfjudge.megatron.models.family import build_family
+    from megatron_selfjudge.trainer import Trainer
+
+    tr = Trainer.__new__(Trainer)
+    tr.cfg = load_config(None, BASE + overrides)
+    tr.task, tr.family = load_task(tr.cfg), build_family(tr.cfg)
+    tr.tokenizer = tr.family.tokenizer
+    tr.check_prompt_lengths()
+
+
+def test_judge_targets_must_fit_what_the_judge_may_write():
+    from megatron_selfjudge.data.datasets import DatasetError
+
+    _checked(["data.synthetic_sft_judge=8", "data.synthetic_families=[add]"])  # <think>a+b=s</think>\boxed{0.3}
+    # Counting traces are longer: "<think>1,2,...,9</think>\boxed{1}" would always be cut off at 16 tokens.
+    with pytest.raises(DatasetError, match=r"synthetic:train_sft_judge row \d+: warm-start target of \d+ tokens "
+                                           r"\(with EOS\) exceeds judge.max_tokens=16"):
+        _checked(["data.synthetic_sft_judge=8", "data.synthetic_families=[count]"])
+    _checked(["data.synthetic_sft_judge=8", "data.synthetic_families=[count]", "judge.max_tokens=32"])
+    # The same bound for a taught question against rollout.max_response_len ("What is the left digit?" is 24
+    # characters); a solution target may be longer than the rollouts (a warm start of longer traces).
+    with pytest.raises(DatasetError, match=r"synthetic:train_sft_ask row 0: warm-start target .* exceeds "
+                                           r"rollout.max_response_len=16"):
+        _checked(["rollout.max_response_len=16", "data.synthetic_sft_ask=2", "data.synthetic_families=[add]"])
+    _checked(["rollout.max_response_len=8", "data.synthetic_families=[add]"])
 
 
 def test_judge_monitor_by_hand_and_over_ranks():
