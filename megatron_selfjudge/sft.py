@@ -7,7 +7,7 @@ from a fresh optimizer state at `optim.lr`. The paper's premise allows labels on
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
@@ -21,9 +21,9 @@ if TYPE_CHECKING:
 SFT_SCHEDULES = ("constant", "linear", "cosine")  # decay styles of megatron-core's OptimizerParamScheduler
 
 
-def sft_lr_at(o: "OptimConfig", step: int, total: int) -> float:
-    """The warm-start learning rate of step `step` (0-based) of `total`: megatron-core's
-    OptimizerParamScheduler formula (linear warmup, then optim.sft_schedule down to optim.sft_min_lr)."""
+def sft_lr_schedule(o: "OptimConfig", total: int) -> Callable[[int], float]:
+    """step (0-based, of `total`) -> the warm-start learning rate: megatron-core's OptimizerParamScheduler
+    formula (linear warmup, then optim.sft_schedule down to optim.sft_min_lr). Built once per warm start."""
     from types import SimpleNamespace
 
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -35,10 +35,18 @@ def sft_lr_at(o: "OptimConfig", step: int, total: int) -> float:
                                     lr_decay_steps=max(total, o.sft_warmup_steps + 1),
                                     lr_decay_style=o.sft_schedule, start_wd=0.0, end_wd=0.0, wd_incr_steps=1,
                                     wd_incr_style="constant")
-    # Step k trains at the scheduler's value after k + 1 increments: warmup's first step is above 0
-    # and the last step of a decay lands on sft_min_lr.
-    sched.num_steps = step + 1
-    return sched.get_lr({})
+
+    def lr_at(step: int) -> float:
+        # Step k trains at the scheduler's value after k + 1 increments: warmup's first step is above 0
+        # and the last step of a decay lands on sft_min_lr.
+        sched.num_steps = step + 1
+        return sched.get_lr({})
+    return lr_at
+
+
+def sft_lr_at(o: "OptimConfig", step: int, total: int) -> float:
+    """The warm-start learning rate of one step (sft_lr_schedule for a single look-up)."""
+    return sft_lr_schedule(o, total)(step)
 
 
 def sft_step(tr: "Trainer", with_nll: bool) -> dict:
@@ -75,10 +83,11 @@ def run_sft(tr: "Trainer", preempt: Any) -> bool:
     tr.metrics.truncate_after(tr.state["sft_step"], prefix="sft")
     with tr.log.progress("SFT warm start", t.sft_steps, tr.state["sft_step"]) as advance:
         log_every = max(1, t.sft_steps // 10)
+        lr_at = sft_lr_schedule(tr.cfg.optim, t.sft_steps)
         nll = float("nan")
         while tr.state["sft_step"] < t.sft_steps:
             logged = (tr.state["sft_step"] + 1) % log_every == 0
-            lr = sft_lr_at(tr.cfg.optim, tr.state["sft_step"], t.sft_steps)
+            lr = lr_at(tr.state["sft_step"])
             optim.set_lr(tr.optimizer, lr)
             m = {**sft_step(tr, with_nll=logged), "lr": lr}
             tr.state["sft_step"] += 1

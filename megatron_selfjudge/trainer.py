@@ -42,6 +42,31 @@ from megatron_selfjudge.runtime.console import Console
 from megatron_selfjudge.runtime.setup import is_main_rank, seed_everything, setup_distributed, teardown_distributed
 
 
+def config_value(cfg: Config, key: str):
+    """The value of a dotted config key, e.g. "rollout.max_prompt_len"."""
+    return functools.reduce(getattr, key.split("."), cfg)
+
+
+def encode_prompt(cfg: Config, family, question: str, n_images: int, instruction: Optional[str] = None,
+                  limit_key: str = "rollout.max_prompt_len", images=None) -> list[int]:
+    """Prompt token ids in the model family's format (question, instruction, image placeholders), length-checked.
+
+    instruction None: data.instruction's text. `images` (the family's preprocessed images) size the
+    placeholders of families whose processor writes one token per image embedding
+    (ModelFamily.expand_images). A prompt longer than the config key `limit_key` raises ValueError.
+    """
+    from megatron_selfjudge.data import prompts
+
+    text_instruction = prompts.get_instruction(cfg.data.instruction) if instruction is None else instruction
+    ids = family.prompt_ids(question, n_images, text_instruction)
+    if images is not None:
+        ids = family.expand_images(ids, images)
+    limit = config_value(cfg, limit_key)
+    if len(ids) > limit:
+        raise ValueError(f"prompt of {len(ids)} tokens exceeds {limit_key}={limit}: {question[:80]!r}")
+    return ids
+
+
 class Trainer:
     """Holds the run's components; `run()` executes SFT, evaluation, UPT steps, evaluation."""
 
@@ -81,22 +106,8 @@ class Trainer:
     # ---- prompts and batches ----
     def encode(self, question: str, n_images: int, instruction: Optional[str] = None,
                limit_key: str = "rollout.max_prompt_len", images=None) -> list[int]:
-        """Prompt token ids in the model family's format (question, instruction, image placeholders), length-checked.
-
-        `images` (the family's preprocessed images) size the placeholders of families whose
-        processor writes one token per image embedding (ModelFamily.expand_images).
-        """
-        from megatron_selfjudge.data import prompts
-
-        text_instruction = prompts.get_instruction(self.cfg.data.instruction) if instruction is None else instruction
-        ids = self.family.prompt_ids(question, n_images, text_instruction)
-        if images is not None:
-            ids = self.family.expand_images(ids, images)
-        section, key = limit_key.split(".")
-        limit = getattr(getattr(self.cfg, section), key)
-        if len(ids) > limit:
-            raise ValueError(f"prompt of {len(ids)} tokens exceeds {limit_key}={limit}: {question[:80]!r}")
-        return ids
+        """Prompt token ids of this run (`encode_prompt` with its config and model family)."""
+        return encode_prompt(self.cfg, self.family, question, n_images, instruction, limit_key, images)
 
     def encode_record(self, record, images=None) -> list[int]:
         """A record's prompt ids: a question with data.instruction, or a whole prompt of its kind
@@ -147,8 +158,7 @@ class Trainer:
             key = TARGET_LIMITS.get(rec.meta.get(PROMPT_KIND))
             if key is None:  # a solution: a warm start may teach longer traces than the rollouts sample
                 continue
-            section, name = key.split(".")
-            limit, n = getattr(getattr(self.cfg, section), name), len(encode_response(target, self.tokenizer))
+            limit, n = config_value(self.cfg, key), len(encode_response(target, self.tokenizer))
             if n > limit:
                 raise DatasetError(f"{rec.source_file} row {rec.row}: warm-start target of {n} tokens (with EOS) "
                                    f"exceeds {key}={limit}: {target[:80]!r}")

@@ -76,6 +76,7 @@ def run(args: argparse.Namespace) -> dict:
     from megatron_selfjudge.rollout.base import Trajectory, build_engine_for
     from megatron_selfjudge.runtime.console import Console
     from megatron_selfjudge.runtime.trained_policy import load_policy, load_run_config, locate, single_process
+    from megatron_selfjudge.trainer import encode_prompt
 
     where = locate(args.checkpoint)
     cfg = load_run_config(where)
@@ -93,12 +94,8 @@ def run(args: argparse.Namespace) -> dict:
                                   tokenizer=policy.family.tokenizer, max_batch_size=cfg.rollout.max_batch_size)
         fam = policy.family
 
-        def encode(text: str, n: int, images=None) -> list[int]:
-            ids = fam.prompt_ids(text, n, "")
-            ids = fam.expand_images(ids, images) if images is not None else ids
-            if len(ids) > j.max_prompt_len:  # as the trainer's Judge refuses it
-                raise ValueError(f"a Judge prompt of {len(ids)} tokens exceeds judge.max_prompt_len={j.max_prompt_len}")
-            return ids
+        def encode(text: str, n: int, images=None) -> list[int]:  # as the trainer's Judge encodes its prompts
+            return encode_prompt(cfg, fam, text, n, instruction="", limit_key="judge.max_prompt_len", images=images)
 
         # Greedy by default: the Judge's best reading, without sampling noise.
         judge = GenerativeJudge(engine, encode, samples=1, temperature=args.temperature or 1.0, top_p=j.top_p,

@@ -39,17 +39,14 @@ def locate(path: str | Path) -> RunCheckpoint:
     if not path.is_dir():
         raise PolicyLoadError(f"checkpoint {path} does not exist (expected a run directory)")
     if (path / META_FILE).is_file():  # one step folder: run_dir/checkpoints/[initial/]step_XXXXXXXX
-        run_dir = next((p for p in list(path.parents)[1:3] if (p / "config.yaml").is_file()), path.parent.parent)
+        run_dir = path.parent.parent.parent if path.parent.name == "initial" else path.parent.parent
         return RunCheckpoint(run_dir / "config.yaml", [path], path.parent)
-    if path.name == "initial" and (path.parent.parent / "config.yaml").is_file():  # the warm start's root
-        candidates = checkpoint_candidates(path)
-        if not candidates:
-            raise PolicyLoadError(f"{path} holds no complete step checkpoint")
-        return RunCheckpoint(path.parent.parent / "config.yaml", candidates, path)
     if (path / "checkpoints").is_dir():
         root, run_dir = path / "checkpoints", path
     elif (path / "config.yaml").is_file():
         raise PolicyLoadError(f"run directory {path} has no checkpoints/ folder")
+    elif path.name == "initial" and path.parent.name == "checkpoints":  # the warm start's own root
+        root, run_dir = path, path.parent.parent
     else:  # the checkpoints/ root itself
         root, run_dir = path, path.parent
     config_file = run_dir / "config.yaml"
