@@ -8,7 +8,7 @@ Benchmarks:      selfjudge eval --checkpoint RUN_DIR|HF_DIR --benchmarks mathvis
 HF checkpoints:  selfjudge convert hf-to-megatron HF_DIR OUT | megatron-to-hf CKPT OUT [--hf-dir DIR] | tiny-qwen OUT
 New questions:   selfjudge synth --checkpoint RUN_DIR --data FILE --strategy in-context|direct --out FILE
 Training curves: selfjudge plot RUN_DIR... [--out FILE.png] [--labels a,b]
-Compare rewards: selfjudge compare [--config FILE] [--seeds 5] [--lr-scale 3] [--modes a,b] [key=value ...]
+Compare rewards: selfjudge compare [--config FILE] [--seeds 5] [--lr-scale 3] [--modes a,b] [--jobs N] [key=value ...]
 Multi-process:   torchrun --nproc-per-node N -m megatron_selfjudge.cli train parallel.tp=2 ...
 With no --config, `train` runs the embedded tiny default on CPU.
 """

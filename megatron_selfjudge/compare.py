@@ -7,14 +7,19 @@ starts from it (`trainer.init_from`) in `<out>/seed_S/<variant>/<mode>`. Each ru
 with the user's config and overrides, then the per-run keys (trainer.seed, trainer.run_dir,
 trainer.init_from, reward.mode, optim.lr). A run whose results.json holds both evaluations is
 finished and skipped on a rerun; an unfinished one is started again and resumes from its own
-checkpoints (trainer.resume=auto).
+checkpoints (trainer.resume=auto). `--jobs N` runs up to N of these processes at once (each run is
+one process; with OMP_NUM_THREADS=1, N = the core count keeps every core busy); a seed's runs start
+as soon as its warm start is done.
 
 Reported per variant and mode, over seeds (stats.mean_interval: mean and 95% Student-t interval):
 the change after - before of each held-out figure (greedy pass@1, sampled pass@1, maj@G), and
 the paired per-seed difference of that change against the majority-vote run of the same warm
 start; the warm start's own figures with their spread; the per-step means over seeds of the
-training curves (entropy, response length, reward, pseudo-label accuracy). The table is printed
-and written to `<out>/compare.md`, everything to `<out>/compare.json`.
+training curves (entropy, response length, reward, pseudo-label accuracy, KL, clip fraction). The
+table is printed and written to `<out>/compare.md`, everything to `<out>/compare.json`, and the
+mean curves of every mode, one figure per learning-rate variant, to `<out>/curves_lr_x1.png`
+(and `curves_lr_x3.png` for --lr-scale 3) with `selfjudge plot`'s panels; there the held-out
+panel is the mean greedy pass@1 over seeds before and after.
 """
 from __future__ import annotations
 
@@ -24,7 +29,9 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -34,7 +41,7 @@ from megatron_selfjudge.runtime.setup import without_launch_env
 from megatron_selfjudge.stats import mean_interval, paired_interval
 
 FIGURES = (("greedy", "greedy_pass1"), ("sampled", "sampled_pass1"), ("maj", "maj_at_g"))
-CURVE_KEYS = ("entropy", "response_len_mean", "reward_mean", "pseudo_label_acc")
+CURVE_KEYS = ("entropy", "response_len_mean", "reward_mean", "pseudo_label_acc", "kl", "clip_frac")
 # Table order: the controls first, then the label-free rewards, the supervised upper bound last.
 MODE_ORDER = ("random", "majority", "consistency", "judge", "judge_raw", "agreement", "self_certainty",
               "neg_entropy", "ttrl", "ground_truth")
@@ -146,6 +153,44 @@ def execute(run: Run, config: Optional[str], user_overrides: Sequence[str], echo
     return {"status": "ran", "time_s": seconds}
 
 
+def execute_plan(plan: Plan, config: Optional[str], user_overrides: Sequence[str], echo: Callable[[str], None],
+                 runner: Callable[[list[str], Path], int] = run_subprocess, jobs: int = 1) -> dict[Path, dict]:
+    """Every warm start, then each seed's runs once its warm start is done, up to `jobs` at a time.
+
+    Returns each run folder's record (execute's, or 'not run: warm start failed'). With jobs=1 the
+    order is the plan's: the warm starts, then the runs."""
+    lock = threading.Lock()
+
+    def say(line: str) -> None:
+        with lock:
+            echo(line)
+
+    records: dict[Path, dict] = {}
+    not_run = {"status": "not run: warm start failed"}
+    if jobs == 1:
+        for warm in plan.warm.values():
+            records[warm.run_dir] = execute(warm, config, user_overrides, say, runner)
+        for run in plan.runs:
+            warm_failed = records[plan.warm[run.seed].run_dir]["status"] == "failed"
+            records[run.run_dir] = dict(not_run) if warm_failed else execute(run, config, user_overrides, say, runner)
+        return records
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        warm_futures = {pool.submit(execute, warm, config, user_overrides, say, runner): seed
+                        for seed, warm in plan.warm.items()}
+        run_futures = {}
+        for future in as_completed(warm_futures):
+            seed = warm_futures[future]
+            records[plan.warm[seed].run_dir] = future.result()
+            for run in (r for r in plan.runs if r.seed == seed):
+                if records[plan.warm[seed].run_dir]["status"] == "failed":
+                    records[run.run_dir] = dict(not_run)
+                else:  # queued behind the warm starts still waiting, in the plan's order
+                    run_futures[pool.submit(execute, run, config, user_overrides, say, runner)] = run
+        for future in as_completed(run_futures):
+            records[run_futures[future].run_dir] = future.result()
+    return records
+
+
 def _figures(evals: dict, which: str) -> dict[str, float]:
     return {name: float(evals[which][key]) for name, key in FIGURES}
 
@@ -253,6 +298,47 @@ def format_tables(result: dict) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def curve_figure_path(out: Path, variant: str) -> Path:
+    """<out>/curves_lr_x1.png for the variant 'lr x1'."""
+    return out / f"curves_{variant.replace(' ', '_')}.png"
+
+
+def mode_curves(result: dict, variant: str) -> list:
+    """The variant's modes as plot.RunCurves: the mean curves over seeds, and the held-out panel's
+    mean greedy pass@1 before (step 0) and after (the last step) over the finished runs."""
+    from megatron_selfjudge.plot import RunCurves
+
+    runs = []
+    for mode, curve in result["curves"].get(variant, {}).items():
+        steps = curve["step"]
+        series = {key: [(s, v) for s, v in zip(steps, curve[key]) if v is not None]
+                  for key in CURVE_KEYS if any(v is not None for v in curve.get(key, []))}
+        done = [e for e in result["runs"] if e["variant"] == variant and e["mode"] == mode and "after" in e]
+        heldout = []
+        if done and steps:
+            heldout = [(0, sum(e["before"]["greedy"] for e in done) / len(done)),
+                       (steps[-1], sum(e["after"]["greedy"] for e in done) / len(done))]
+        runs.append(RunCurves(label=f"{mode} ({len(done)} seed{'' if len(done) == 1 else 's'})", path=Path(),
+                              series=series, heldout=heldout))
+    return runs
+
+
+def plot_curves(result: dict, out: Path) -> list[Path]:
+    """Per variant, one PNG of every mode's mean curves (selfjudge plot's panels); the files written."""
+    from megatron_selfjudge.plot import plot_runs
+
+    written = []
+    for variant in result["curves"]:
+        runs = mode_curves(result, variant)
+        if not any(r.series for r in runs):
+            continue  # no finished run logged a curve
+        fig, _ = plot_runs(runs)
+        path = curve_figure_path(out, variant)
+        fig.savefig(path, dpi=fig.dpi)
+        written.append(path)
+    return written
+
+
 def machine() -> dict:
     """Where the runs ran (for the README's table)."""
     import torch
@@ -272,6 +358,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--first-seed", type=int, default=None, help="first seed (default: the config's trainer.seed)")
     p.add_argument("--lr-scale", type=float, default=None, help="also run every mode at this multiple of optim.lr")
     p.add_argument("--lr-scale-seeds", type=int, default=3, help="seeds of the --lr-scale variant (default 3)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs at once, each one process (default 1; with OMP_NUM_THREADS=1, up to the core count)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides applied to every run")
 
 
@@ -296,6 +384,8 @@ def run(args: argparse.Namespace, echo: Callable[[str], None] = print,
         raise ConfigError(f"--seeds={args.seeds} must be >= 1")
     if args.lr_scale is not None and not args.lr_scale > 0:
         raise ConfigError(f"--lr-scale={args.lr_scale} must be > 0")
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs={args.jobs} must be >= 1")
     if args.lr_scale_seeds < 1:
         raise ConfigError(f"--lr-scale-seeds={args.lr_scale_seeds} must be >= 1")
     base = load_config(args.config, args.overrides)
@@ -312,17 +402,8 @@ def run(args: argparse.Namespace, echo: Callable[[str], None] = print,
     echo(f"compare: {len(seeds)} seeds x {len(modes)} modes"
          + (f" (+ lr x{args.lr_scale:g} on {min(args.lr_scale_seeds, len(seeds))} seeds)" if args.lr_scale else "")
          + f", {len(plan.warm)} warm starts + {len(plan.runs)} runs under {out}")
-    records: dict[Path, dict] = {}
-    failed = 0
-    for seed, warm in plan.warm.items():
-        records[warm.run_dir] = execute(warm, args.config, args.overrides, echo, runner)
-        failed += records[warm.run_dir]["status"] == "failed"
-    for run in plan.runs:
-        if records[plan.warm[run.seed].run_dir]["status"] == "failed":
-            records[run.run_dir] = {"status": "not run: warm start failed"}
-            continue
-        records[run.run_dir] = execute(run, args.config, args.overrides, echo, runner)
-        failed += records[run.run_dir]["status"] == "failed"
+    records = execute_plan(plan, args.config, args.overrides, echo, runner, args.jobs)
+    failed = sum(r["status"] == "failed" for r in records.values())
     result = summarize(plan, records)
     result.update(config=args.config, overrides=list(args.overrides), seeds=seeds, modes=modes, machine=machine(),
                   warm_start_runs={str(s): records[w.run_dir] for s, w in plan.warm.items()})
@@ -331,6 +412,8 @@ def run(args: argparse.Namespace, echo: Callable[[str], None] = print,
     (out / "compare.json").write_text(json.dumps(result, indent=2))
     (out / "compare.md").write_text(table)
     echo(table)
+    for path in plot_curves(result, out):
+        echo(f"curves: {path}")
     if failed:
         echo(f"compare: {failed} run(s) failed (their logs are named above)")
         return 1

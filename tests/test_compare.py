@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,10 @@ def crafted_before(seed: int) -> dict:
     return {"greedy_pass1": 0.5 + 0.01 * (seed % 7), "sampled_pass1": 0.4, "maj_at_g": 0.45}
 
 
+def crafted_entropy(mode: str, seed: int, step: int) -> float:
+    return 0.1 * step + 0.01 * (seed % 5) + (0.5 if mode == "judge" else 0.0)
+
+
 def crafted_delta(mode: str, seed: int) -> float:
     return {"majority": 0.02, "judge": 0.05}.get(mode, 0.0) + 0.01 * (seed % 3)
 
@@ -30,13 +35,30 @@ def crafted_delta(mode: str, seed: int) -> float:
 class FakeTrainer:
     """Stands in for `selfjudge train`: writes results.json with crafted figures; counts its calls."""
 
-    def __init__(self, fail_mode: str | None = None, fail_warm_seed: int | None = None):
+    def __init__(self, fail_mode: str | None = None, fail_warm_seed: int | None = None,
+                 meet_first: int = 0):
         self.calls: list[dict] = []
+        self.events: list[tuple[str, str]] = []  # ("start" | "end", run_dir), in time order
         self.fail_mode, self.fail_warm_seed = fail_mode, fail_warm_seed
+        # The first `meet_first` calls wait for each other: they must run at the same time.
+        self.barrier = threading.Barrier(meet_first, timeout=20) if meet_first else None
+        self.lock = threading.Lock()
 
     def __call__(self, command: list[str], log_file: Path) -> int:
         o = _overrides(command)
-        self.calls.append(o)
+        with self.lock:
+            self.calls.append(o)
+            self.events.append(("start", o["trainer.run_dir"]))
+            meet = self.barrier is not None and len(self.calls) <= self.barrier.parties
+        if meet:
+            self.barrier.wait()
+        try:
+            return self._train(o)
+        finally:
+            with self.lock:
+                self.events.append(("end", o["trainer.run_dir"]))
+
+    def _train(self, o: dict) -> int:
         seed, run_dir, mode = int(o["trainer.seed"]), Path(o["trainer.run_dir"]), o["reward.mode"]
         warm = o["trainer.max_steps"] == "0" if "trainer.max_steps" in o else False
         if (warm and seed == self.fail_warm_seed) or (not warm and mode == self.fail_mode):
@@ -47,6 +69,9 @@ class FakeTrainer:
         evals = {name: {"n": 4, "samples": 8, "format_ok": 1.0, **figs} for name, figs in
                  (("before", before), ("after", after))}
         (run_dir / "results.json").write_text(json.dumps({"evals": evals}))
+        if not warm:  # two logged steps; the entropy encodes the seed and mode
+            rows = [{"step": k, "entropy": crafted_entropy(mode, seed, k), "reward_mean": 0.5} for k in (1, 2)]
+            (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         return 0
 
 
@@ -116,6 +141,51 @@ def test_failed_runs_are_reported_and_a_failed_warm_start_skips_its_seed(tmp_pat
                       (1235, "majority"): "not run: warm start failed", (1235, "judge"): "not run: warm start failed"}
     assert result["summary"]["lr x1"]["majority"]["greedy"]["n"] == 1 and "judge" not in result["summary"]["lr x1"]
     assert any(ln.startswith("FAIL") and "judge" in ln for ln in lines)
+
+
+def test_parallel_jobs_give_the_serial_numbers_and_wait_for_their_warm_start(tmp_path):
+    opts = ("--seeds", "3", "--modes", "majority,judge", "--lr-scale", "3", "--lr-scale-seeds", "2")
+    serial = FakeTrainer()
+    assert compare.run(args_for(tmp_path / "serial", *opts), lambda line: None, serial) == 0
+    # Two jobs: the first two warm starts must run at once (the barrier times out otherwise).
+    parallel = FakeTrainer(meet_first=2)
+    lines: list[str] = []
+    assert compare.run(args_for(tmp_path / "parallel", *opts, "--jobs", "2"), lines.append, parallel) == 0
+    assert len(parallel.calls) == len(serial.calls) == 3 + 10
+    # No run starts before its own seed's warm start has ended.
+    for i, (kind, run_dir) in enumerate(parallel.events):
+        if kind == "start" and "warm_start" not in run_dir:
+            warm = str(Path(run_dir).parents[1] / "warm_start")
+            assert ("end", warm) in parallel.events[:i], f"{run_dir} started before {warm} ended"
+    results = [json.loads((tmp_path / d / "cmp" / "compare.json").read_text()) for d in ("serial", "parallel")]
+    for key in ("summary", "vs_majority", "warm_start_summary", "curves"):
+        assert results[0][key] == results[1][key], key
+    assert sum(ln.startswith("done") for ln in lines) == 13
+    with pytest.raises(ConfigError, match="--jobs"):
+        compare.run(args_for(tmp_path / "bad", "--jobs", "0"), print, FakeTrainer())
+
+
+def test_curve_figures_hold_the_mean_curves_over_seeds(tmp_path):
+    fake = FakeTrainer()
+    assert compare.run(args_for(tmp_path, "--seeds", "2", "--modes", "majority,judge", "--lr-scale", "3",
+                                "--lr-scale-seeds", "1"), lambda line: None, fake) == 0
+    out = tmp_path / "cmp"
+    result = json.loads((out / "compare.json").read_text())
+    runs = {r.label: r for r in compare.mode_curves(result, "lr x1")}
+    assert sorted(runs) == ["judge (2 seeds)", "majority (2 seeds)"]
+    for mode in ("majority", "judge"):
+        entropy = runs[f"{mode} (2 seeds)"].series["entropy"]
+        assert [s for s, _ in entropy] == [1, 2]
+        for step, value in entropy:
+            assert value == pytest.approx(sum(crafted_entropy(mode, s, step) for s in (1234, 1235)) / 2)
+        before = sum(crafted_before(s)["greedy_pass1"] for s in (1234, 1235)) / 2
+        after = before + sum(crafted_delta(mode, s) for s in (1234, 1235)) / 2
+        heldout = runs[f"{mode} (2 seeds)"].heldout
+        assert heldout[0] == (0, pytest.approx(before)) and heldout[1] == (2, pytest.approx(after))
+    assert [r.label for r in compare.mode_curves(result, "lr x3")] == ["majority (1 seed)", "judge (1 seed)"]
+    for variant in ("lr_x1", "lr_x3"):
+        png = out / f"curves_{variant}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_bad_arguments_fail_before_any_run(tmp_path, capsys):
