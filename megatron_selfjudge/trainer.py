@@ -67,6 +67,19 @@ def encode_prompt(cfg: Config, family, question: str, n_images: int, instruction
     return ids
 
 
+def reduce_step_monitors(values: dict) -> dict:
+    """A step's per-rank metrics reduced over the data-parallel ranks, the same on every rank: means,
+    except the counts (judge_unparsed) and the monitors' sums and row counts, which are summed and
+    then divided into judge_score_* and gt_acc / pseudo_label_acc (rewards/combine.py). Every rank
+    must hold the same keys: the reduction packs them into one all-reduce."""
+    from megatron_selfjudge.megatron.parallel import mean_over_data_parallel
+    from megatron_selfjudge.rewards.combine import (JUDGE_MONITOR_SUMS, LABEL_MONITOR_SUMS, judge_monitor_means,
+                                                     label_monitor_means)
+
+    out = mean_over_data_parallel(values, sums=("judge_unparsed", *JUDGE_MONITOR_SUMS, *LABEL_MONITOR_SUMS))
+    return label_monitor_means(judge_monitor_means(out))
+
+
 class Trainer:
     """Holds the run's components; `run()` executes SFT, evaluation, UPT steps, evaluation."""
 
@@ -256,7 +269,7 @@ class Trainer:
         if rw.mode == "ground_truth" and any(lab is None for lab in labels):
             raise ValueError("reward.mode=ground_truth needs an answer for every training prompt")
         res = compute_rewards(texts, gids, rw.mode, judge_scores=judge_scores,
-                              ground_truths=labels if all(lab is not None for lab in labels) else None,
+                              ground_truths=labels,  # None rows (unlabelled) are left out of the monitors
                               equivalence=rw.equivalence, consistency_gate=rw.consistency_gate,
                               format_penalty=rw.format_penalty, calibration=rw.calibration,
                               unparsed_policy=self.cfg.judge.unparsed, timeout=rw.symbolic_timeout,
@@ -279,10 +292,10 @@ class Trainer:
         from megatron_selfjudge.advantages import compute_advantages
         from megatron_selfjudge.megatron.batching import prompt_shard
         from megatron_selfjudge.megatron.forward import compute_logprobs
-        from megatron_selfjudge.megatron.parallel import max_over_data_parallel, mean_over_data_parallel
+        from megatron_selfjudge.megatron.parallel import max_over_data_parallel
         from megatron_selfjudge.megatron.train_step import train_on_rollout
         from megatron_selfjudge.rewards.baselines import response_stats
-        from megatron_selfjudge.rewards.combine import JUDGE_MONITOR_SUMS, REWARD_MODES, judge_monitor_means
+        from megatron_selfjudge.rewards.combine import REWARD_MODES
         from megatron_selfjudge.rollout.base import SamplingConfig
 
         cfg, t, r = self.cfg, self.cfg.trainer, self.cfg.rollout
@@ -334,15 +347,14 @@ class Trainer:
         self.state["policy_version"] += len(history)
         synced = self.weight_sync.push(self.state["policy_version"])
         lengths = torch.tensor([len(x.response_ids) for x in trajs], dtype=torch.float32)
-        out = mean_over_data_parallel({
+        out = reduce_step_monitors({
             **res.metrics(), "reward_mean": float(rewards.mean()), "adv_mean": float(adv.mean()),
             "response_len_mean": float(lengths.mean()),
             "stop_frac": sum(x.finish_reason == "stop" for x in trajs) / len(trajs),
             "adv_sq_mean": float((adv.double() ** 2).mean()),
             "rollouts_per_rank": float(len(trajs)),  # equal on every rank: P * G / dp
             **mismatch,
-        }, sums=("judge_unparsed", *JUDGE_MONITOR_SUMS))
-        judge_monitor_means(out)
+        })
         out["rollout_logp_diff_max"] = max_over_data_parallel(mismatch["rollout_logp_diff_max"])
         # The standard deviation of all ranks' advantages (unbiased, as torch.std of the whole batch).
         n_all = len(trajs) * optim.data_parallel_size()

@@ -51,8 +51,11 @@ class RewardResult:
     judge_scores: list[float] | None = None  # mean Judge score; NaN = neutral (no score)
     calibration: list[float] | None = None  # g(s_i); 1.0 for neutral rows
     num_judge_unparsed: int = 0  # unparseable Judge samples (not trajectories)
-    gt_correct: list[bool] | None = None  # answer matches ground truth (monitoring)
-    pseudo_label_acc: float | None = None  # fraction of groups whose majority answer is right
+    # Answer matches ground truth (monitoring; None for a row without a label).
+    gt_correct: list[bool | None] | None = None
+    pseudo_label_acc: float | None = None  # fraction of labelled groups whose majority answer is right
+    pseudo_label_hits: int = 0  # labelled groups whose majority answer is right
+    pseudo_label_groups: int = 0  # groups with a label
     response_stats: ResponseStats | None = None  # per-row mean token entropy and self-certainty
 
     def as_tensor(self):
@@ -70,10 +73,11 @@ class RewardResult:
             "answer_frac": sum(a is not None for a in self.answers) / n,
             "judge_unparsed": float(self.num_judge_unparsed),
         }
-        if self.pseudo_label_acc is not None:
-            out["pseudo_label_acc"] = self.pseudo_label_acc
-        if self.gt_correct is not None:
-            out["gt_acc"] = sum(self.gt_correct) / n
+        # Label monitors as sums and counts, present on every rank even where no row has a label, so
+        # the key set is the same on all data-parallel ranks (label_monitor_means divides).
+        labelled = [c for c in (self.gt_correct or []) if c is not None]
+        out.update(gt_correct_sum=float(sum(labelled)), gt_rows=float(len(labelled)),
+                   pseudo_label_hits=float(self.pseudo_label_hits), pseudo_label_groups=float(self.pseudo_label_groups))
         if self.response_stats is not None:
             out["self_certainty_mean"] = sum(self.response_stats.self_certainty) / n
         if self.judge_scores is not None:
@@ -98,6 +102,20 @@ def judge_monitor_means(metrics: dict) -> dict:
         total, rows = metrics.pop(f"judge_score{part}_sum", None), metrics.pop(f"judge_scored{part}_rows", None)
         if rows is not None:
             metrics[f"judge_score{'_mean' if not part else part}"] = total / rows if rows else None
+    return metrics
+
+
+LABEL_MONITOR_SUMS = ("gt_correct_sum", "gt_rows", "pseudo_label_hits", "pseudo_label_groups")
+
+
+def label_monitor_means(metrics: dict) -> dict:
+    """Replace RewardResult.metrics' label sums by gt_acc and pseudo_label_acc (left out when no row
+    or group of the batch had a label)."""
+    for mean, total, count in (("gt_acc", "gt_correct_sum", "gt_rows"),
+                               ("pseudo_label_acc", "pseudo_label_hits", "pseudo_label_groups")):
+        hits, rows = metrics.pop(total, None), metrics.pop(count, None)
+        if rows:
+            metrics[mean] = hits / rows
     return metrics
 
 
@@ -199,6 +217,8 @@ def _check_inputs(responses, group_ids, mode, judge_scores, ground_truths, forma
         raise ValueError(f"reward mode {mode!r} needs judge_scores")
     if needs.needs_labels and ground_truths is None:
         raise ValueError(f"reward mode {mode!r} needs ground_truths")
+    if needs.needs_labels and (row := next((i for i, gt in enumerate(ground_truths) if gt is None), None)) is not None:
+        raise ValueError(f"reward mode {mode!r} needs a ground truth for every row; row {row} has none")
     if needs.needs_seed and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise ValueError(f"reward mode {mode!r} needs an integer seed, got {seed!r}")
     if response_stats is not None and len(response_stats) != len(responses):
@@ -282,11 +302,13 @@ def compute_rewards(
         res.judge_scores, res.num_judge_unparsed = resolve_judge_scores(judge_scores, unparsed_policy)
         res.calibration = [1.0 if math.isnan(s) else calibrate(s, calibration) for s in res.judge_scores]
     if ground_truths is not None:
-        res.gt_correct = [answers_equivalent(a, gt, equivalence, timeout=timeout)
+        # Rows without a label (a mixed file) are left out of the monitors, not counted wrong.
+        res.gt_correct = [None if gt is None else answers_equivalent(a, gt, equivalence, timeout=timeout)
                           for a, gt in zip(answers, ground_truths)]
         first_row_gt = {uid: ground_truths[rows[0]] for uid, rows in groups.items()}
-        hits = [answers_equivalent(group_label[u], first_row_gt[u], equivalence, timeout=timeout)
-                for u in groups]
+        hits = [answers_equivalent(group_label[u], gt, equivalence, timeout=timeout)
+                for u, gt in first_row_gt.items() if gt is not None]
+        res.pseudo_label_hits, res.pseudo_label_groups = sum(hits), len(hits)
         res.pseudo_label_acc = sum(hits) / len(hits) if hits else None
     penalties = [0.0 if ok else -float(format_penalty) for ok in fmt]
     inputs = ModeInputs(groups, penalties, seed, agreement_gamma)

@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from megatron_selfjudge.config import CalibrationConfig
-from megatron_selfjudge.rewards.combine import REWARD_MODES, compute_rewards, format_ok
+from megatron_selfjudge.rewards.combine import (LABEL_MONITOR_SUMS, REWARD_MODES, compute_rewards, format_ok,
+                                               label_monitor_means)
 
 FORMAT_RE = re.compile(r"<think>.*</think>.*\\boxed\{.*\}.*", re.DOTALL)  # the spec's regex
 
@@ -92,7 +93,31 @@ def test_ground_truth_and_pseudo_label_acc():
     assert res.pseudo_label_acc == 0.5  # p1's majority "2" is right, 7's "A" is not
     res = compute_rewards(RESPONSES, GROUPS, "majority", ground_truths=["2.0"] * 7)
     assert res.gt_correct == [True, False, True, False, False, False, False]
-    assert res.metrics()["pseudo_label_acc"] == 0.5
+    m = label_monitor_means(res.metrics())
+    assert m["pseudo_label_acc"] == 0.5 and m["gt_acc"] == pytest.approx(2 / 7)
+    assert not any(k in m for k in LABEL_MONITOR_SUMS)
+
+
+def test_label_monitors_skip_unlabelled_rows_and_add_up_over_ranks():
+    # A mixed file: group p1 has labels, group 7 none. Its rows are left out, not counted wrong.
+    gts = ["2", None, "2", None, "2", None, "2"]
+    res = compute_rewards(RESPONSES, GROUPS, "majority", ground_truths=gts)
+    assert res.gt_correct == [True, None, True, None, False, None, False]
+    m = label_monitor_means(res.metrics())
+    assert m["gt_acc"] == pytest.approx(2 / 4) and m["pseudo_label_acc"] == 1.0  # p1's majority "2" is right
+    with pytest.raises(ValueError, match="row 1 has none"):
+        compute_rewards(RESPONSES, GROUPS, "ground_truth", ground_truths=gts)
+    # Two data-parallel ranks, one holding only the unlabelled group: the same keys on both ranks
+    # (the trainer reduces them in one all-reduce), and their sums give the whole batch's means.
+    p1 = [i for i, g in enumerate(GROUPS) if g == "p1"]
+    g7 = [i for i, g in enumerate(GROUPS) if g == 7]
+    halves = [compute_rewards([RESPONSES[i] for i in rows], [GROUPS[i] for i in rows], "majority",
+                              ground_truths=[gts[i] for i in rows]).metrics() for rows in (p1, g7)]
+    assert sorted(halves[0]) == sorted(halves[1])
+    summed = label_monitor_means({k: halves[0][k] + halves[1][k] for k in LABEL_MONITOR_SUMS})
+    assert summed == pytest.approx({"gt_acc": m["gt_acc"], "pseudo_label_acc": m["pseudo_label_acc"]})
+    # No label anywhere: neither monitor is logged (rather than a made-up 0).
+    assert label_monitor_means(halves[1]).keys().isdisjoint({"gt_acc", "pseudo_label_acc"})
 
 
 def _group_of(answers, uid="q"):
@@ -267,3 +292,33 @@ def test_permutation_bounds_and_no_nan(rows, rnd, policy, equivalence):
         for x, a in zip(r, res.answers):
             if a is None and mode in ("majority", "consistency", "judge", "ground_truth"):
                 assert x == 0.0
+
+
+def _mixed_label_ranks_worker(rank: int, world: int, gts: list) -> dict:
+    from megatron_selfjudge.megatron.parallel import initialize_parallel
+    from megatron_selfjudge.trainer import reduce_step_monitors
+
+    initialize_parallel(tp=1, pp=1, seed=0)  # two data-parallel ranks
+    rows = [i for i, g in enumerate(GROUPS) if (g == "p1") == (rank == 0)]
+    res = compute_rewards([RESPONSES[i] for i in rows], [GROUPS[i] for i in rows], "judge",
+                          judge_scores=[0.9] * len(rows), ground_truths=[gts[i] for i in rows])
+    return reduce_step_monitors({**res.metrics(), "reward_mean": 0.5})
+
+
+@pytest.mark.slow  # two spawned gloo ranks
+def test_step_monitors_over_two_ranks_of_which_one_has_no_labels():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "megatron"))
+    from dist_utils import run_distributed
+
+    # Rank 0 holds group p1 (labelled), rank 1 group 7 (unlabelled): the per-rank key sets must
+    # agree for the one all-reduce, and the result is the whole batch's, computed here on one process.
+    gts = ["2", None, "2", None, "2", None, "2"]
+    whole = compute_rewards(RESPONSES, GROUPS, "judge", judge_scores=[0.9] * 7, ground_truths=gts)
+    want = label_monitor_means(whole.metrics())
+    for got in run_distributed(_mixed_label_ranks_worker, 2, gts, timeout=120):
+        assert got["gt_acc"] == pytest.approx(want["gt_acc"]) and got["pseudo_label_acc"] == want["pseudo_label_acc"]
+        assert got["judge_score_right"] == pytest.approx(0.9) and got["judge_score_mean"] == pytest.approx(0.9)
+        assert got["reward_mean"] == pytest.approx(0.5) and not any(k in got for k in LABEL_MONITOR_SUMS)
