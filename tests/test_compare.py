@@ -208,7 +208,8 @@ TINY = ["trainer.sft_steps=2", "trainer.sft_batch_size=4", "data.synthetic_sft=8
 @pytest.mark.slow
 def test_real_tiny_runs_resume_and_match_their_results(tmp_path):
     lines: list[str] = []
-    args = args_for(tmp_path, "--seeds", "2", "--modes", "majority,self_certainty", *TINY)
+    # Two runs at once (--jobs 2): the real processes share nothing but the warm start they read.
+    args = args_for(tmp_path, "--seeds", "2", "--modes", "majority,self_certainty", "--jobs", "2", *TINY)
     assert compare.run(args, lines.append) == 0, "\n".join(lines)
     out = tmp_path / "cmp"
     result = json.loads((out / "compare.json").read_text())
