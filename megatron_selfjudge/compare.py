@@ -270,6 +270,13 @@ def format_tables(result: dict) -> str:
     g = result.get("samples") or "G"
     heads = {"greedy": "greedy pass@1", "sampled": "sampled pass@1", "maj": f"maj@{g}"}
     lines = []
+    if "seeds" in result:  # what was run, where (run() adds these; summarize alone does not)
+        config = result.get("config") or "the embedded default"
+        extra = " ".join(result.get("overrides") or []) or "no overrides"
+        m = result.get("machine", {})
+        where = f"{m.get('platform', '?')}, {m.get('cpus', '?')} CPUs, " + (
+            f"GPU {m['cuda']}" if m.get("cuda") else "no GPU") + f", torch {m.get('torch', '?')}"
+        lines += [f"Runs: {config} with {extra}; seeds {', '.join(map(str, result['seeds']))}; on {where}.", ""]
     ws = result["warm_start_summary"]
     if ws:
         lines.append(f"Warm start (after SFT), {ws['greedy']['n']} seeds: " + "; ".join(

@@ -121,6 +121,7 @@ def test_tables_equal_the_per_run_figures_and_finished_runs_are_skipped(tmp_path
     table = (tmp_path / "cmp" / "compare.md").read_text()
     judge_greedy = result["summary"]["lr x1"]["judge"]["greedy"]
     assert f"| judge | 2 | {judge_greedy['mean']:+.3f} [{judge_greedy['low']:+.3f}, {judge_greedy['high']:+.3f}]" in table
+    assert table.startswith("Runs: the embedded default with no overrides; seeds 1234, 1235; on ")
     assert "maj@8" in table and result["warm_start_summary"]["greedy"]["min"] == pytest.approx(0.5 + 0.01 * (1234 % 7))
     # Rerun: every run is finished, nothing is started, the same numbers come out.
     lines.clear()
