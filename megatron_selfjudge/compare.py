@@ -174,7 +174,8 @@ def execute_plan(plan: Plan, config: Optional[str], user_overrides: Sequence[str
             warm_failed = records[plan.warm[run.seed].run_dir]["status"] == "failed"
             records[run.run_dir] = dict(not_run) if warm_failed else execute(run, config, user_overrides, say, runner)
         return records
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
+    pool = ThreadPoolExecutor(max_workers=jobs)
+    try:
         warm_futures = {pool.submit(execute, warm, config, user_overrides, say, runner): seed
                         for seed, warm in plan.warm.items()}
         run_futures = {}
@@ -188,6 +189,9 @@ def execute_plan(plan: Plan, config: Optional[str], user_overrides: Sequence[str
                     run_futures[pool.submit(execute, run, config, user_overrides, say, runner)] = run
         for future in as_completed(run_futures):
             records[run_futures[future].run_dir] = future.result()
+    finally:
+        # On an error or Ctrl-C (which the running children get too), queued runs are dropped, not started.
+        pool.shutdown(wait=True, cancel_futures=True)
     return records
 
 

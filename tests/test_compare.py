@@ -166,6 +166,30 @@ def test_parallel_jobs_give_the_serial_numbers_and_wait_for_their_warm_start(tmp
         compare.run(args_for(tmp_path / "bad", "--jobs", "0"), print, FakeTrainer())
 
 
+def test_an_error_in_one_job_starts_no_queued_run(tmp_path):
+    # One seed, six modes, two jobs: the first run raises (as Ctrl-C would end the harness); the
+    # others that started wait, so the four still queued must be dropped, not started.
+    release = threading.Event()
+    calls: list[str] = []
+
+    def runner(command, log_file):
+        o = _overrides(command)
+        calls.append(o["trainer.run_dir"])
+        if o.get("trainer.max_steps") == "0":
+            return FakeTrainer()(command, log_file)  # the warm start
+        if o["reward.mode"] == "random":
+            raise KeyboardInterrupt
+        release.wait(timeout=5)
+        return 1
+
+    args = args_for(tmp_path, "--seeds", "1", "--modes", "random,majority,consistency,judge,agreement,neg_entropy",
+                    "--jobs", "2")
+    with pytest.raises(KeyboardInterrupt):
+        compare.run(args, lambda line: None, runner)
+    # The warm start, the raising run, the one running beside it, at most one taken right after.
+    assert 3 <= len(calls) <= 4, calls
+
+
 def test_curve_figures_hold_the_mean_curves_over_seeds(tmp_path):
     fake = FakeTrainer()
     assert compare.run(args_for(tmp_path, "--seeds", "2", "--modes", "majority,judge", "--lr-scale", "3",
