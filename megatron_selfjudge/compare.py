@@ -8,8 +8,8 @@ with the user's config and overrides, then the per-run keys (trainer.seed, train
 trainer.init_from, reward.mode, optim.lr). A run whose results.json holds both evaluations is
 finished and skipped on a rerun; an unfinished one is started again and resumes from its own
 checkpoints (trainer.resume=auto). `--jobs N` runs up to N of these processes at once (each run is
-one process; with OMP_NUM_THREADS=1, N = the core count keeps every core busy); a seed's runs start
-as soon as its warm start is done.
+one process; with OMP_NUM_THREADS=1, N = the core count keeps every core busy); a seed's runs are
+queued as soon as its warm start is done, behind the warm starts still waiting.
 
 Reported per variant and mode, over seeds (stats.mean_interval: mean and 95% Student-t interval):
 the change after - before of each held-out figure (greedy pass@1, sampled pass@1, maj@G), and

@@ -169,7 +169,7 @@ def test_parallel_jobs_give_the_serial_numbers_and_wait_for_their_warm_start(tmp
 def test_an_error_in_one_job_starts_no_queued_run(tmp_path):
     # One seed, six modes, two jobs: the first run raises (as Ctrl-C would end the harness); the
     # others that started wait, so the four still queued must be dropped, not started.
-    release = threading.Event()
+    other_started = threading.Event()
     calls: list[str] = []
 
     def runner(command, log_file):
@@ -178,8 +178,10 @@ def test_an_error_in_one_job_starts_no_queued_run(tmp_path):
         if o.get("trainer.max_steps") == "0":
             return FakeTrainer()(command, log_file)  # the warm start
         if o["reward.mode"] == "random":
+            assert other_started.wait(timeout=20), "the second job never started"
             raise KeyboardInterrupt
-        release.wait(timeout=5)
+        other_started.set()
+        threading.Event().wait(timeout=2)  # still running while the harness stops
         return 1
 
     args = args_for(tmp_path, "--seeds", "1", "--modes", "random,majority,consistency,judge,agreement,neg_entropy",

@@ -8,6 +8,7 @@ import socket
 from typing import Iterator
 
 _RANK_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+PORT_ATTEMPTS = 5  # ports tried for a one-process group before its EADDRINUSE is raised
 
 
 def free_port() -> int:
@@ -26,12 +27,25 @@ def setup_distributed(tp: int, pp: int, seed: int) -> bool:
 
     from megatron_selfjudge.megatron.parallel import initialize_parallel
 
+    from megatron_selfjudge.megatron.parallel import init_process_group
+
     created = False
     if not dist.is_initialized() and "WORLD_SIZE" not in os.environ:
         # Single process: a one-rank group on loopback, so the code path is the torchrun one.
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(free_port()))
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         created = True
+        # The port is free when picked but bound only later: a one-process job started at the same
+        # moment (selfjudge compare --jobs N) can take it first. Then pick another one.
+        for attempt in range(PORT_ATTEMPTS):
+            os.environ["MASTER_PORT"] = str(free_port())
+            try:
+                init_process_group()
+                break
+            except dist.DistNetworkError as exc:
+                if "EADDRINUSE" not in str(exc) or attempt == PORT_ATTEMPTS - 1:
+                    for key in _RANK_VARS:  # leave no half-made rendezvous behind
+                        os.environ.pop(key, None)
+                    raise
     initialize_parallel(tp, pp, seed=seed)
     return created
 

@@ -23,6 +23,34 @@ def test_one_process_rendezvous_is_removed_on_teardown(monkeypatch):
     assert not [k for k in RANK_VARS if k in os.environ]
 
 
+def test_one_process_group_takes_another_port_when_its_first_is_taken(monkeypatch):
+    import socket
+
+    from megatron_selfjudge.runtime import setup
+
+    for key in RANK_VARS:
+        monkeypatch.delenv(key, raising=False)
+    # Another job binds the port between the pick and the bind: the first pick is that port.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        picks = iter([taken.getsockname()[1]])
+        real_free_port = setup.free_port
+        monkeypatch.setattr(setup, "free_port", lambda: next(picks, None) or real_free_port())
+        created = setup_distributed(1, 1, seed=0)
+        try:
+            assert created and os.environ["MASTER_PORT"] != str(taken.getsockname()[1])
+        finally:
+            teardown_distributed(created)
+        # Every pick taken: the last EADDRINUSE is raised, nothing is left behind.
+        monkeypatch.setattr(setup, "free_port", lambda: taken.getsockname()[1])
+        import torch.distributed as dist
+
+        with pytest.raises(dist.DistNetworkError, match="EADDRINUSE"):
+            setup_distributed(1, 1, seed=0)
+        assert not dist.is_initialized() and not [k for k in RANK_VARS if k in os.environ]
+
+
 def test_compare_runs_do_not_inherit_a_rendezvous(monkeypatch, tmp_path):
     from megatron_selfjudge.compare import run_subprocess
 
