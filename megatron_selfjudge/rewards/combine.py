@@ -53,10 +53,14 @@ class RewardResult:
     num_judge_unparsed: int = 0  # unparseable Judge samples (not trajectories)
     # Answer matches ground truth (monitoring; None for a row without a label).
     gt_correct: list[bool | None] | None = None
-    pseudo_label_acc: float | None = None  # fraction of labelled groups whose majority answer is right
     pseudo_label_hits: int = 0  # labelled groups whose majority answer is right
     pseudo_label_groups: int = 0  # groups with a label
     response_stats: ResponseStats | None = None  # per-row mean token entropy and self-certainty
+
+    @property
+    def pseudo_label_acc(self) -> float | None:
+        """Fraction of labelled groups whose majority answer is right (None: no group had a label)."""
+        return self.pseudo_label_hits / self.pseudo_label_groups if self.pseudo_label_groups else None
 
     def as_tensor(self):
         """Rewards as an fp32 torch tensor [N]."""
@@ -309,7 +313,6 @@ def compute_rewards(
         hits = [answers_equivalent(group_label[u], gt, equivalence, timeout=timeout)
                 for u, gt in first_row_gt.items() if gt is not None]
         res.pseudo_label_hits, res.pseudo_label_groups = sum(hits), len(hits)
-        res.pseudo_label_acc = sum(hits) / len(hits) if hits else None
     penalties = [0.0 if ok else -float(format_penalty) for ok in fmt]
     inputs = ModeInputs(groups, penalties, seed, agreement_gamma)
     res.rewards = [float(r) for r in REWARD_MODES[mode].fn(res, inputs)]

@@ -25,9 +25,7 @@ def setup_distributed(tp: int, pp: int, seed: int) -> bool:
     """
     import torch.distributed as dist
 
-    from megatron_selfjudge.megatron.parallel import initialize_parallel
-
-    from megatron_selfjudge.megatron.parallel import init_process_group
+    from megatron_selfjudge.megatron.parallel import init_process_group, initialize_parallel
 
     created = False
     if not dist.is_initialized() and "WORLD_SIZE" not in os.environ:
