@@ -365,7 +365,8 @@ def test_interpolation_error_names_the_source_that_brought_it(tmp_path):
 
 # The embedded default as it resolved before tiny.yaml was trimmed to its overrides: the dataclass
 # defaults plus every value the old file listed (restated defaults included). Trimming the file
-# must not change a single resolved value.
+# must not change a single resolved value. (The warm-start values were changed on purpose afterwards:
+# 1000 cosine-decayed steps on 256 labelled prompts instead of 600 constant ones on 1024.)
 _OLD_TINY_YAML = {
     "model": {"preset": "tiny-llava", "params_dtype": "float32", "num_layers": 2, "hidden_size": 64,
               "num_attention_heads": 4, "ffn_hidden_size": 256, "vision_num_layers": 1,
@@ -373,12 +374,13 @@ _OLD_TINY_YAML = {
     "rollout": {"n": 8, "max_prompt_len": 64, "max_response_len": 32, "max_batch_size": 128},
     "reward": {"mode": "judge"},
     "judge": {"kind": "likelihood"},
-    "optim": {"lr": 1.0e-5, "sft_lr": 1.0e-3, "weight_decay": 0.0},
+    "optim": {"lr": 1.0e-5, "sft_lr": 1.0e-3, "weight_decay": 0.0, "sft_schedule": "cosine",
+              "sft_warmup_steps": 30, "sft_min_lr": 1.0e-5},
     "data": {"train": "synthetic", "instruction": "short", "synthetic_families": ["add"],
-             "synthetic_sft": 1024, "synthetic_unlabeled": 2048, "synthetic_test": 256},
+             "synthetic_sft": 256, "synthetic_unlabeled": 2048, "synthetic_test": 256},
     "trainer": {"max_steps": 100, "prompts_per_step": 16, "mini_batch_prompts": 8,
                 "micro_batch_tokens": 4096, "run_dir": "runs/tiny", "save_every": 25,
-                "sft_steps": 600, "sft_batch_size": 32},
+                "sft_steps": 1000, "sft_batch_size": 32},
 }
 
 
