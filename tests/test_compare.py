@@ -227,7 +227,7 @@ def test_bad_arguments_fail_before_any_run(tmp_path, capsys):
     assert "unknown: nope" in capsys.readouterr().err
 
 
-TINY = ["trainer.sft_steps=2", "trainer.sft_batch_size=4", "data.synthetic_sft=8", "data.synthetic_unlabeled=8",
+TINY = ["trainer.sft_steps=2", "optim.sft_warmup_steps=0", "trainer.sft_batch_size=4", "data.synthetic_sft=8", "data.synthetic_unlabeled=8",
         "data.synthetic_test=4", "trainer.prompts_per_step=4", "trainer.mini_batch_prompts=4", "trainer.max_steps=1",
         "rollout.n=2", "rollout.max_response_len=8", "trainer.save_every=0"]
 

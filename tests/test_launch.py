@@ -169,7 +169,7 @@ def test_two_nodes_meet_in_one_rendezvous(tmp_path):
 
 # --- preemption through sbatch -> srun -> launcher -> torchrun -> trainer --------------------------
 
-TRAIN = ["trainer.sft_steps=2", "trainer.max_steps=60", "trainer.save_every=0", "trainer.prompts_per_step=4",
+TRAIN = ["trainer.sft_steps=2", "optim.sft_warmup_steps=0", "trainer.max_steps=60", "trainer.save_every=0", "trainer.prompts_per_step=4",
          "trainer.mini_batch_prompts=2", "rollout.n=4", "rollout.max_response_len=8", "data.synthetic_sft=16",
          "data.synthetic_unlabeled=64", "data.synthetic_test=4", "model.num_layers=1"]
 

@@ -33,8 +33,8 @@ def test_linear_without_warmup_by_hand():
 @pytest.mark.parametrize("override,message", [
     ("optim.sft_schedule=step", "optim.sft_schedule"),
     ("optim.sft_min_lr=1.0", r"optim.sft_min_lr=1.0 is out of range: must be in \[0, optim.sft_lr"),
-    ("optim.sft_warmup_steps=600", r"optim.sft_warmup_steps=600 is out of range: must be in \[0, "
-                                   r"trainer.sft_steps=600\)"),
+    ("optim.sft_warmup_steps=1000", r"optim.sft_warmup_steps=1000 is out of range: must be in \[0, "
+                                    r"trainer.sft_steps=1000\)"),
 ])
 def test_bad_schedules_are_refused_by_name(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -22,7 +22,7 @@ from megatron_selfjudge.metrics import STEP_KEYS, read_metrics
 from megatron_selfjudge.runtime.setup import free_port
 
 TINY = [
-    "trainer.sft_steps=4", "trainer.max_steps=5", "trainer.save_every=2", "trainer.prompts_per_step=4",
+    "trainer.sft_steps=4", "optim.sft_warmup_steps=0", "trainer.max_steps=5", "trainer.save_every=2", "trainer.prompts_per_step=4",
     "trainer.mini_batch_prompts=2", "rollout.n=4", "rollout.max_response_len=16", "data.synthetic_sft=32",
     "data.synthetic_unlabeled=64", "data.synthetic_test=8", "model.num_layers=1", "optim.lr=1e-3",
 ]

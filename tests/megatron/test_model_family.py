@@ -84,7 +84,7 @@ def _train_with_test_family(rank: int, world: int, run_dir: str) -> dict:
 
     register_family(ByteGPTFamily)
     cfg = load_config(None, [
-        "model.preset=test-byte-gpt", "trainer.sft_steps=2", "trainer.max_steps=2", "trainer.prompts_per_step=2",
+        "model.preset=test-byte-gpt", "trainer.sft_steps=2", "optim.sft_warmup_steps=0", "trainer.max_steps=2", "trainer.prompts_per_step=2",
         "trainer.mini_batch_prompts=2", "rollout.n=2", "rollout.max_response_len=8", "rollout.max_prompt_len=160",
         "data.synthetic_sft=8", "data.synthetic_unlabeled=8", "data.synthetic_test=2", f"trainer.run_dir={run_dir}",
         "reward.mode=majority"])

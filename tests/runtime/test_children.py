@@ -142,7 +142,7 @@ def _is_manager(proc: psutil.Process) -> bool:
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU/gloo end-to-end run, as tests/test_trainer.py")
 def test_children_of_a_killed_training_run_die_with_it(tmp_path):
     # SFT, then the initial copy is saved (the checkpoint writer starts) and rewards are computed.
-    proc = _start(tmp_path, "trainer.sft_steps=2", "trainer.max_steps=3")
+    proc = _start(tmp_path, "trainer.sft_steps=2", "optim.sft_warmup_steps=0", "trainer.max_steps=3")
     try:
         root = psutil.Process(proc.pid)
         seen: dict[int, str] = {}

@@ -24,7 +24,7 @@ from test_trainer import TIMEOUT, _cmd, _env, _steps, _train  # noqa: E402
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU/gloo end-to-end runs; CUDA machine")
 
 # Small generation batches and 32 held-out prompts: an evaluation is 8 greedy + 32 sampled calls.
-RUN = ("trainer.sft_steps=2", "trainer.max_steps=3", "rollout.max_batch_size=4", "data.synthetic_test=32")
+RUN = ("trainer.sft_steps=2", "optim.sft_warmup_steps=0", "trainer.max_steps=3", "rollout.max_batch_size=4", "data.synthetic_test=32")
 
 
 def _start(run_dir: Path, env: dict | None = None) -> subprocess.Popen:
